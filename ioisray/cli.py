@@ -1,0 +1,54 @@
+"""`ioisray <command> <config.yaml> [key=value ...]`: parse, load the config, call a recipe."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ioisray.config import ConfigError, RunFinishedError, load_config
+
+COMMANDS = {"train": "train a classifier (any baseline of the harness) with Ray Train"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ioisray", description="IOIS for imbalanced medical image "
+                                "classification, on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in COMMANDS.items():
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("config", help="experiment YAML, e.g. configs/digits.yaml")
+        s.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. train.epochs=5 method.loss=ldam_drw")
+        s.add_argument("--set", dest="set_", action="append", default=[], metavar="key=value",
+                       help="another config override (may be repeated)")
+        s.add_argument("--print-config", action="store_true",
+                       help="print the resolved config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, [*args.overrides, *args.set_])
+        if args.print_config:
+            from ioisray.config import to_yaml
+
+            print(to_yaml(cfg), end="")
+            return 0
+        if args.command == "train":
+            from ioisray.metrics import format_table
+            from ioisray.recipes.train import train
+
+            results = train(cfg)
+            print(format_table({f"val (best epoch {results['best_epoch'] + 1})": results["val"],
+                                "test": results["test"]}, results["class_names"]))
+            print(f"\nresults: {results['run_dir']}/metrics.json  |  "
+                  f"tensorboard --logdir {results['run_dir']}/tensorboard")
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError, RunFinishedError) as e:
+        # Bad input: one clear line naming the file, key or option, no traceback.
+        print(f"ioisray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Typed experiment config: YAML files composed with `defaults:`, `key=value` overrides, strict validation.
+
+A config file may list other YAML files under `defaults:` (paths relative to it); they are merged in
+order, then the file itself on top, then the command-line overrides. Unknown keys and bad types are
+errors that name the key (pydantic `extra="forbid"`). The resolved config is saved with every run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from ioisray.atomic import atomic_write_text
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+class RunFinishedError(RuntimeError):
+    """The run folder already holds final results: its test split was already used once."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    name: Literal["digits_lt", "ham10000", "aptos", "dermamnist", "imagefolder", "csv"] = "digits_lt"
+    root: Optional[str] = None  # dataset folder (not needed for the embedded digits)
+    csv: Optional[str] = None  # for name=csv: the path,label CSV (default: <root>/labels.csv)
+    image_size: int = Field(32, ge=8, le=1024)
+    imbalance_ratio: float = Field(50.0, ge=1.0)  # digits_lt only: largest / smallest class
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    on_bad_image: Literal["error", "skip"] = "error"
+    num_threads: int = Field(4, ge=1)  # image decoding threads
+
+    @model_validator(mode="after")
+    def _needs_root(self):
+        if self.name not in ("digits_lt", "csv") and not self.root:
+            raise ValueError(f"data.root is required for data.name={self.name!r}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("data.val_fraction + data.test_fraction must be < 1")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str = "resnet18"  # any timm model name
+    weights: Optional[str] = None  # local .safetensors/.pth file; never downloaded
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class AugmentConfig(_Strict):
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # RandomResizedCrop area range; (1, 1) disables
+    hflip: bool = True
+    vflip: bool = False  # natural for dermoscopy and fundus images, not for digits
+    color_jitter: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)  # per worker
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)  # epochs, for schedule=multistep
+    gamma: float = Field(0.1, gt=0.0)
+    warmup_epochs: int = Field(0, ge=0)
+    max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class MethodConfig(_Strict):
+    loss: Literal["ce", "weighted_ce", "focal", "cb_focal", "ldam_drw", "balanced_softmax",
+                  "logit_adjusted"] = "ce"
+    sampling: Literal["natural", "class_balanced"] = "natural"
+    mixup_alpha: float = Field(0.0, ge=0.0)  # 0 disables mixup
+    focal_gamma: float = Field(2.0, ge=0.0)
+    cb_beta: float = Field(0.9999, gt=0.0, lt=1.0)
+    weight_power: float = Field(1.0, ge=0.0)
+    ldam_max_margin: float = Field(0.5, gt=0.0)
+    ldam_scale: float = Field(30.0, gt=0.0)
+    drw_epoch: Optional[int] = Field(None, ge=0)  # default: 80% of train.epochs, as in LDAM-DRW
+    drw_beta: float = Field(0.9999, gt=0.0, lt=1.0)
+    la_tau: float = Field(1.0, ge=0.0)
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = None  # None: start a local Ray; "auto" inside a cluster / `ray job submit`
+    num_workers: int = Field(2, ge=0)  # Ray Train workers; 0 runs the loop in the driver (debugging)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    local_num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs for a local Ray (default 2 * cores)
+    object_store_mb: int = Field(512, ge=64)  # local Ray only
+
+
+class Config(_Strict):
+    name: str = "run"  # run name: outputs go to <output_dir>/<name>; reusing it resumes that run
+    seed: int = 0
+    output_dir: str = "outputs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\") or v.startswith("."):
+            raise ValueError("name must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, composing and overriding
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `defaults` include cycle")
+    data = _read_yaml(path)
+    defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: `defaults` must be a list of YAML file paths")
+    merged: dict = {}
+    for d in defaults:
+        merged = _merge(merged, _compose(path.parent / str(d), seen + (path,)))
+    return _merge(merged, data)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so `3`, `0.1`, `true`, `[1, 2]` work)."""
+    out = _merge({}, raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = node.setdefault(p, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                          and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def build_config(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Compose `path` (None: built-in defaults), apply overrides, validate."""
+    raw = _compose(Path(path)) if path else {}
+    raw = apply_overrides(raw, list(overrides))
+    return build_config(raw, source=str(path) if path else "defaults")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    atomic_write_text(path, to_yaml(cfg))
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    return build_config(d, source="dict")

@@ -1,0 +1,153 @@
+"""In-memory dataset container and the shared image decoding helper."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ON_BAD_IMAGE = ("error", "skip")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the file and row/field at fault."""
+
+
+@dataclass
+class ImageDataset:
+    images: np.ndarray  # uint8, (N, H, W, 3), RGB
+    labels: np.ndarray  # int64, (N,), values in [0, len(class_names))
+    class_names: list[str]
+    sources: list[str]  # file path per row (or "sklearn-digits[i]")
+    groups: np.ndarray | None = None  # (N,) str; rows sharing a group stay in one split
+    official_split: np.ndarray | None = None  # (N,) str in {"train","val","test"}
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    def subset(self, idx: np.ndarray) -> "ImageDataset":
+        idx = np.asarray(idx, dtype=np.int64)
+        return ImageDataset(
+            images=self.images[idx],
+            labels=self.labels[idx],
+            class_names=list(self.class_names),
+            sources=[self.sources[i] for i in idx],
+            groups=None if self.groups is None else self.groups[idx],
+            official_split=None if self.official_split is None else self.official_split[idx],
+            skipped=list(self.skipped),
+        )
+
+
+def check_on_bad_image(on_bad_image: str) -> None:
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise DataError(f"option on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+
+
+def check_image_size(image_size: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise DataError(f"option image_size must be a positive integer, got {image_size!r}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        # Wide integer/float greyscale: convert("RGB") would clip at 255, so rescale.
+        # 16-bit data maps 0..65535 -> 0..255; values already <= 255 are kept as they are.
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max(initial=0.0)
+        if img.mode.startswith("I;16") or 255 < top <= 65535:
+            arr = arr / 257.0
+        elif top > 65535:
+            arr = arr * (255.0 / top)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels have arbitrary colour underneath: composite onto black
+        # so they look the same in every image.
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return img.convert("RGB")
+
+
+def decode_image(path: str, image_size: int) -> np.ndarray:
+    """Decode `path` to a uint8 (image_size, image_size, 3) RGB array.
+
+    The image is resized straight to a square with BICUBIC: the aspect ratio is NOT kept
+    (no crop, no padding), so non-square images are stretched.
+    """
+    with Image.open(path) as img:
+        img.load()  # force full decode so truncated files fail here, not later
+        img = ImageOps.exif_transpose(img)  # honour camera orientation tags
+        rgb = to_rgb(img)
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def build_dataset(
+    paths: Sequence[str],
+    labels: Sequence[int],
+    class_names: list[str],
+    *,
+    image_size: int,
+    on_bad_image: str = "error",
+    num_threads: int = 4,
+    groups: Sequence[str] | None = None,
+    official_split: Sequence[str] | None = None,
+    require_all_classes: bool = False,
+) -> ImageDataset:
+    """Decode `paths` in a thread pool (row order kept) and assemble an ImageDataset.
+
+    Unreadable images raise DataError (on_bad_image="error") or are dropped and listed in
+    `skipped` (on_bad_image="skip").
+    """
+    check_on_bad_image(on_bad_image)
+    check_image_size(image_size)
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise DataError("dataset has no images (no rows/files found)")
+    # Preallocate one array and decode into its rows: avoids a second full-size copy from np.stack.
+    images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+
+    def work(i: int) -> str | None:
+        try:
+            images[i] = decode_image(paths[i], image_size)
+            return None
+        except FileNotFoundError:
+            return "file not found"
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            return f"cannot decode image ({type(exc).__name__}: {exc})"
+
+    with ThreadPoolExecutor(max(1, int(num_threads))) as pool:
+        errors = list(pool.map(work, range(len(paths))))  # map() keeps row order
+
+    skipped = [(p, e) for p, e in zip(paths, errors) if e is not None]
+    if skipped and on_bad_image == "error":
+        path, reason = skipped[0]
+        more = f" (and {len(skipped) - 1} more bad images)" if len(skipped) > 1 else ""
+        raise DataError(f"{path}: {reason}{more}; pass on_bad_image='skip' to drop bad images")
+    keep = np.array([e is None for e in errors])
+    if not keep.any():
+        raise DataError(f"all {len(paths)} images are unreadable, e.g. {skipped[0][0]}: {skipped[0][1]}")
+
+    ds = ImageDataset(
+        images=images[keep] if not keep.all() else images,
+        labels=np.asarray(labels, dtype=np.int64)[keep],
+        class_names=list(class_names),
+        sources=[p for p, k in zip(paths, keep) if k],
+        groups=None if groups is None else np.asarray(groups, dtype=str)[keep],
+        official_split=None if official_split is None else np.asarray(official_split, dtype=str)[keep],
+        skipped=skipped,
+    )
+    if require_all_classes:
+        empty = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
+        if empty:
+            raise DataError(f"class(es) {empty} have no images (checked after skipping bad images)")
+    return ds

@@ -1,0 +1,112 @@
+"""One training epoch and one prediction pass over an iterable of batches (plain PyTorch, no Ray).
+
+A batch is a dict {"image": uint8 (B, H, W, 3), "label": int64 (B,)}: what Ray Data's
+`iter_torch_batches` yields, and what a plain list of tensors gives in tests and benchmarks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ioisray.mixup import mixup_batch, mixup_loss
+from ioisray.transforms import eval_transform
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    correct: np.ndarray  # (C,) per-class correct predictions on the training images seen
+    total: np.ndarray  # (C,) per-class training images seen
+    seconds: float
+
+    @property
+    def per_class_accuracy(self) -> np.ndarray:
+        """Training accuracy per class, NaN for a class with no image this epoch (AAS decides then)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.total > 0, self.correct / np.maximum(self.total, 1), np.nan)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.sum() / max(self.total.sum(), 1))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over training workers (no-op outside a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, transform: Callable, num_classes: int,
+                    device: torch.device, *, mixup_alpha: float = 0.0,
+                    generator: Optional[torch.Generator] = None, max_batches: Optional[int] = None,
+                    log: Optional[Callable[[int, float], None]] = None) -> EpochStats:
+    """Train one pass; per-class training accuracy is summed over all workers.
+
+    With mixup a prediction counts as correct for the label with the larger mixing weight.
+    """
+    model.train()
+    start = time.perf_counter()
+    correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    total = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = transform(batch["image"]).to(device, non_blocking=True)
+        y = batch["label"].to(device, dtype=torch.long, non_blocking=True)
+        if mixup_alpha > 0:
+            x, y_a, y_b, lam = mixup_batch(x, y, mixup_alpha, generator=generator)
+            logits = model(x)
+            loss = mixup_loss(loss_fn, logits, y_a, y_b, lam)
+            y_counted = y_a if lam >= 0.5 else y_b
+        else:
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            y_counted = y
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            hit = (logits.argmax(dim=1) == y_counted).double()
+            correct.index_add_(0, y_counted, hit)
+            total.index_add_(0, y_counted, torch.ones_like(hit))
+            loss_sum += loss.detach().double() * len(y)
+        if log is not None:
+            log(i + 1, loss.item())
+    stats = all_reduce_sum(torch.cat([correct, total, loss_sum.view(1)])).cpu().numpy()
+    n = stats[num_classes:2 * num_classes]
+    return EpochStats(loss=float(stats[-1] / max(n.sum(), 1)), correct=stats[:num_classes].astype(np.int64),
+                      total=n.astype(np.int64), seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
+            transform: Callable = eval_transform) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and softmax probabilities of every image, none dropped, deterministic transform."""
+    model.eval()
+    labels, probs = [], []
+    for batch in batches:
+        logits = model(transform(batch["image"]).to(device))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        labels.append(batch["label"].cpu().numpy())
+    if not labels:
+        raise ValueError("predict: no images to evaluate")
+    return np.concatenate(labels).astype(np.int64), np.concatenate(probs)
+
+
+def numpy_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                  shuffle_seed: Optional[int] = None) -> Iterable[dict]:
+    """Batches from in-memory arrays, the Ray-free counterpart of `iter_torch_batches`."""
+    order = np.arange(len(labels))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(order)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield {"image": torch.from_numpy(images[idx]), "label": torch.from_numpy(labels[idx])}

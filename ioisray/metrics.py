@@ -1,0 +1,79 @@
+"""Classification metrics for imbalanced data, thin over scikit-learn.
+
+`classification_metrics` takes labels and predicted class probabilities and returns the numbers the
+IOIS paper reports (accuracy, balanced accuracy, macro precision / F1, MCC, one-vs-rest AUC) plus
+per-class accuracy (recall) and the confusion matrix.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "mcc", "auc")
+
+
+def _ovr_auc(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> float:
+    """Macro one-vs-rest AUC over the classes present in y_true.
+
+    sklearn's multi-class `roc_auc_score` refuses a split that lacks a class; a small validation split
+    of a long-tailed set often does, so average the binary AUCs of the classes that can be scored.
+    """
+    aucs = []
+    for c in range(num_classes):
+        pos = y_true == c
+        if pos.any() and (~pos).any():
+            aucs.append(skm.roc_auc_score(pos, probs[:, c]))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    # Mean recall over the classes present in y_true; sklearn warns when y_pred has other classes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(skm.balanced_accuracy_score(y_true, y_pred))
+
+
+def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Metrics of predictions `probs` (N, C) against integer labels `y_true` (N,)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    num_classes = len(class_names)
+    if probs.ndim != 2 or probs.shape != (len(y_true), num_classes):
+        raise ValueError(f"probs must have shape ({len(y_true)}, {num_classes}), got {probs.shape}")
+    y_pred = probs.argmax(axis=1)
+    labels = np.arange(num_classes)
+    cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
+    # Per-class accuracy is the recall of each class; NaN for a class absent from y_true.
+    support = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+    present = support > 0
+    return {
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
+        "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels[present], average="macro",
+                                       zero_division=0)),
+        "macro_precision": float(skm.precision_score(y_true, y_pred, labels=labels[present],
+                                                     average="macro", zero_division=0)),
+        "mcc": float(skm.matthews_corrcoef(y_true, y_pred)),
+        "auc": _ovr_auc(y_true, probs, num_classes),
+        "per_class_accuracy": {name: float(per_class[i]) for i, name in enumerate(class_names)},
+        "support": {name: int(support[i]) for i, name in enumerate(class_names)},
+        "confusion_matrix": cm.tolist(),
+        "num_samples": int(len(y_true)),
+    }
+
+
+def format_table(results: dict[str, dict], class_names: Sequence[str]) -> str:
+    """A Markdown table: one column per split (e.g. best validation and test), one row per metric."""
+    splits = list(results)
+    rows = ["| metric | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for key in SUMMARY_KEYS:
+        rows.append(f"| {key} | " + " | ".join(f"{results[s][key]:.4f}" for s in splits) + " |")
+    for name in class_names:
+        rows.append(f"| acc[{name}] (n={results[splits[-1]]['support'][name]}) | "
+                    + " | ".join(f"{results[s]['per_class_accuracy'][name]:.4f}" for s in splits) + " |")
+    return "\n".join(rows)

@@ -1,0 +1,49 @@
+"""Mixup (Zhang et al. 2018) for a batch, with an optional torch.Generator for reproducibility."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["mixup_batch", "mixup_loss", "sample_lam"]
+
+
+def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
+    """Draw lam ~ Beta(alpha, alpha).
+
+    torch's Beta/Gamma samplers accept no generator, so with one we draw a seed from it and
+    sample inside `fork_rng`: the result depends only on the generator, and the global CPU RNG
+    is left exactly as it was.
+    """
+    if not alpha > 0:  # also rejects NaN
+        raise ValueError(f"method.mixup_alpha must be > 0, got {alpha}")
+    beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+    if generator is None:
+        return float(beta.sample())
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return float(beta.sample())
+
+
+def mixup_batch(
+    x: Tensor, y: Tensor, alpha: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Return (lam * x + (1 - lam) * x[perm], y, y[perm], lam) for a random batch permutation."""
+    lam = sample_lam(alpha, generator)
+    if generator is None:
+        perm = torch.randperm(x.shape[0], device=x.device)
+    else:
+        # randperm must run on the generator's device; move the indices to the data afterwards.
+        perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
+    mixed = lam * x + (1.0 - lam) * x[perm]
+    return mixed, y, y[perm.to(y.device)], lam
+
+
+def mixup_loss(
+    loss_fn: Callable[[Tensor, Tensor], Tensor], logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float
+) -> Tensor:
+    """Mixup objective: the same convex combination of the two targets' losses."""
+    return lam * loss_fn(logits, y_a) + (1.0 - lam) * loss_fn(logits, y_b)

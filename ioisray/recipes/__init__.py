@@ -1,0 +1,1 @@
+"""One module per workflow; each reads like its algorithm (setup, train, save, cleanup)."""

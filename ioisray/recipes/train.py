@@ -1,0 +1,311 @@
+"""Recipe: train a classifier on imbalanced data with Ray Train (every baseline of the harness).
+
+    setup    driver: load the data, split it (train / val / test, fixed by seed), make Ray datasets
+    train    workers: `train_loop_per_worker`, one epoch at a time; validation picks the best epoch;
+             a checkpoint every epoch; the test split is evaluated once, at the end, with the best weights
+    save     driver: metrics.json and metrics.md (atomic), next to the resolved config.yaml
+    cleanup  driver: shut down the Ray it started
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ioisray.atomic import atomic_write_text
+from ioisray.checkpoint import TrainingState
+from ioisray.config import Config, RunFinishedError, save_config
+from ioisray.data import load_dataset, split_dataset
+from ioisray.engine import predict, train_one_epoch
+from ioisray.losses import create_loss
+from ioisray.metrics import classification_metrics, format_table
+from ioisray.models import create_classifier
+from ioisray.transforms import TrainTransform
+
+SHUFFLE_BUFFER = 2048
+RESULTS_FILE = "results.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (Ray-free except for the few `ray.train` calls)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    t = cfg.train
+    if t.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                              weight_decay=t.weight_decay, nesterov=t.momentum > 0)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    # Stepped once per epoch.
+    main_epochs = max(1, t.epochs - t.warmup_epochs)
+    if t.schedule == "cosine":
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=main_epochs)
+    elif t.schedule == "multistep":
+        main = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=[m - t.warmup_epochs for m in t.milestones], gamma=t.gamma)
+    else:
+        main = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    if t.warmup_epochs == 0:
+        return opt, main
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=t.warmup_epochs)
+    return opt, torch.optim.lr_scheduler.SequentialLR(opt, [warm, main], milestones=[t.warmup_epochs])
+
+
+def build_loss(cfg: Config, class_counts) -> torch.nn.Module:
+    m = cfg.method
+    drw_epoch = m.drw_epoch if m.drw_epoch is not None else int(0.8 * cfg.train.epochs)
+    return create_loss(m.loss, class_counts, focal_gamma=m.focal_gamma, cb_beta=m.cb_beta,
+                       weight_power=m.weight_power, ldam_max_margin=m.ldam_max_margin,
+                       ldam_scale=m.ldam_scale, drw_epoch=drw_epoch, drw_beta=m.drw_beta,
+                       la_tau=m.la_tau)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+
+
+def _tb_scalars(writer, prefix: str, metrics: dict, epoch: int) -> None:
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            writer.add_scalar(f"{prefix}/{k}", v, epoch)
+        elif isinstance(v, dict) and k == "per_class_accuracy":
+            for name, acc in v.items():
+                if not math.isnan(acc):
+                    writer.add_scalar(f"{prefix}_per_class/{name}", acc, epoch)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    # Ray Train's per-report INFO lines would drown the per-epoch progress lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    cfg = Config.model_validate(loop_config["config"])
+    class_names: list[str] = loop_config["class_names"]
+    counts = loop_config["class_counts"]
+    num_classes = len(class_names)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    # setup
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = create_classifier(cfg.model, num_classes)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    loss_fn = build_loss(cfg, counts).to(device)
+    state = TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=cfg.seed)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = TrainingState.load(d)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        if rank == 0:
+            print(f"[ioisray] resumed from epoch {state.epoch}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    transform = TrainTransform(cfg.data.image_size, cfg.train.augment)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(loop_config["tensorboard_dir"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    n_train = sum(counts)
+    batches_per_epoch = math.ceil(n_train / world / cfg.train.batch_size)
+    if cfg.train.max_batches_per_epoch:
+        batches_per_epoch = min(batches_per_epoch, cfg.train.max_batches_per_epoch)
+    log_every = max(1, batches_per_epoch // 4)
+
+    def log(i: int, loss: float) -> None:
+        if rank == 0 and batches_per_epoch >= 20 and i % log_every == 0:
+            print(f"[ioisray]   batch {i}/~{batches_per_epoch} loss {loss:.4f}", flush=True)
+
+    # train
+    for epoch in range(state.epoch, cfg.train.epochs):
+        loss_fn.set_epoch(epoch)
+        # Per-epoch RNG stream from (seed, rank, epoch): a resumed run replays the same augmentation.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + epoch)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=None,
+                                                 local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                                 local_shuffle_seed=int(gen.initial_seed() % 2**31))
+        stats = train_one_epoch(model, batches, loss_fn, optimizer, transform, num_classes, device,
+                                mixup_alpha=cfg.method.mixup_alpha, generator=gen,
+                                max_batches=cfg.train.max_batches_per_epoch, log=log)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        metrics: dict = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                         "lr": lr, "epoch_seconds": stats.seconds}
+        ckpt_dir = None
+        if rank == 0:
+            # Validation on rank 0 over the whole split (no image dropped), deterministic transform.
+            # The bare module: a DDP forward on one rank alone would wait for the others' buffers.
+            y, p = predict(_unwrap(model), ray.train.get_dataset_shard("val").iter_torch_batches(
+                batch_size=cfg.train.batch_size * 2, dtypes=None), device)
+            val = classification_metrics(y, p, class_names)
+            train_pc = {n: float(a) for n, a in zip(class_names, stats.per_class_accuracy)}
+            metrics.update({f"val_{k}": val[k] for k in ("balanced_accuracy", "macro_f1", "accuracy")})
+            state.epoch = epoch + 1
+            state.model, state.optimizer = _cpu_state(model), optimizer.state_dict()
+            state.scheduler = scheduler.state_dict()
+            state.rng = torch.get_rng_state()
+            state.extra["train_per_class_accuracy"] = train_pc
+            if val["balanced_accuracy"] > state.best_metric:  # model selection on validation only
+                state.best_metric, state.best_epoch, state.best_val = val["balanced_accuracy"], epoch, val
+                state.best_model = state.model
+            _tb_scalars(writer, "train", {"loss": stats.loss, "accuracy": stats.accuracy, "lr": lr,
+                                          "per_class_accuracy": train_pc}, epoch)
+            _tb_scalars(writer, "val", val, epoch)
+            writer.flush()
+            print(f"[ioisray] epoch {epoch + 1}/{cfg.train.epochs} loss {stats.loss:.4f} "
+                  f"train_acc {stats.accuracy:.4f} val_bacc {val['balanced_accuracy']:.4f} "
+                  f"val_f1 {val['macro_f1']:.4f} lr {lr:.3g} ({stats.seconds:.1f}s)", flush=True)
+            ckpt_dir = tempfile.mkdtemp(prefix="ioisray-ckpt-")
+            state.save(ckpt_dir)
+        # Every rank reports once per epoch (Ray Train requires equal counts); rank 0 carries the checkpoint.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir)
+                         if ckpt_dir else None)
+
+    # The test split, once, with the weights chosen on validation. The results travel in a last
+    # checkpoint (with the final state), so they reach the driver's storage from any node, and a
+    # resumed finished run reports them again instead of touching the test split a second time.
+    ckpt_dir = None
+    if rank == 0:
+        if "results" not in state.extra:
+            if state.best_model is None:
+                raise RuntimeError("no epoch finished: nothing to evaluate")
+            _unwrap(model).load_state_dict(state.best_model)
+            y, p = predict(_unwrap(model), ray.train.get_dataset_shard("test").iter_torch_batches(
+                batch_size=cfg.train.batch_size * 2, dtypes=None), device)
+            test = classification_metrics(y, p, class_names)
+            state.extra["results"] = {"best_epoch": state.best_epoch, "val": state.best_val, "test": test}
+            _tb_scalars(writer, "test", test, state.best_epoch)
+        writer.close()
+        ckpt_dir = tempfile.mkdtemp(prefix="ioisray-ckpt-")
+        state.save(ckpt_dir)
+        atomic_write_text(Path(ckpt_dir) / RESULTS_FILE, json.dumps(state.extra["results"]))
+    ray.train.report({"done": True}, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir)
+                     if ckpt_dir else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def setup_data(cfg: Config):
+    d = cfg.data
+    ds = load_dataset(d.name, d.root, image_size=d.image_size, csv=d.csv, on_bad_image=d.on_bad_image,
+                      imbalance_ratio=d.imbalance_ratio, seed=cfg.seed, num_threads=d.num_threads)
+    splits = split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.seed)
+    return ds, splits
+
+
+def init_ray(cfg: Config) -> bool:
+    """Connect to (or start) Ray; returns True when this process started it and must shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, logging_level="WARNING")
+        return True
+    # A private local Ray. Logical CPUs beyond the physical ones leave room for Ray Data's read tasks
+    # beside the training workers, which otherwise wait for a free CPU forever on a small machine.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    num_cpus = cfg.ray.local_num_cpus or 2 * (os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_mb * 2**20,
+             logging_level="WARNING")
+    return True
+
+
+def train(cfg: Config) -> dict:
+    """Run the recipe; returns {"best_epoch", "val", "test", "run_dir", ...}."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ioisray.data.ray_dataset import to_ray_dataset
+
+    run_dir = cfg.run_dir
+    if (run_dir / "metrics.json").exists():
+        raise RunFinishedError(f"{run_dir} already holds a finished run (metrics.json); its test split "
+                               f"was used once already. Choose another name=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    t0 = time.perf_counter()
+    ds, splits = setup_data(cfg)
+    train_ds = ds.subset(splits["train"])
+    counts = train_ds.class_counts()
+    if (counts == 0).any():
+        empty = [ds.class_names[i] for i in np.flatnonzero(counts == 0)]
+        raise ValueError(f"the training split has no image of class(es) {empty}")
+    sizes = {k: len(v) for k, v in splits.items()}
+    print(f"[ioisray] data {cfg.data.name}: {len(ds.labels)} images, {ds.num_classes} classes, "
+          f"splits {sizes}, train per class {dict(zip(ds.class_names, counts.tolist()))}"
+          + (f", skipped {len(ds.skipped)} bad images" if ds.skipped else "")
+          + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
+    for src, why in ds.skipped:
+        print(f"[ioisray] skipped {src}: {why}", flush=True)
+
+    started_ray = init_ray(cfg)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        datasets = {
+            "train": to_ray_dataset(train_ds.images, train_ds.labels, sampling=cfg.method.sampling,
+                                    seed=cfg.seed),
+            "val": to_ray_dataset(ds.images[splits["val"]], ds.labels[splits["val"]]),
+            "test": to_ray_dataset(ds.images[splits["test"]], ds.labels[splits["test"]]),
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
+                               "class_counts": counts.tolist(),
+                               "tensorboard_dir": str(run_dir / "tensorboard")},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name="ray_train", storage_path=str(run_dir),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                # Workers' prints go straight to the console, not once more through Train's logger.
+                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    with result.checkpoint.as_directory() as d:
+        out = json.loads((Path(d) / RESULTS_FILE).read_text())
+    out.update({"class_names": ds.class_names, "splits": sizes, "train_class_counts": counts.tolist(),
+                "run_dir": str(run_dir), "seconds": time.perf_counter() - t0})
+    save_results(out, run_dir)
+    return out
+
+
+def save_results(results: dict, run_dir: Path) -> None:
+    table = format_table({f"val (epoch {results['best_epoch'] + 1})": results["val"],
+                          "test": results["test"]}, results["class_names"])
+    atomic_write_text(run_dir / "metrics.md", table + "\n")
+    atomic_write_text(run_dir / "metrics.json", json.dumps(results, indent=2))

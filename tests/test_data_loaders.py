@@ -1,0 +1,321 @@
+"""Loaders on tiny fixtures in each real layout (see data_fixtures.py)."""
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_fixtures import (APTOS_CLASSES, HAM_CLASSES, class_color, make_aptos_copy, make_aptos_official,
+                           make_csv, make_dermamnist, make_ham10000_copy, make_ham10000_official,
+                           make_imagefolder, write_corrupt, write_csv, write_image)
+from ioisray.data import LOADERS, DataError, ImageDataset, decode_image, load_dataset
+
+
+def check_basic(ds: ImageDataset, n: int, size: int, class_names: list[str]):
+    assert ds.images.shape == (n, size, size, 3) and ds.images.dtype == np.uint8
+    assert ds.labels.shape == (n,) and ds.labels.dtype == np.int64
+    assert ds.class_names == class_names and ds.num_classes == len(class_names)
+    assert len(ds.sources) == n and ds.skipped == []
+
+
+def test_loader_registry_names():
+    assert set(LOADERS) == {"digits_lt", "ham10000", "aptos", "dermamnist", "imagefolder", "csv"}
+    with pytest.raises(DataError, match="unknown dataset 'nope'"):
+        load_dataset("nope", "/x", image_size=8)
+
+
+# --- digits_lt --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [50.0, 10.0])
+def test_digits_lt_follows_exponential_profile(ratio):
+    ds = load_dataset("digits_lt", image_size=12, imbalance_ratio=ratio, seed=0)
+    counts = ds.class_counts()
+    from sklearn.datasets import load_digits
+    n_max = int(np.bincount(load_digits().target).min())  # the smallest full class
+    expected = [max(1, math.floor(n_max * ratio ** (-c / 9) + 1e-9)) for c in range(10)]
+    assert counts.tolist() == expected
+    # Head/tail ratio is the requested one up to flooring of the tail count.
+    assert counts[0] == n_max and counts[0] / (counts[9] + 1) < ratio <= counts[0] / counts[9]
+    assert np.all(np.diff(counts) <= 0)
+    check_basic(ds, counts.sum(), 12, [str(c) for c in range(10)])
+    assert ds.sources[0].startswith("sklearn-digits[")
+    # Grey digits replicated on 3 channels, scaled to the full 0..255 range.
+    assert np.array_equal(ds.images[..., 0], ds.images[..., 2]) and ds.images.max() >= 250
+
+
+def test_digits_lt_seed_changes_selection_and_ratio_validated():
+    a = load_dataset("digits_lt", image_size=8, seed=0)
+    b = load_dataset("digits_lt", image_size=8, seed=0)
+    c = load_dataset("digits_lt", image_size=8, seed=1)
+    assert a.sources == b.sources and np.array_equal(a.images, b.images)
+    assert a.sources != c.sources and np.array_equal(a.class_counts(), c.class_counts())
+    flat = load_dataset("digits_lt", image_size=8, imbalance_ratio=1)
+    assert len(set(flat.class_counts().tolist())) == 1
+    with pytest.raises(DataError, match="imbalance_ratio"):
+        load_dataset("digits_lt", image_size=8, imbalance_ratio=0.5)
+
+
+# --- HAM10000 ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("maker", [make_ham10000_official, make_ham10000_copy])
+def test_ham10000_layouts(tmp_path, maker):
+    fx = maker(tmp_path, lesions_per_class=2, images_per_lesion=2)
+    ds = load_dataset("ham10000", str(tmp_path), image_size=16)
+    check_basic(ds, fx["n"], 16, HAM_CLASSES)
+    assert ds.labels.tolist() == fx["labels"]
+    assert ds.groups.tolist() == fx["lesions"]
+    assert ds.official_split is None
+    assert ds.class_counts().tolist() == fx["class_counts"].tolist()
+    assert [str(p) for p in fx["paths"]] == ds.sources
+    # Greyscale (official) and CMYK (copy) JPEGs arrive as RGB close to the source colour.
+    rgb_row = 1 if maker is make_ham10000_official else 0
+    assert np.abs(ds.images[rgb_row, 8, 8].astype(int) - class_color(ds.labels[rgb_row])).max() <= 6
+
+
+def test_ham10000_unknown_dx_names_file_line_value(tmp_path):
+    fx = make_ham10000_copy(tmp_path, lesions_per_class=1, images_per_lesion=1)
+    lines = fx["csv"].read_text().splitlines()
+    lines[2] = lines[2].replace(",bcc,", ",melanoma?,")  # data row 2 = line 3
+    fx["csv"].write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as exc:
+        load_dataset("ham10000", str(tmp_path), image_size=8)
+    msg = str(exc.value)
+    assert "labels.csv" in msg and "line 3" in msg and "melanoma?" in msg
+
+
+def test_ham10000_missing_column_lists_found_columns(tmp_path):
+    write_csv(tmp_path / "HAM10000_metadata.csv", ["lesion_id", "image_id", "diagnosis"],
+              [["HAM_1", "ISIC_1", "nv"]])
+    with pytest.raises(DataError) as exc:
+        load_dataset("ham10000", str(tmp_path), image_size=8)
+    msg = str(exc.value)
+    assert "HAM10000_metadata.csv" in msg and "'dx'" in msg and "diagnosis" in msg
+
+
+def test_ham10000_class_without_images(tmp_path):
+    make_ham10000_official(tmp_path, classes=[c for c in HAM_CLASSES if c != "df"])
+    with pytest.raises(DataError, match="df"):
+        load_dataset("ham10000", str(tmp_path), image_size=8)
+
+
+def test_ham10000_no_metadata(tmp_path):
+    with pytest.raises(DataError, match="HAM10000_metadata.csv"):
+        load_dataset("ham10000", str(tmp_path), image_size=8)
+
+
+def test_missing_image_error_and_skip(tmp_path):
+    fx = make_ham10000_official(tmp_path, lesions_per_class=2, images_per_lesion=1)
+    gone = fx["paths"][3]
+    gone.unlink()
+    with pytest.raises(DataError, match=gone.stem):
+        load_dataset("ham10000", str(tmp_path), image_size=8)
+    ds = load_dataset("ham10000", str(tmp_path), image_size=8, on_bad_image="skip")
+    assert len(ds.labels) == fx["n"] - 1 and len(ds.skipped) == 1
+    assert gone.stem in ds.skipped[0][0] and "not found" in ds.skipped[0][1]
+
+
+def test_corrupt_image_error_and_skip(tmp_path):
+    fx = make_ham10000_copy(tmp_path, lesions_per_class=2, images_per_lesion=1)
+    bad = [fx["paths"][0], fx["paths"][5]]
+    for p in bad:
+        write_corrupt(p)
+    with pytest.raises(DataError) as exc:
+        load_dataset("ham10000", str(tmp_path), image_size=8)
+    assert str(bad[0]) in str(exc.value) and "1 more" in str(exc.value)
+    ds = load_dataset("ham10000", str(tmp_path), image_size=8, on_bad_image="skip")
+    assert [s for s, _ in ds.skipped] == [str(p) for p in bad]
+    assert len(ds.labels) == len(ds.sources) == len(ds.groups) == fx["n"] - 2
+    assert str(bad[0]) not in ds.sources
+    # Remaining rows keep their own labels/groups (mask applied consistently).
+    assert ds.labels.tolist() == [lab for i, lab in enumerate(fx["labels"]) if i not in (0, 5)]
+
+
+@pytest.mark.parametrize("name", ["digits_lt", "imagefolder"])
+def test_bad_on_bad_image_option(tmp_path, name):
+    make_imagefolder(tmp_path)
+    with pytest.raises(DataError, match="on_bad_image"):
+        load_dataset(name, str(tmp_path), image_size=8, on_bad_image="ignore")
+
+
+# --- APTOS -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("maker", [make_aptos_official, make_aptos_copy])
+def test_aptos_layouts(tmp_path, maker):
+    fx = maker(tmp_path)
+    ds = load_dataset("aptos", str(tmp_path), image_size=10)
+    check_basic(ds, fx["n"], 10, APTOS_CLASSES)
+    assert ds.labels.tolist() == fx["labels"]
+    assert ds.groups is None and ds.official_split is None
+
+
+@pytest.mark.parametrize("value,why", [("x", "not an integer"), ("2.5", "not an integer"), ("5", "outside")])
+def test_aptos_bad_diagnosis(tmp_path, value, why):
+    fx = make_aptos_official(tmp_path)
+    lines = fx["csv"].read_text().splitlines()
+    lines[4] = lines[4].rsplit(",", 1)[0] + "," + value
+    fx["csv"].write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as exc:
+        load_dataset("aptos", str(tmp_path), image_size=8)
+    assert "train.csv" in str(exc.value) and "line 5" in str(exc.value) and why in str(exc.value)
+
+
+# --- DermaMNIST --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("labels_csv", [True, False])
+def test_dermamnist_official_split(tmp_path, labels_csv):
+    fx = make_dermamnist(tmp_path, labels_csv=labels_csv)
+    ds = load_dataset("dermamnist", str(tmp_path), image_size=28)
+    check_basic(ds, fx["n"], 28, HAM_CLASSES)
+    assert ds.class_counts().tolist() == fx["class_counts"].tolist()
+    got = {s: int((ds.official_split == s).sum()) for s in ("train", "val", "test")}
+    assert got == fx["split_counts"]
+    # Each source path sits in the folder of its split and class.
+    for src, lab, split in zip(ds.sources, ds.labels, ds.official_split):
+        assert f"{split}/{HAM_CLASSES[lab]}/" in src.replace("\\", "/")
+
+
+def test_dermamnist_bad_split_value(tmp_path):
+    fx = make_dermamnist(tmp_path)
+    text = fx["csv"].read_text().replace(",val\n", ",valid\n", 1)
+    fx["csv"].write_text(text)
+    with pytest.raises(DataError, match=r"labels.csv, line \d+.*'valid'"):
+        load_dataset("dermamnist", str(tmp_path), image_size=8)
+
+
+# --- imagefolder -------------------------------------------------------------------------------
+
+def test_imagefolder_modes_formats_and_order(tmp_path):
+    fx = make_imagefolder(tmp_path)
+    ds = load_dataset("imagefolder", str(tmp_path), image_size=7)
+    check_basic(ds, fx["n"], 7, fx["class_names"])
+    assert ds.class_counts().tolist() == fx["class_counts"].tolist()
+    assert not any(s.endswith(".txt") for s in ds.sources)
+    by_name = dict(zip([s.replace("\\", "/").split(str(tmp_path).replace("\\", "/") + "/")[1]
+                        for s in ds.sources], range(len(ds.sources))))
+    # Lossless RGB/RGBA/palette/BMP files keep their class colour exactly: rows line up with labels.
+    for name in ["benign/a.png", "benign/b.png", "malignant/a.png", "malignant/b.bmp", "normal/b.png"]:
+        i = by_name[name]
+        assert (ds.images[i] == class_color(ds.labels[i])).all(), name
+    assert (ds.images[by_name["malignant/nested/c.png"]] == 255).all()  # 16-bit white -> 255
+    grey = ds.images[by_name["benign/c.jpg"]]
+    assert np.array_equal(grey[..., 0], grey[..., 1])
+
+
+def test_imagefolder_threads_do_not_change_result(tmp_path):
+    make_imagefolder(tmp_path)
+    a = load_dataset("imagefolder", str(tmp_path), image_size=9, num_threads=1)
+    b = load_dataset("imagefolder", str(tmp_path), image_size=9, num_threads=8)
+    assert a.sources == b.sources and np.array_equal(a.images, b.images)
+
+
+def test_imagefolder_empty_class_and_no_classes(tmp_path):
+    make_imagefolder(tmp_path / "a")
+    (tmp_path / "a" / "zz_empty").mkdir()
+    (tmp_path / "a" / "zz_empty" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="zz_empty"):
+        load_dataset("imagefolder", str(tmp_path / "a"), image_size=8)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError, match="no class subdirectories"):
+        load_dataset("imagefolder", str(tmp_path / "b"), image_size=8)
+
+
+# --- csv ---------------------------------------------------------------------------------------
+
+def test_csv_loader_numeric_classes_groups_splits(tmp_path):
+    fx = make_csv(tmp_path)
+    for kwargs in ({"csv": str(fx["csv"])}, {"root": str(tmp_path / "meta")}):
+        ds = load_dataset("csv", image_size=6, **kwargs)
+        check_basic(ds, fx["n"], 6, ["0", "2", "10"])
+        assert ds.labels.tolist() == fx["labels"]
+        assert ds.groups.tolist() == fx["groups"]
+        assert ds.official_split.tolist() == fx["splits"]
+        for img, lab in zip(ds.images, ds.labels):
+            assert (img == class_color(lab)).all()
+
+
+def test_csv_optional_columns_absent(tmp_path):
+    fx = make_csv(tmp_path, with_group=False, with_split=False)
+    ds = load_dataset("csv", csv=str(fx["csv"]), image_size=6)
+    assert ds.groups is None and ds.official_split is None and len(ds.labels) == fx["n"]
+
+
+def test_csv_text_labels_sort_alphabetically(tmp_path):
+    write_image(tmp_path / "x.png")
+    write_image(tmp_path / "y.png")
+    write_csv(tmp_path / "labels.csv", ["path", "label"], [["x.png", "tumour"], ["y.png", "healthy"]])
+    ds = load_dataset("csv", str(tmp_path), image_size=4)
+    assert ds.class_names == ["healthy", "tumour"] and ds.labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.replace("path,label", "file,label", 1), r"missing column 'path'.*file"),
+    (lambda t: t.replace("imgs/img2.png,2,", "imgs/img2.png, ,", 1), r"line 4.*empty label"),
+    (lambda t: t.replace(",patient1,val", ",patient1,holdout", 1), r"line 5.*'holdout'"),
+])
+def test_csv_errors(tmp_path, edit, match):
+    fx = make_csv(tmp_path)
+    fx["csv"].write_text(edit(fx["csv"].read_text()))
+    with pytest.raises(DataError, match=match) as exc:
+        load_dataset("csv", csv=str(fx["csv"]), image_size=4)
+    assert "labels.csv" in str(exc.value)
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,suffix,expected", [
+    ("RGB", ".png", (30, 60, 90)),
+    ("L", ".png", None),  # grey: all channels equal
+    ("1", ".png", None),  # dithered black/white, then resized: grey levels
+    ("LA", ".png", None),
+    ("RGBA", ".png", (30, 60, 90)),
+    ("P", ".png", (30, 60, 90)),
+    ("I;16", ".png", (255, 255, 255)),
+    ("CMYK", ".jpg", "close"),
+])
+def test_decode_modes_to_rgb(tmp_path, mode, suffix, expected):
+    path = write_image(tmp_path / f"img{suffix}", (30, 60, 90), mode)
+    arr = decode_image(str(path), 5)
+    assert arr.shape == (5, 5, 3) and arr.dtype == np.uint8
+    if expected is None:
+        assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
+    elif expected == "close":
+        assert np.abs(arr.astype(int) - (30, 60, 90)).max() <= 6
+    else:
+        assert (arr == expected).all()
+
+
+def test_decode_transparent_pixels_become_black(tmp_path):
+    img = Image.new("RGBA", (4, 4), (200, 100, 50, 0))
+    img.putpixel((0, 0), (200, 100, 50, 255))
+    img.save(tmp_path / "t.png")
+    arr = decode_image(str(tmp_path / "t.png"), 4)
+    assert tuple(arr[0, 0]) == (200, 100, 50) and (arr[3, 3] == 0).all()
+
+
+def test_resize_stretches_to_square_bicubic(tmp_path):
+    # Left half black, right half white on a 20x10 image: after the plain resize to 8x8 the
+    # edge is still in the middle column (stretched, not cropped or padded).
+    arr = np.zeros((10, 20), dtype=np.uint8)
+    arr[:, 10:] = 255
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    out = decode_image(str(tmp_path / "wide.png"), 8)
+    expected = np.asarray(Image.fromarray(arr).convert("RGB").resize((8, 8), Image.Resampling.BICUBIC))
+    assert np.array_equal(out, expected)
+    assert out[:, 0].max() == 0 and out[:, -1].min() == 255
+
+
+def test_subset_and_class_counts(tmp_path):
+    make_csv(tmp_path)
+    ds = load_dataset("csv", str(tmp_path / "meta"), image_size=4)
+    sub = ds.subset(np.array([0, 3, 5]))
+    assert sub.labels.tolist() == ds.labels[[0, 3, 5]].tolist()
+    assert sub.sources == [ds.sources[i] for i in (0, 3, 5)]
+    assert sub.groups.tolist() == ds.groups[[0, 3, 5]].tolist()
+    assert sub.class_counts().tolist() == np.bincount(sub.labels, minlength=3).tolist()
+    assert ds.class_counts().dtype == np.int64
+
+
+def test_image_size_validated(tmp_path):
+    make_imagefolder(tmp_path)
+    with pytest.raises(DataError, match="image_size"):
+        load_dataset("imagefolder", str(tmp_path), image_size=0)
