@@ -165,6 +165,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.scheduler = scheduler.state_dict()
             state.rng = torch.get_rng_state()
             state.extra["train_per_class_accuracy"] = train_pc
+            state.extra.setdefault("history", []).append(
+                {k: metrics[k] for k in ("epoch", "train_loss", "train_accuracy", "val_balanced_accuracy",
+                                         "val_macro_f1", "lr", "epoch_seconds")})
             if val["balanced_accuracy"] > state.best_metric:  # model selection on validation only
                 state.best_metric, state.best_epoch, state.best_val = val["balanced_accuracy"], epoch, val
                 state.best_model = state.model
@@ -179,7 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.save(ckpt_dir)
         # Every rank reports once per epoch (Ray Train requires equal counts); rank 0 carries the checkpoint.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir)
-                         if ckpt_dir else None)
+                         if ckpt_dir else None, delete_local_checkpoint_after_upload=True)
 
     # The test split, once, with the weights chosen on validation. The results travel in a last
     # checkpoint (with the final state), so they reach the driver's storage from any node, and a
@@ -193,14 +196,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             y, p = predict(_unwrap(model), ray.train.get_dataset_shard("test").iter_torch_batches(
                 batch_size=cfg.train.batch_size * 2, dtypes=None), device)
             test = classification_metrics(y, p, class_names)
-            state.extra["results"] = {"best_epoch": state.best_epoch, "val": state.best_val, "test": test}
+            history = state.extra.get("history", [])
+            state.extra["results"] = {"best_epoch": state.best_epoch, "val": state.best_val, "test": test,
+                                      "history": history,
+                                      "mean_epoch_seconds": float(np.mean([h["epoch_seconds"]
+                                                                           for h in history]))}
             _tb_scalars(writer, "test", test, state.best_epoch)
         writer.close()
         ckpt_dir = tempfile.mkdtemp(prefix="ioisray-ckpt-")
         state.save(ckpt_dir)
         atomic_write_text(Path(ckpt_dir) / RESULTS_FILE, json.dumps(state.extra["results"]))
     ray.train.report({"done": True}, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir)
-                     if ckpt_dir else None)
+                     if ckpt_dir else None, delete_local_checkpoint_after_upload=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""The real `ioisray` entry point: bad input fails fast and clearly; a tiny run goes end to end on Ray."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ioisray.cli import main
+from ioisray.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+# A tiny but real run: 2 Ray Train workers (DDP over gloo), a small timm model, 16x16 digits.
+TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2"]
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
+    return subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_config_errors_exit_2_naming_the_key(capsys):
+    assert main(["train", str(ROOT / "configs/digits.yaml"), "train.epochz=1"]) == 2
+    assert "train.epochz: unknown key" in capsys.readouterr().err
+    assert main(["train", str(ROOT / "configs/digits.yaml"), "--set", "method.loss=nope"]) == 2
+    assert "method.loss" in capsys.readouterr().err
+
+
+def test_data_errors_exit_2_naming_the_path(tmp_path, capsys):
+    missing = tmp_path / "no_such_dataset"
+    assert main(["train", str(ROOT / "configs/digits.yaml"), "data.name=imagefolder",
+                 f"data.root={missing}", f"output_dir={tmp_path}"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_print_config_shows_resolved_values(capsys):
+    assert main(["train", str(ROOT / "configs/digits.yaml"), "train.epochs=3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "name: digits_lt" in out
+
+
+@pytest.mark.ray
+def test_train_end_to_end_with_ray(tmp_path):
+    r = run_cli("train", "configs/digits.yaml", *TINY, "train.epochs=2", "name=e2e", f"output_dir={tmp_path}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "| balanced_accuracy |" in r.stdout and "epoch 2/2" in r.stdout + r.stderr
+    run = tmp_path / "e2e"
+    results = json.loads((run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert set(results[split]) >= {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "mcc",
+                                       "auc", "per_class_accuracy", "confusion_matrix"}
+    # every test image evaluated once, none dropped
+    assert results["test"]["num_samples"] == results["splits"]["test"]
+    assert sum(map(sum, results["test"]["confusion_matrix"])) == results["splits"]["test"]
+    assert len(results["history"]) == 2
+    assert load_config(run / "config.yaml").name == "e2e"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert "| metric |" in (run / "metrics.md").read_text()
+    # The test split has been used: running the same run again is refused, results untouched.
+    again = run_cli("train", "configs/digits.yaml", *TINY, "train.epochs=2", "name=e2e", f"output_dir={tmp_path}")
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert json.loads((run / "metrics.json").read_text()) == results
+
+
+def _latest_epoch(run: Path) -> int:
+    """Epochs completed in the checkpoint Ray Train has registered as the run's latest."""
+    try:
+        snap = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+        return snap["latest_checkpoint_result"]["metrics"]["epoch"] + 1
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being written
+        return 0
+
+
+@pytest.mark.ray
+def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
+    args = [sys.executable, "-m", "ioisray.cli", "train", "configs/digits.yaml", *TINY, "train.epochs=5",
+            "name=resume", f"output_dir={tmp_path}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = tmp_path / "resume"
+    try:
+        deadline = time.time() + 240
+        while _latest_epoch(run) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert _latest_epoch(run) >= 2, "no checkpoint appeared"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run / "metrics.json").exists(), "interrupted too late: the run had finished"
+    done = _latest_epoch(run)
+    assert 2 <= done < 5
+    r = run_cli("train", "configs/digits.yaml", *TINY, "train.epochs=5", "name=resume", f"output_dir={tmp_path}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from epoch {done}" in r.stdout + r.stderr
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]

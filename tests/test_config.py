@@ -1,0 +1,81 @@
+import pytest
+import yaml
+
+from ioisray.config import Config, ConfigError, load_config, save_config
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_compose_in_order_and_file_wins(tmp_path):
+    write(tmp_path / "base.yaml", {"seed": 1, "train": {"epochs": 5, "lr": 0.1}})
+    (tmp_path / "m").mkdir()
+    write(tmp_path / "m" / "ldam.yaml", {"method": {"loss": "ldam_drw"}, "train": {"epochs": 7}})
+    exp = write(tmp_path / "exp.yaml", {"defaults": ["base.yaml", "m/ldam.yaml"], "train": {"lr": 0.2}})
+    cfg = load_config(exp)
+    assert (cfg.seed, cfg.train.epochs, cfg.train.lr, cfg.method.loss) == (1, 7, 0.2, "ldam_drw")
+
+
+def test_overrides_are_typed_and_win(tmp_path):
+    exp = write(tmp_path / "exp.yaml", {"train": {"epochs": 5}})
+    cfg = load_config(exp, ["train.epochs=3", "train.milestones=[1, 2]", "ray.use_gpu=true",
+                            "model.weights=/w.safetensors"])
+    assert cfg.train.epochs == 3 and cfg.train.milestones == [1, 2] and cfg.ray.use_gpu is True
+    assert cfg.model.weights == "/w.safetensors"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epoch=3", "train.epoch: unknown key"),
+    ("train.epochs=abc", "train.epochs"),
+    ("method.loss=hinge", "method.loss"),
+    ("train.lr=-1", "train.lr"),
+    ("data.name=ham10000", "data.root is required"),
+    ("data.val_fraction=0.85", "data.val_fraction + data.test_fraction"),
+    ("name=a/b", "name"),
+])
+def test_bad_keys_and_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    exp = write(tmp_path / "exp.yaml", {"data": {"image_sise": 32}})
+    with pytest.raises(ConfigError, match=r"exp\.yaml.*\n.*data\.image_sise: unknown key"):
+        load_config(exp)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    write(tmp_path / "a.yaml", {"defaults": ["b.yaml"]})
+    write(tmp_path / "b.yaml", {"defaults": ["a.yaml"]})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(None, ["train.epochs=4", "method.loss=focal", "data.imbalance_ratio=10"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name != "config.yaml"]  # no temp files left
+
+
+def test_repository_configs_are_valid():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    top = [p for p in configs.glob("*.yaml") if p.name != "base.yaml"]
+    assert top
+    for p in top:
+        assert isinstance(load_config(p, ["data.root=/data"]), Config), p
