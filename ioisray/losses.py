@@ -111,7 +111,11 @@ class FocalLoss(ImbalanceLoss):
 
 
 class LDAMDRWLoss(ImbalanceLoss):
-    """LDAM (Cao et al. 2019) with Deferred Re-Weighting from `drw_epoch` on."""
+    """LDAM (Cao et al. 2019) with Deferred Re-Weighting from `drw_epoch` on.
+
+    Expects cosine logits in [-1, 1] from a normalised head (`models.NormedLinear`), as in the paper:
+    `scale` (s = 30) multiplied into raw, unbounded logits makes training diverge.
+    """
 
     def __init__(
         self,

@@ -1,3 +1,3 @@
-from ioisray.models.classifier import create_classifier, load_state_dict_file
+from ioisray.models.classifier import NormedLinear, create_classifier, load_state_dict_file
 
-__all__ = ["create_classifier", "load_state_dict_file"]
+__all__ = ["NormedLinear", "create_classifier", "load_state_dict_file"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 
 from ioisray.config import ModelConfig
 
@@ -28,12 +29,31 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def create_classifier(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+class NormedLinear(torch.nn.Module):
+    """Cosine classifier: logits are cosines between normalised features and class weights.
+
+    LDAM's margins and scale assume logits bounded in [-1, 1] (Cao et al. 2019 use this head).
+    """
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(num_classes, in_features).uniform_(-1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+def create_classifier(cfg: ModelConfig, num_classes: int, cosine_head: bool = False) -> torch.nn.Module:
     try:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes,
                                   drop_rate=cfg.drop_rate)
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise ValueError(f"model.name: {e}") from None
+    if cosine_head:
+        head = model.get_classifier()
+        model.reset_classifier(num_classes)  # keeps timm's pooling, replaces the linear layer
+        parent, _, name = model.pretrained_cfg.get("classifier", "fc").rpartition(".")
+        setattr(model.get_submodule(parent), name, NormedLinear(head.in_features, num_classes))
     if cfg.weights:
         state = load_state_dict_file(cfg.weights)
         own = model.state_dict()

@@ -103,7 +103,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # setup
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = create_classifier(cfg.model, num_classes)
+    model = create_classifier(cfg.model, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
     optimizer, scheduler = build_optimizer(cfg, model)
     loss_fn = build_loss(cfg, counts).to(device)
     state = TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=cfg.seed)
