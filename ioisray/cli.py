@@ -6,7 +6,10 @@ import sys
 
 from ioisray.config import ConfigError, RunFinishedError, load_config
 
-COMMANDS = {"train": "train a classifier (any baseline of the harness) with Ray Train"}
+COMMANDS = {
+    "train": "train a classifier (any baseline of the harness) with Ray Train",
+    "pretrain-diffusion": "pretrain the class-conditional diffusion model on the training split",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "test": results["test"]}, results["class_names"]))
             print(f"\nresults: {results['run_dir']}/metrics.json  |  "
                   f"tensorboard --logdir {results['run_dir']}/tensorboard")
+        elif args.command == "pretrain-diffusion":
+            from ioisray.recipes.pretrain_diffusion import pretrain_diffusion
+
+            unet_dir = pretrain_diffusion(cfg)
+            print(f"\ndiffusion model: {unet_dir}  |  tensorboard --logdir {cfg.run_dir}/tensorboard")
         return 0
     except (ConfigError, ValueError, FileNotFoundError, RunFinishedError) as e:
         # Bad input: one clear line naming the file, key or option, no traceback.

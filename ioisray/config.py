@@ -99,6 +99,34 @@ class RayConfig(_Strict):
     object_store_mb: int = Field(512, ge=64)  # local Ray only
 
 
+class DiffusionConfig(_Strict):
+    preset: Literal["tiny", "small64", "adm128"] = "tiny"
+    image_size: Optional[int] = Field(None, ge=8, le=1024)  # default: the preset's size
+    model_dir: Optional[str] = None  # a trained diffusers UNet2DModel folder (e.g. <run>/unet)
+
+
+class PretrainConfig(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)  # per worker
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(200, ge=0)
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    hflip: bool = True
+    vflip: bool = False
+    sample_every: int = Field(5, ge=0)  # epochs between sample grids in TensorBoard; 0 = only at the end
+    sample_steps: int = Field(25, ge=1)  # DDIM steps for those grids
+    max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
+
+
+class SamplerSettings(_Strict):
+    steps: int = Field(50, ge=1)  # DDIM steps
+    guidance_scale: float = Field(1.0, ge=0.0)  # s; 0 disables classifier guidance
+    guidance_form: Literal["x_t", "x0"] = "x_t"  # classifier sees the noisy x_t (paper) or predicted x0
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
 class Config(_Strict):
     name: str = "run"  # run name: outputs go to <output_dir>/<name>; reusing it resumes that run
     seed: int = 0
@@ -108,6 +136,9 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
 
     @field_validator("name")
     @classmethod

@@ -9,10 +9,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,11 +19,11 @@ import torch
 from ioisray.atomic import atomic_write_text
 from ioisray.checkpoint import TrainingState
 from ioisray.config import Config, RunFinishedError, save_config
-from ioisray.data import load_dataset, split_dataset
 from ioisray.engine import predict, train_one_epoch
 from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
+from ioisray.recipes.common import fit, new_checkpoint_dir, report, setup_data, unwrap, worker_setup
 from ioisray.transforms import TrainTransform
 
 SHUFFLE_BUFFER = 2048
@@ -68,12 +65,8 @@ def build_loss(cfg: Config, class_counts) -> torch.nn.Module:
                        la_tau=m.la_tau)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def _cpu_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 def _tb_scalars(writer, prefix: str, metrics: dict, epoch: int) -> None:
@@ -90,16 +83,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    # Ray Train's per-report INFO lines would drown the per-epoch progress lines.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = Config.model_validate(loop_config["config"])
     class_names: list[str] = loop_config["class_names"]
     counts = loop_config["class_counts"]
     num_classes = len(class_names)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_setup(cfg)
 
     # setup
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -154,8 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ckpt_dir = None
         if rank == 0:
             # Validation on rank 0 over the whole split (no image dropped), deterministic transform.
-            # The bare module: a DDP forward on one rank alone would wait for the others' buffers.
-            y, p = predict(_unwrap(model), ray.train.get_dataset_shard("val").iter_torch_batches(
+            y, p = predict(unwrap(model), ray.train.get_dataset_shard("val").iter_torch_batches(
                 batch_size=cfg.train.batch_size * 2, dtypes=None), device)
             val = classification_metrics(y, p, class_names)
             train_pc = {n: float(a) for n, a in zip(class_names, stats.per_class_accuracy)}
@@ -178,11 +165,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"[ioisray] epoch {epoch + 1}/{cfg.train.epochs} loss {stats.loss:.4f} "
                   f"train_acc {stats.accuracy:.4f} val_bacc {val['balanced_accuracy']:.4f} "
                   f"val_f1 {val['macro_f1']:.4f} lr {lr:.3g} ({stats.seconds:.1f}s)", flush=True)
-            ckpt_dir = tempfile.mkdtemp(prefix="ioisray-ckpt-")
+            ckpt_dir = new_checkpoint_dir()
             state.save(ckpt_dir)
-        # Every rank reports once per epoch (Ray Train requires equal counts); rank 0 carries the checkpoint.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir)
-                         if ckpt_dir else None, delete_local_checkpoint_after_upload=True)
+        report(metrics, ckpt_dir)
 
     # The test split, once, with the weights chosen on validation. The results travel in a last
     # checkpoint (with the final state), so they reach the driver's storage from any node, and a
@@ -192,8 +177,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if "results" not in state.extra:
             if state.best_model is None:
                 raise RuntimeError("no epoch finished: nothing to evaluate")
-            _unwrap(model).load_state_dict(state.best_model)
-            y, p = predict(_unwrap(model), ray.train.get_dataset_shard("test").iter_torch_batches(
+            unwrap(model).load_state_dict(state.best_model)
+            y, p = predict(unwrap(model), ray.train.get_dataset_shard("test").iter_torch_batches(
                 batch_size=cfg.train.batch_size * 2, dtypes=None), device)
             test = classification_metrics(y, p, class_names)
             history = state.extra.get("history", [])
@@ -203,49 +188,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                                            for h in history]))}
             _tb_scalars(writer, "test", test, state.best_epoch)
         writer.close()
-        ckpt_dir = tempfile.mkdtemp(prefix="ioisray-ckpt-")
+        ckpt_dir = new_checkpoint_dir()
         state.save(ckpt_dir)
         atomic_write_text(Path(ckpt_dir) / RESULTS_FILE, json.dumps(state.extra["results"]))
-    ray.train.report({"done": True}, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir)
-                     if ckpt_dir else None, delete_local_checkpoint_after_upload=True)
+    report({"done": True}, ckpt_dir)
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver side
 
 
-def setup_data(cfg: Config):
-    d = cfg.data
-    ds = load_dataset(d.name, d.root, image_size=d.image_size, csv=d.csv, on_bad_image=d.on_bad_image,
-                      imbalance_ratio=d.imbalance_ratio, seed=cfg.seed, num_threads=d.num_threads)
-    splits = split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.seed)
-    return ds, splits
-
-
-def init_ray(cfg: Config) -> bool:
-    """Connect to (or start) Ray; returns True when this process started it and must shut it down."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, logging_level="WARNING")
-        return True
-    # A private local Ray. Logical CPUs beyond the physical ones leave room for Ray Data's read tasks
-    # beside the training workers, which otherwise wait for a free CPU forever on a small machine.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    num_cpus = cfg.ray.local_num_cpus or 2 * (os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_mb * 2**20,
-             logging_level="WARNING")
-    return True
-
-
 def train(cfg: Config) -> dict:
     """Run the recipe; returns {"best_epoch", "val", "test", "run_dir", ...}."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from ioisray.data.ray_dataset import to_ray_dataset
 
     run_dir = cfg.run_dir
@@ -259,53 +213,18 @@ def train(cfg: Config) -> dict:
     ds, splits = setup_data(cfg)
     train_ds = ds.subset(splits["train"])
     counts = train_ds.class_counts()
-    if (counts == 0).any():
-        empty = [ds.class_names[i] for i in np.flatnonzero(counts == 0)]
-        raise ValueError(f"the training split has no image of class(es) {empty}")
-    sizes = {k: len(v) for k, v in splits.items()}
-    print(f"[ioisray] data {cfg.data.name}: {len(ds.labels)} images, {ds.num_classes} classes, "
-          f"splits {sizes}, train per class {dict(zip(ds.class_names, counts.tolist()))}"
-          + (f", skipped {len(ds.skipped)} bad images" if ds.skipped else "")
-          + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
-    for src, why in ds.skipped:
-        print(f"[ioisray] skipped {src}: {why}", flush=True)
-
-    started_ray = init_ray(cfg)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        datasets = {
-            "train": to_ray_dataset(train_ds.images, train_ds.labels, sampling=cfg.method.sampling,
-                                    seed=cfg.seed),
-            "val": to_ray_dataset(ds.images[splits["val"]], ds.labels[splits["val"]]),
-            "test": to_ray_dataset(ds.images[splits["test"]], ds.labels[splits["test"]]),
-        }
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
-                               "class_counts": counts.tolist(),
-                               "tensorboard_dir": str(run_dir / "tensorboard")},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name="ray_train", storage_path=str(run_dir),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-                # Workers' prints go straight to the console, not once more through Train's logger.
-                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        )
-        result = trainer.fit()
-    finally:
-        if started_ray:
-            ray.shutdown()
+    datasets = lambda: {  # noqa: E731 - built once Ray is up
+        "train": to_ray_dataset(train_ds.images, train_ds.labels, sampling=cfg.method.sampling, seed=cfg.seed),
+        "val": to_ray_dataset(ds.images[splits["val"]], ds.labels[splits["val"]]),
+        "test": to_ray_dataset(ds.images[splits["test"]], ds.labels[splits["test"]]),
+    }
+    loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
+                   "class_counts": counts.tolist(), "tensorboard_dir": str(run_dir / "tensorboard")}
+    result = fit(cfg, train_loop_per_worker, loop_config, datasets, run_dir)
 
     with result.checkpoint.as_directory() as d:
         out = json.loads((Path(d) / RESULTS_FILE).read_text())
-    out.update({"class_names": ds.class_names, "splits": sizes, "train_class_counts": counts.tolist(),
+    out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()}, "train_class_counts": counts.tolist(),
                 "run_dir": str(run_dir), "seconds": time.perf_counter() - t0})
     save_results(out, run_dir)
     return out

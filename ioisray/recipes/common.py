@@ -1,0 +1,123 @@
+"""Driver and worker plumbing shared by the recipes: data set-up, Ray start-up, one Ray Train fit."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ioisray.config import Config
+from ioisray.data import ImageDataset, load_dataset, split_dataset
+
+
+def setup_data(cfg: Config, image_size: Optional[int] = None) -> tuple[ImageDataset, dict[str, np.ndarray]]:
+    """Load the dataset and split it by `cfg.seed`: every recipe sees the same split."""
+    d = cfg.data
+    t0 = time.perf_counter()
+    ds = load_dataset(d.name, d.root, image_size=image_size or d.image_size, csv=d.csv,
+                      on_bad_image=d.on_bad_image, imbalance_ratio=d.imbalance_ratio, seed=cfg.seed,
+                      num_threads=d.num_threads)
+    splits = split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.seed)
+    counts = ds.subset(splits["train"]).class_counts()
+    if (counts == 0).any():
+        empty = [ds.class_names[i] for i in np.flatnonzero(counts == 0)]
+        raise ValueError(f"the training split has no image of class(es) {empty}")
+    sizes = {k: len(v) for k, v in splits.items()}
+    print(f"[ioisray] data {d.name}: {len(ds.labels)} images, {ds.num_classes} classes, splits {sizes}, "
+          f"train per class {dict(zip(ds.class_names, counts.tolist()))}"
+          + (f", skipped {len(ds.skipped)} bad images" if ds.skipped else "")
+          + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
+    for src, why in ds.skipped:
+        print(f"[ioisray] skipped {src}: {why}", flush=True)
+    return ds, splits
+
+
+def init_ray(cfg: Config) -> bool:
+    """Connect to (or start) Ray; returns True when this process started it and must shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, logging_level="WARNING")
+        return True
+    # A private local Ray. Logical CPUs beyond the physical ones leave room for Ray Data's read tasks
+    # beside the training workers, which otherwise wait for a free CPU forever on a small machine.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    num_cpus = cfg.ray.local_num_cpus or 2 * (os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, logging_level="WARNING")
+    return True
+
+
+def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
+        make_datasets: Callable[[], dict], run_dir: Path, split: tuple[str, ...] = ("train",)):
+    """One Ray Train run of `train_loop` on `cfg.ray`'s workers; checkpoints under run_dir/ray_train.
+
+    The same run_dir resumes from its last checkpoint. Returns Ray Train's Result.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started_ray = init_ray(cfg)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name="ray_train", storage_path=str(run_dir),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                # Workers' prints go straight to the console, not once more through Train's logger.
+                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+            datasets=make_datasets(),
+            dataset_config=ray.train.DataConfig(datasets_to_split=list(split)),
+        )
+        return trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+def worker_setup(cfg: Config):
+    """Per-worker basics: (rank, world size, device); quiet Ray Train's per-report INFO lines."""
+    import logging
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
+    """Every rank reports (Ray Train needs equal counts); rank 0 passes the checkpoint folder."""
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                     if checkpoint_dir else None, delete_local_checkpoint_after_upload=True)
+
+
+def new_checkpoint_dir() -> str:
+    return tempfile.mkdtemp(prefix="ioisray-ckpt-")
+
+
+def unwrap(model):
+    """The bare module inside DDP: a forward on one rank alone must not wait for the others."""
+    return model.module if hasattr(model, "module") else model

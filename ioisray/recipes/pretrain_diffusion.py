@@ -1,0 +1,178 @@
+"""Recipe: pretrain the class-conditional diffusion model that IOIS samples from, with Ray Train.
+
+    setup    driver: the same data and split as the classifier (same seed); only the training split
+             is used, so no validation or test image leaks into the generator
+    train    workers: noise-prediction (epsilon) loss on DDPM-noised images, DDP, an EMA copy of the
+             weights, a sample grid in TensorBoard every `pretrain.sample_every` epochs, a checkpoint
+             (UNet, EMA, optimizer, lr schedule, epoch) every epoch
+    save     driver: the EMA weights as a diffusers model folder, <run>/unet (safetensors)
+    cleanup  driver: shut down the Ray it started
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ioisray.checkpoint import TrainingState
+from ioisray.config import Config, RunFinishedError, save_config
+from ioisray.models.diffusion import create_unet, load_unet
+from ioisray.recipes.common import fit, new_checkpoint_dir, report, setup_data, unwrap, worker_setup
+from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
+
+UNET_DIR = "unet"  # in the final checkpoint and in the run folder
+
+
+def diffusion_image_size(cfg: Config) -> int:
+    from ioisray.models.diffusion import PRESETS
+
+    return cfg.diffusion.image_size or PRESETS[cfg.diffusion.preset]["sample_size"]
+
+
+def to_model_space(images: torch.Tensor, hflip: bool, vflip: bool) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], randomly flipped per image."""
+    x = images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    for dim, on in ((3, hflip), (2, vflip)):
+        if on:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(dim), x)
+    return x
+
+
+def sample_grid(unet, num_classes: int, per_class: int, steps: int, device, seed: int = 0) -> torch.Tensor:
+    """(3, H', W') uint8 grid: one row per class, unguided, fixed seeds so grids compare across epochs."""
+    from torchvision.utils import make_grid
+
+    labels = [c for c in range(num_classes) for _ in range(per_class)]
+    batch = sample(unet, labels, [seed + i for i in range(len(labels))], SamplerConfig(steps=steps), device=device)
+    return make_grid(batch.images.permute(0, 3, 1, 2), nrow=per_class, padding=1)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(loop_config["config"])
+    p = cfg.pretrain
+    num_classes, image_size = loop_config["num_classes"], loop_config["image_size"]
+    rank, world, device = worker_setup(cfg)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    unet = create_unet(cfg.diffusion.preset, num_classes, image_size)
+    ema = EMAModel(unet.parameters(), decay=p.ema_decay)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=p.warmup_steps)
+    noise_scheduler = make_train_scheduler()
+    state = TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=cfg.seed)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = TrainingState.load(d)
+        unet.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        lr_schedule.load_state_dict(state.scheduler)
+        ema.load_state_dict(state.extra["ema"])
+        if rank == 0:
+            print(f"[ioisray] resumed diffusion pretraining from epoch {state.epoch}", flush=True)
+    ema.to(device)
+    unet = ray.train.torch.prepare_model(unet)
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(loop_config["tensorboard_dir"])
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(state.epoch, p.epochs):
+        unet.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + epoch)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        start, loss_sum, n_seen = time.perf_counter(), torch.zeros((), device=device), 0
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=p.batch_size, dtypes=None,
+                                                           local_shuffle_buffer_size=2048)):
+            if p.max_batches_per_epoch and i >= p.max_batches_per_epoch:
+                break
+            x0 = to_model_space(batch["image"].to(device), p.hflip, p.vflip)
+            y = batch["label"].to(device, dtype=torch.long)
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, len(alphas), (x0.shape[0],), device=device)
+            x_t = noise_scheduler.add_noise(x0, noise, t)
+            loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_schedule.step()
+            ema.step(unwrap(unet).parameters())
+            loss_sum += loss.detach() * len(y)
+            n_seen += len(y)
+        seconds = time.perf_counter() - start
+        metrics = {"epoch": epoch, "loss": float(loss_sum) / max(n_seen, 1), "epoch_seconds": seconds,
+                   "lr": lr_schedule.get_last_lr()[0]}
+        ckpt_dir = None
+        last = epoch + 1 == p.epochs
+        if rank == 0:
+            writer.add_scalar("pretrain/loss", metrics["loss"], epoch)
+            writer.add_scalar("pretrain/lr", metrics["lr"], epoch)
+            writer.add_scalar("pretrain/images_per_second", n_seen * world / max(seconds, 1e-9), epoch)
+            ckpt_dir = new_checkpoint_dir()
+            if last or (p.sample_every and (epoch + 1) % p.sample_every == 0):
+                ema_unet = _ema_copy(unwrap(unet), ema)
+                writer.add_image("pretrain/samples_ema", sample_grid(ema_unet, num_classes, 8, p.sample_steps,
+                                                                     device), epoch)
+                if last:  # the product of this recipe: the EMA weights as a diffusers model
+                    ema_unet.save_pretrained(Path(ckpt_dir) / UNET_DIR, safe_serialization=True)
+            writer.flush()
+            print(f"[ioisray] diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
+                  f"({n_seen * world / max(seconds, 1e-9):.1f} img/s, {seconds:.1f}s)", flush=True)
+            state.epoch = epoch + 1
+            state.model, state.optimizer = unwrap(unet).state_dict(), optimizer.state_dict()
+            state.scheduler, state.extra["ema"] = lr_schedule.state_dict(), ema.state_dict()
+            state.save(ckpt_dir)
+        report(metrics, ckpt_dir)
+    if writer is not None:
+        writer.close()
+
+
+def _ema_copy(unet, ema):
+    """A copy of the UNet carrying the EMA weights (the live weights stay untouched)."""
+    import copy
+
+    ema_unet = copy.deepcopy(unet)
+    ema.copy_to(ema_unet.parameters())
+    return ema_unet.eval()
+
+
+def pretrain_diffusion(cfg: Config) -> Path:
+    """Run the recipe; returns the folder of the saved diffusers UNet."""
+    from ioisray.data.ray_dataset import to_ray_dataset
+
+    run_dir = cfg.run_dir
+    final = run_dir / UNET_DIR
+    if final.exists():
+        raise RunFinishedError(f"{final} already exists: this pretraining run has finished. Use it with "
+                               f"diffusion.model_dir={final}, or choose another name=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    image_size = diffusion_image_size(cfg)
+    ds, splits = setup_data(cfg, image_size=image_size)
+    train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
+    loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes, "image_size": image_size,
+                   "class_names": ds.class_names, "tensorboard_dir": str(run_dir / "tensorboard")}
+    result = fit(cfg, train_loop_per_worker, loop_config,
+                 lambda: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
+                                                  seed=cfg.seed)}, run_dir)
+    # Copy the model out of the last checkpoint, then rename: a half-copied folder never looks done.
+    with result.checkpoint.as_directory() as d:
+        tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".unet-"))
+        shutil.copytree(Path(d) / UNET_DIR, tmp, dirs_exist_ok=True)
+    tmp.rename(final)
+    load_unet(str(final), ds.num_classes)  # fail here, not later, if it does not reload
+    print(f"[ioisray] diffusion model saved: {final}", flush=True)
+    return final

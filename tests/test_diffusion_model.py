@@ -1,0 +1,73 @@
+import time
+
+import pytest
+import torch
+
+from ioisray.models.diffusion import PRESETS, count_parameters, create_unet, load_unet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The 2 CPU cores are shared with other work; oversubscribed OpenMP threads make small convs ~20x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("preset, low, high", [
+    ("tiny", 0.5e6, 3e6),
+    ("small64", 25e6, 32e6),
+    ("adm128", 0.9 * 385e6, 1.1 * 385e6),  # builds in ~6 s on CPU; no forward is run
+])
+def test_preset_parameter_counts(preset, low, high):
+    unet = create_unet(preset, num_classes=7)
+    assert low <= count_parameters(unet) <= high
+    assert unet.config.num_class_embeds == 7
+    assert unet.config.sample_size == PRESETS[preset]["sample_size"]
+
+
+def test_tiny_forward_with_class_labels_is_fast():
+    unet = create_unet("tiny", num_classes=5).eval()
+    x, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
+    with torch.no_grad():
+        unet(x, 10, class_labels=labels)  # warm-up
+        start = time.perf_counter()
+        out = unet(x, torch.full((8,), 10), class_labels=labels).sample
+        elapsed = time.perf_counter() - start
+    assert out.shape == (8, 3, 32, 32)
+    assert elapsed < 0.5
+    # The label actually conditions the output.
+    with torch.no_grad():
+        other = unet(x, 10, class_labels=(labels + 1) % 5).sample
+    assert not torch.allclose(out, other)
+
+
+def test_image_size_override_and_unknown_preset():
+    assert create_unet("tiny", 3, image_size=16).config.sample_size == 16
+    with pytest.raises(ValueError, match="multiple of 4"):
+        create_unet("tiny", 3, image_size=18)
+    with pytest.raises(ValueError, match="diffusion.preset.*adm128"):
+        create_unet("huge", 3)
+
+
+def test_save_and_load_round_trip_checks_class_count(tmp_path):
+    torch.manual_seed(0)
+    unet = create_unet("tiny", 4, image_size=16)
+    unet.save_pretrained(tmp_path / "unet")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = load_unet(str(tmp_path / "unet"), 4)
+    for (name, a), (_, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"unet.*4 classes.*has 6"):
+        load_unet(str(tmp_path / "unet"), 6)
+    with pytest.raises(FileNotFoundError):
+        load_unet(str(tmp_path / "missing"), 4)
+
+
+def test_unconditional_unet_rejected(tmp_path):
+    from diffusers import UNet2DModel
+
+    UNet2DModel(**PRESETS["tiny"]).save_pretrained(tmp_path / "uncond")
+    with pytest.raises(ValueError, match="not class-conditional"):
+        load_unet(str(tmp_path / "uncond"), 4)

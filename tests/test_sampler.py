@@ -1,0 +1,125 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from ioisray.models.diffusion import create_unet
+from ioisray.sampler import (SamplerConfig, default_classifier_transform, make_scheduler,
+                             make_train_scheduler, sample)
+
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The 2 CPU cores are shared with other work; oversubscribed OpenMP threads make small convs ~20x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return create_unet("tiny", NUM_CLASSES, image_size=16).eval()
+
+
+class ChannelMeanClassifier(nn.Module):
+    """Class c = colour channel c: logit_c = k * mean of channel c. log p(c|x) is smooth and strong in x."""
+
+    def __init__(self, k: float = 4.0):
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(k))
+        self.bn = nn.BatchNorm1d(3)  # checks the sampler puts the classifier in eval mode
+
+    def forward(self, x):
+        return self.bn(self.k * x.mean(dim=(2, 3)))
+
+
+def target_log_prob(classifier, images, labels):
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        logits = classifier.eval()(default_classifier_transform(None)(x))
+    return F.log_softmax(logits, -1).gather(1, labels[:, None]).mean().item()
+
+
+def test_schedulers_share_linear_betas_and_do_not_clip():
+    ddim, ddpm = make_scheduler(), make_train_scheduler()
+    assert not ddim.config.clip_sample and ddim.config.prediction_type == "epsilon"
+    assert torch.equal(ddim.alphas_cumprod, ddpm.alphas_cumprod)
+    assert ddpm.betas[0].item() == pytest.approx(1e-4) and ddpm.betas[-1].item() == pytest.approx(0.02)
+
+
+def test_output_format_and_output_size(unet):
+    out = sample(unet, [0, 2], [1, 2], SamplerConfig(steps=3, output_size=24))
+    assert out.images.shape == (2, 24, 24, 3) and out.images.dtype == torch.uint8
+    assert out.labels.tolist() == [0, 2] and out.labels.dtype == torch.int64 and out.seeds == [1, 2]
+    assert out.images.min() >= 0 and out.images.max() <= 255 and out.images.float().std() > 0
+    assert sample(unet, [], [], SamplerConfig(steps=3)).images.shape == (0, 16, 16, 3)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_seed_decides_the_image_regardless_of_batch(unet, eta):
+    cfg = SamplerConfig(steps=4, eta=eta)
+    alone = sample(unet, [1], [7], cfg).images[0]
+    batch = sample(unet, [0, 1, 2], [3, 7, 11], cfg).images
+    # Same noise exactly; conv kernels may round differently per batch size, so allow one grey level.
+    assert (alone.int() - batch[1].int()).abs().max() <= 1
+    assert (alone == batch[1]).float().mean() > 0.99
+    assert torch.equal(alone, sample(unet, [1], [7], cfg).images[0])
+    assert (batch[0].int() - batch[2].int()).abs().float().mean() > 5  # different seeds differ
+
+
+@pytest.mark.parametrize("form", ["x_t", "x0"])
+def test_guidance_raises_target_class_log_probability(unet, form):
+    classifier = ChannelMeanClassifier()
+    classifier.train()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    seeds = list(range(6))
+    plain = sample(unet, labels, seeds, SamplerConfig(steps=5, guidance_scale=0.0, guidance_form=form),
+                   classifier=classifier)
+    guided = sample(unet, labels, seeds, SamplerConfig(steps=5, guidance_scale=20.0, guidance_form=form),
+                    classifier=classifier)
+    assert classifier.training  # mode restored
+    assert classifier.k.grad is None  # only x got gradients
+    lp_plain = target_log_prob(classifier, plain.images, labels)
+    lp_guided = target_log_prob(classifier, guided.images, labels)
+    assert lp_guided > lp_plain + 0.1, (lp_plain, lp_guided)
+
+
+def test_guidance_uses_the_given_transform(unet):
+    seen = []
+
+    def transform(x):
+        seen.append(tuple(x.shape))
+        return F.interpolate(x, size=8, mode="bilinear", antialias=True)
+
+    sample(unet, [0], [0], SamplerConfig(steps=2, guidance_scale=1.0), classifier=ChannelMeanClassifier(),
+           classifier_transform=transform)
+    assert seen == [(1, 3, 16, 16)] * 2
+
+
+def test_bfloat16_matches_float32_loosely(unet):
+    labels, seeds = [0, 1], [5, 6]
+    fp32 = sample(unet, labels, seeds, SamplerConfig(steps=4, guidance_scale=5.0),
+                  classifier=ChannelMeanClassifier()).images
+    bf16 = sample(unet, labels, seeds, SamplerConfig(steps=4, guidance_scale=5.0, dtype="bfloat16"),
+                  classifier=ChannelMeanClassifier()).images
+    assert (fp32.float() - bf16.float()).abs().mean() < 2
+
+
+def test_bad_inputs_rejected(unet):
+    with pytest.raises(ValueError, match="steps"):
+        SamplerConfig(steps=0)
+    with pytest.raises(ValueError, match="guidance_form"):
+        SamplerConfig(guidance_form="eps")
+    with pytest.raises(ValueError, match="dtype"):
+        SamplerConfig(dtype="float16")
+    with pytest.raises(ValueError, match="seeds"):
+        sample(unet, [0, 1], [1], SamplerConfig(steps=1))
+    with pytest.raises(ValueError, match="labels"):
+        sample(unet, [NUM_CLASSES], [1], SamplerConfig(steps=1))
+    with pytest.warns(UserWarning, match="clip_sample"):
+        sample(unet, [0], [1], SamplerConfig(steps=1), scheduler=DDIMScheduler())
