@@ -1,26 +1,16 @@
 """The real `ioisray` entry point: bad input fails fast and clearly; a tiny run goes end to end on Ray."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
+from cli_utils import ROOT, interrupt_after, run_cli
+
+from ioisray.checkpoint import TrainingState
 
 from ioisray.cli import main
 from ioisray.config import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
 # A tiny but real run: 2 Ray Train workers (DDP over gloo), a small timm model, 16x16 digits.
 TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2"]
-
-
-def run_cli(*args, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
-    return subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_config_errors_exit_2_naming_the_key(capsys):
@@ -66,37 +56,21 @@ def test_train_end_to_end_with_ray(tmp_path):
     assert json.loads((run / "metrics.json").read_text()) == results
 
 
-def _latest_epoch(run: Path) -> int:
-    """Epochs completed in the checkpoint Ray Train has registered as the run's latest."""
-    try:
-        snap = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
-        return snap["latest_checkpoint_result"]["metrics"]["epoch"] + 1
-    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being written
-        return 0
-
-
 @pytest.mark.ray
 def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
-    args = [sys.executable, "-m", "ioisray.cli", "train", "configs/digits.yaml", *TINY, "train.epochs=5",
-            "name=resume", f"output_dir={tmp_path}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = ["train", "configs/digits.yaml", *TINY, "train.epochs=5", "name=resume", f"output_dir={tmp_path}"]
     run = tmp_path / "resume"
-    try:
-        deadline = time.time() + 240
-        while _latest_epoch(run) < 2 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert _latest_epoch(run) >= 2, "no checkpoint appeared"
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    done = interrupt_after(args, run, epochs=2)
     assert not (run / "metrics.json").exists(), "interrupted too late: the run had finished"
-    done = _latest_epoch(run)
     assert 2 <= done < 5
-    r = run_cli("train", "configs/digits.yaml", *TINY, "train.epochs=5", "name=resume", f"output_dir={tmp_path}")
+    r = run_cli(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from epoch {done}" in r.stdout + r.stderr
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
+    # AAS state (per-class training accuracy of the last epoch) travels in the checkpoint.
+    final = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+    state = TrainingState.load(run / "ray_train" / final["latest_checkpoint_result"]["checkpoint_dir_name"])
+    last = history[-1]["train_per_class_accuracy"]
+    for got, want in zip(state.extra["aas"]["accuracy"], last.values()):
+        assert want != want or abs(got - want) < 1e-9  # NaN: class unseen, AAS keeps its previous value

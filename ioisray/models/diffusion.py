@@ -69,7 +69,8 @@ def load_unet(path: str, num_classes: int) -> UNet2DModel:
     """Load a UNet saved with `save_pretrained(path)` and check it was trained for `num_classes` classes."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"diffusion model directory {path!r} does not exist")
-    unet = UNet2DModel.from_pretrained(path, use_safetensors=True)
+    # low_cpu_mem_usage=False: the default wants `accelerate`, which we do not depend on.
+    unet = UNet2DModel.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
     found = unet.config.num_class_embeds
     if found is None:
         raise ValueError(f"UNet at {path!r} is not class-conditional (config.num_class_embeds is None)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ioisray.aas import AASState
 from ioisray.atomic import atomic_write_text
 from ioisray.checkpoint import TrainingState
 from ioisray.config import Config, RunFinishedError, save_config
@@ -95,6 +96,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer, scheduler = build_optimizer(cfg, model)
     loss_fn = build_loss(cfg, counts).to(device)
     state = TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=cfg.seed)
+    # AAS state: per-class accuracy on the training split of the last epoch (summed over workers).
+    aas = AASState(num_classes)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -102,6 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
+        aas = AASState.from_dict(state.extra["aas"])
         if rank == 0:
             print(f"[ioisray] resumed from epoch {state.epoch}", flush=True)
     model = ray.train.torch.prepare_model(model)
@@ -137,6 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 max_batches=cfg.train.max_batches_per_epoch, log=log)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        aas.update(stats.correct, stats.total)  # the same all-reduced counts on every rank
         metrics: dict = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                          "lr": lr, "epoch_seconds": stats.seconds}
         ckpt_dir = None
@@ -151,10 +156,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.model, state.optimizer = _cpu_state(model), optimizer.state_dict()
             state.scheduler = scheduler.state_dict()
             state.rng = torch.get_rng_state()
-            state.extra["train_per_class_accuracy"] = train_pc
+            state.extra["aas"] = aas.to_dict()
             state.extra.setdefault("history", []).append(
-                {k: metrics[k] for k in ("epoch", "train_loss", "train_accuracy", "val_balanced_accuracy",
-                                         "val_macro_f1", "lr", "epoch_seconds")})
+                {**{k: metrics[k] for k in ("epoch", "train_loss", "train_accuracy", "val_balanced_accuracy",
+                                            "val_macro_f1", "lr", "epoch_seconds")},
+                 "train_per_class_accuracy": train_pc})
             if val["balanced_accuracy"] > state.best_metric:  # model selection on validation only
                 state.best_metric, state.best_epoch, state.best_val = val["balanced_accuracy"], epoch, val
                 state.best_model = state.model

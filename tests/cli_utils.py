@@ -1,0 +1,42 @@
+"""Running the real `ioisray` entry point in a subprocess, and interrupting it like Ctrl-C would."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def latest_epoch(run: Path) -> int:
+    """Epochs completed in the checkpoint Ray Train has registered as the run's latest."""
+    try:
+        snap = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+        return snap["latest_checkpoint_result"]["metrics"]["epoch"] + 1
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being written
+        return 0
+
+
+def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240) -> int:
+    """Start `ioisray *args`, send SIGINT once `epochs` epochs are checkpointed; returns epochs done."""
+    proc = subprocess.Popen([sys.executable, "-m", "ioisray.cli", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while latest_epoch(run) < epochs and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert latest_epoch(run) >= epochs, "no checkpoint appeared"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return latest_epoch(run)

@@ -1,0 +1,30 @@
+"""`ioisray pretrain-diffusion` end to end on Ray: resume after Ctrl-C, a model diffusers reloads."""
+import pytest
+import torch
+from cli_utils import interrupt_after, run_cli
+
+from ioisray.models.diffusion import load_unet
+from ioisray.sampler import SamplerConfig, sample
+
+pytestmark = pytest.mark.ray
+
+
+def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path):
+    args = ["pretrain-diffusion", "configs/pretrain_digits.yaml", "diffusion.image_size=16", "pretrain.epochs=4",
+            "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=2", "pretrain.sample_steps=2",
+            "ray.num_workers=2", "name=pd", f"output_dir={tmp_path}"]
+    run = tmp_path / "pd"
+    done = interrupt_after(args, run, epochs=1)
+    assert not (run / "unet").exists() and 1 <= done < 4
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed diffusion pretraining from epoch {done}" in r.stdout + r.stderr
+    assert f"diffusion epoch {done}/4" not in r.stdout + r.stderr  # finished epochs are not redone
+    assert (run / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    unet = load_unet(str(run / "unet"), num_classes=10)
+    batch = sample(unet, [0, 9], [1, 2], SamplerConfig(steps=2, output_size=24))
+    assert batch.images.shape == (2, 24, 24, 3) and batch.images.dtype == torch.uint8
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # A finished pretraining run is not silently redone.
+    again = run_cli(*args)
+    assert again.returncode == 2 and "already exists" in again.stderr
