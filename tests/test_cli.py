@@ -35,7 +35,10 @@ def test_print_config_shows_resolved_values(capsys):
 
 @pytest.mark.ray
 def test_train_end_to_end_with_ray(tmp_path):
-    r = run_cli("train", "configs/digits.yaml", *TINY, "train.epochs=2", "name=e2e", f"output_dir={tmp_path}")
+    # Exercises the re-sampling dataset, mixup and a re-weighted loss inside Ray Train as well.
+    args = ["train", "configs/digits.yaml", *TINY, "train.epochs=2", "name=e2e", f"output_dir={tmp_path}",
+            "method.sampling=class_balanced", "method.mixup_alpha=0.2", "method.loss=cb_focal"]
+    r = run_cli(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| balanced_accuracy |" in r.stdout and "epoch 2/2" in r.stdout + r.stderr
     run = tmp_path / "e2e"
@@ -51,7 +54,7 @@ def test_train_end_to_end_with_ray(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "| metric |" in (run / "metrics.md").read_text()
     # The test split has been used: running the same run again is refused, results untouched.
-    again = run_cli("train", "configs/digits.yaml", *TINY, "train.epochs=2", "name=e2e", f"output_dir={tmp_path}")
+    again = run_cli(*args)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
     assert json.loads((run / "metrics.json").read_text()) == results
 

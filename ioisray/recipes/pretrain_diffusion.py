@@ -112,6 +112,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ema.step(unwrap(unet).parameters())
             loss_sum += loss.detach() * len(y)
             n_seen += len(y)
+            if rank == 0 and (i + 1) % 50 == 0:
+                print(f"[ioisray]   batch {i + 1} loss {loss.item():.4f}", flush=True)
         seconds = time.perf_counter() - start
         metrics = {"epoch": epoch, "loss": float(loss_sum) / max(n_seen, 1), "epoch_seconds": seconds,
                    "lr": lr_schedule.get_last_lr()[0]}
