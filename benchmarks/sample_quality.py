@@ -11,30 +11,16 @@ seed, so guidance cannot simply fool the judge), and prints per-class accuracy o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ioisray.checkpoint import TrainingState
-from ioisray.config import load_config
 from ioisray.engine import predict
-from ioisray.models import create_classifier
 from ioisray.models.diffusion import load_unet
+from ioisray.recipes.sample import load_classifier_run
 from ioisray.sampler import SamplerConfig, sample
-
-
-def load_run_classifier(run: Path):
-    """The best-on-validation classifier of a finished `ioisray train` run, and its config."""
-    cfg = load_config(run / "config.yaml")
-    results = json.loads((run / "metrics.json").read_text())
-    snap = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
-    state = TrainingState.load(run / "ray_train" / snap["latest_checkpoint_result"]["checkpoint_dir_name"])
-    model = create_classifier(cfg.model, len(results["class_names"]), cosine_head=cfg.method.loss == "ldam_drw")
-    model.load_state_dict(state.best_model)
-    return model.eval(), cfg, results["class_names"]
 
 
 def main() -> None:
@@ -50,8 +36,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    guide, gcfg, names = load_run_classifier(args.guide)
-    judge, jcfg, _ = load_run_classifier(args.judge)
+    guide, gcfg, names = load_classifier_run(args.guide)
+    judge, jcfg, _ = load_classifier_run(args.judge)
     unet = load_unet(str(args.unet), len(names)).eval()
     size = jcfg.data.image_size
     labels = [c for c in range(len(names)) for _ in range(args.per_class)]

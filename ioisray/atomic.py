@@ -34,3 +34,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     import torch
 
     _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data), "wb")

@@ -9,6 +9,7 @@ from ioisray.config import ConfigError, RunFinishedError, load_config
 COMMANDS = {
     "train": "train a classifier (any baseline of the harness) with Ray Train",
     "pretrain-diffusion": "pretrain the class-conditional diffusion model on the training split",
+    "sample": "sample a grid of images per class from diffusion.model_dir (optionally guided)",
 }
 
 
@@ -25,11 +26,21 @@ def _parser() -> argparse.ArgumentParser:
                        help="another config override (may be repeated)")
         s.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
+        if name == "sample":
+            s.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
+            s.add_argument("--guide-run", help="a finished `ioisray train` run whose best classifier guides "
+                           "sampling (sampler.guidance_scale, sampler.guidance_form)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may also follow options (`--per-class 4 sampler.steps=5`): argparse leaves them over.
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if r.startswith("-") or "=" not in r]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*args.overrides, *rest]
     try:
         cfg = load_config(args.config, [*args.overrides, *args.set_])
         if args.print_config:
@@ -51,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
             unet_dir = pretrain_diffusion(cfg)
             print(f"\ndiffusion model: {unet_dir}  |  tensorboard --logdir {cfg.run_dir}/tensorboard")
+        elif args.command == "sample":
+            from ioisray.recipes.sample import sample_grid
+
+            print(f"samples: {sample_grid(cfg, args.per_class, args.guide_run)}")
         return 0
     except (ConfigError, ValueError, FileNotFoundError, RunFinishedError) as e:
         # Bad input: one clear line naming the file, key or option, no traceback.
