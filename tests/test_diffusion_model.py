@@ -5,14 +5,7 @@ import torch
 
 from ioisray.models.diffusion import PRESETS, count_parameters, create_unet, load_unet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The 2 CPU cores are shared with other work; oversubscribed OpenMP threads make small convs ~20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("preset, low, high", [

@@ -8,16 +8,8 @@ from ioisray.models.diffusion import create_unet
 from ioisray.sampler import (SamplerConfig, default_classifier_transform, make_scheduler,
                              make_train_scheduler, sample)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NUM_CLASSES = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The 2 CPU cores are shared with other work; oversubscribed OpenMP threads make small convs ~20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

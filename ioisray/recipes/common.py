@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ioisray.checkpoint import TrainingState
 from ioisray.config import Config
 from ioisray.data import ImageDataset, load_dataset, split_dataset
 
@@ -104,6 +105,24 @@ def worker_setup(cfg: Config):
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def restore_or_start(cfg: Config, model, optimizer, scheduler) -> tuple[TrainingState, bool]:
+    """The run's latest checkpoint loaded into model, optimizer and scheduler, or a fresh state.
+
+    Returns (state, resumed); method state (EMA, AAS, ...) is in `state.extra` for the caller.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=cfg.seed), False
+    with checkpoint.as_directory() as d:
+        state = TrainingState.load(d)
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    return state, True
 
 
 def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ioisray.checkpoint import TrainingState
 from ioisray.config import Config, RunFinishedError, save_config
 from ioisray.models.diffusion import create_unet, load_unet
-from ioisray.recipes.common import fit, new_checkpoint_dir, report, setup_data, unwrap, worker_setup
+from ioisray.recipes.common import (fit, new_checkpoint_dir, report, restore_or_start, setup_data, unwrap,
+                                    worker_setup)
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
 
 UNET_DIR = "unet"  # in the final checkpoint and in the run folder
@@ -69,14 +69,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=p.warmup_steps)
     noise_scheduler = make_train_scheduler()
-    state = TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=cfg.seed)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = TrainingState.load(d)
-        unet.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        lr_schedule.load_state_dict(state.scheduler)
+    state, resumed = restore_or_start(cfg, unet, optimizer, lr_schedule)
+    if resumed:
         ema.load_state_dict(state.extra["ema"])
         if rank == 0:
             print(f"[ioisray] resumed diffusion pretraining from epoch {state.epoch}", flush=True)

@@ -18,13 +18,13 @@ import torch
 
 from ioisray.aas import AASState
 from ioisray.atomic import atomic_write_text
-from ioisray.checkpoint import TrainingState
 from ioisray.config import Config, RunFinishedError, save_config
 from ioisray.engine import predict, train_one_epoch
 from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
-from ioisray.recipes.common import fit, new_checkpoint_dir, report, setup_data, unwrap, worker_setup
+from ioisray.recipes.common import (fit, new_checkpoint_dir, report, restore_or_start, setup_data, unwrap,
+                                    worker_setup)
 from ioisray.transforms import TrainTransform
 
 SHUFFLE_BUFFER = 2048
@@ -95,17 +95,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = create_classifier(cfg.model, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
     optimizer, scheduler = build_optimizer(cfg, model)
     loss_fn = build_loss(cfg, counts).to(device)
-    state = TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=cfg.seed)
+    state, resumed = restore_or_start(cfg, model, optimizer, scheduler)
     # AAS state: per-class accuracy on the training split of the last epoch (summed over workers).
-    aas = AASState(num_classes)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = TrainingState.load(d)
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        aas = AASState.from_dict(state.extra["aas"])
+    aas = AASState.from_dict(state.extra["aas"]) if resumed else AASState(num_classes)
+    if resumed:
         if rank == 0:
             print(f"[ioisray] resumed from epoch {state.epoch}", flush=True)
     model = ray.train.torch.prepare_model(model)
