@@ -38,3 +38,9 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic_write(path, lambda f: f.write(data), "wb")
+
+
+def atomic_save_safetensors(tensors: dict, path: str | os.PathLike) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))

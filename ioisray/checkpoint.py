@@ -27,8 +27,9 @@ class TrainingState:
     best_metric: float = float("-inf")  # validation balanced accuracy of best_model
     best_epoch: int = -1
     best_val: dict = field(default_factory=dict)  # validation metrics of the best epoch
-    seed: int = 0  # per-epoch RNG streams derive from (seed, rank, epoch): resuming replays them
-    rng: Optional[torch.Tensor] = None  # torch CPU RNG state at save time (rank 0)
+    # RNG: every epoch's random streams are seeded from (seed, rank, epoch), so the seed is all the
+    # RNG state a resumed run needs to continue exactly (unseeded class-balanced draws excepted).
+    seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:

@@ -74,6 +74,13 @@ class TrainConfig(_Strict):
     max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    @model_validator(mode="after")
+    def _milestones_after_warmup(self):
+        if self.schedule == "multistep" and any(m <= self.warmup_epochs for m in self.milestones):
+            raise ValueError(f"train.milestones {self.milestones} must all be after train.warmup_epochs "
+                             f"({self.warmup_epochs})")
+        return self
+
 
 class MethodConfig(_Strict):
     loss: Literal["ce", "weighted_ce", "focal", "cb_focal", "ldam_drw", "balanced_softmax",

@@ -7,7 +7,7 @@ from cli_utils import ROOT, interrupt_after, run_cli
 from ioisray.checkpoint import TrainingState
 
 from ioisray.cli import main
-from ioisray.config import load_config
+from ioisray.config import ConfigError, load_config
 
 # A tiny but real run: 2 Ray Train workers (DDP over gloo), a small timm model, 16x16 digits.
 TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2"]
@@ -25,6 +25,31 @@ def test_data_errors_exit_2_naming_the_path(tmp_path, capsys):
     assert main(["train", str(ROOT / "configs/digits.yaml"), "data.name=imagefolder",
                  f"data.root={missing}", f"output_dir={tmp_path}"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.val_fraction=0", "data.val_fraction"),  # no validation split to select the best epoch on
+    ("model.name=resnet_nope", "model.name"),  # checked before Ray starts, not inside a worker
+    ("model.weights=/no/such/file.safetensors", "model.weights"),
+])
+def test_bad_run_settings_fail_before_ray_starts(tmp_path, capsys, override, key):
+    assert main(["train", str(ROOT / "configs/digits.yaml"), override, f"output_dir={tmp_path}"]) == 2
+    assert key in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    from ioisray.config import load_config as lc, save_config
+    from ioisray.recipes.common import check_resumable
+
+    cfg = lc(ROOT / "configs/digits.yaml", [f"output_dir={tmp_path}"])
+    (cfg.run_dir / "ray_train").mkdir(parents=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    check_resumable(lc(ROOT / "configs/digits.yaml", [f"output_dir={tmp_path}", "ray.num_workers=4"]),
+                    cfg.run_dir)  # where it runs may change
+    with pytest.raises(ConfigError, match=r"data\.test_fraction, seed"):
+        check_resumable(lc(ROOT / "configs/digits.yaml", [f"output_dir={tmp_path}", "seed=1",
+                                                          "data.test_fraction=0.3"]), cfg.run_dir)
 
 
 def test_print_config_shows_resolved_values(capsys):
@@ -53,6 +78,9 @@ def test_train_end_to_end_with_ray(tmp_path):
     assert load_config(run / "config.yaml").name == "e2e"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "| metric |" in (run / "metrics.md").read_text()
+    from ioisray.recipes.sample import load_classifier_run  # the tested weights, reloadable on their own
+    model, _, names = load_classifier_run(run)
+    assert names == results["class_names"] and model.fc.out_features == 10
     # The test split has been used: running the same run again is refused, results untouched.
     again = run_cli(*args)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr

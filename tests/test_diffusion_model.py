@@ -1,5 +1,3 @@
-import time
-
 import pytest
 import torch
 
@@ -20,16 +18,18 @@ def test_preset_parameter_counts(preset, low, high):
     assert unet.config.sample_size == PRESETS[preset]["sample_size"]
 
 
-def test_tiny_forward_with_class_labels_is_fast():
+def test_folder_that_is_not_a_diffusers_model_names_the_option(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="diffusion.model_dir"):
+        load_unet(str(tmp_path), num_classes=3)
+
+
+def test_tiny_forward_with_class_labels():
     unet = create_unet("tiny", num_classes=5).eval()
     x, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
     with torch.no_grad():
-        unet(x, 10, class_labels=labels)  # warm-up
-        start = time.perf_counter()
         out = unet(x, torch.full((8,), 10), class_labels=labels).sample
-        elapsed = time.perf_counter() - start
     assert out.shape == (8, 3, 32, 32)
-    assert elapsed < 0.5
     # The label actually conditions the output.
     with torch.no_grad():
         other = unet(x, 10, class_labels=(labels + 1) % 5).sample

@@ -21,9 +21,9 @@ def test_sample_writes_a_grid_and_the_seeds(tmp_path):
     args = ["sample", DIGITS, "--per-class", "2", f"diffusion.model_dir={unet}", "data.image_size=16",
             "sampler.steps=2", f"output_dir={tmp_path}", "name=s"]
     assert main(args) == 0
-    grid = np.asarray(Image.open(tmp_path / "s" / "samples.png"))
+    grid = np.asarray(Image.open(tmp_path / "s" / "samples" / "grid.png"))
     assert grid.shape == (10 * 18 + 2, 2 * 18 + 2, 3)  # 10 rows of 2 images, 16 px + 2 px padding
-    meta = json.loads((tmp_path / "s" / "samples.json").read_text())
+    meta = json.loads((tmp_path / "s" / "samples" / "samples.json").read_text())
     assert meta["labels"] == [c for c in range(10) for _ in range(2)] and meta["seeds"] == list(range(20))
 
 

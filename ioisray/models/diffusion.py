@@ -13,7 +13,7 @@ from diffusers import UNet2DModel
 _D, _AD, _U, _AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 
 PRESETS: dict[str, dict] = {
-    # CPU demos and tests: ~2M parameters, one attention block at the lowest resolution.
+    # CPU demos and tests: ~1.1M parameters, one attention block at the lowest resolution.
     "tiny": dict(
         sample_size=32,
         block_out_channels=(32, 64, 64),
@@ -68,9 +68,13 @@ def create_unet(preset: str, num_classes: int, image_size: int | None = None) ->
 def load_unet(path: str, num_classes: int) -> UNet2DModel:
     """Load a UNet saved with `save_pretrained(path)` and check it was trained for `num_classes` classes."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"diffusion model directory {path!r} does not exist")
-    # low_cpu_mem_usage=False: the default wants `accelerate`, which we do not depend on.
-    unet = UNet2DModel.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+        raise FileNotFoundError(f"diffusion.model_dir: directory {path!r} does not exist")
+    try:
+        # low_cpu_mem_usage=False: the default wants `accelerate`, which we do not depend on.
+        unet = UNet2DModel.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:  # no config.json / no safetensors weights / wrong model type
+        raise ValueError(f"diffusion.model_dir: {path!r} is not a diffusers UNet2DModel folder "
+                         f"(config.json + diffusion_pytorch_model.safetensors): {e}") from None
     found = unet.config.num_class_embeds
     if found is None:
         raise ValueError(f"UNet at {path!r} is not class-conditional (config.num_class_embeds is None)")

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ioisray.checkpoint import TrainingState
-from ioisray.config import Config
+from ioisray.config import Config, ConfigError, load_config
 from ioisray.data import ImageDataset, load_dataset, split_dataset
 
 
@@ -34,6 +34,31 @@ def setup_data(cfg: Config, image_size: Optional[int] = None) -> tuple[ImageData
     for src, why in ds.skipped:
         print(f"[ioisray] skipped {src}: {why}", flush=True)
     return ds, splits
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """A run folder with checkpoints resumes only under the config it started with.
+
+    Another seed or split fraction would, for instance, change the split under a half-trained model
+    and let it be selected or tested on images it trained on. Only `ray.*` (where it runs) may change.
+    """
+    old_path = run_dir / "config.yaml"
+    if not (run_dir / "ray_train").is_dir() or not old_path.is_file():
+        return
+    old = _flatten(load_config(old_path).model_dump(mode="json"))
+    new = _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("ray."))
+    if changed:
+        raise ConfigError(f"{run_dir} holds checkpoints of a run started with other values of "
+                          f"{', '.join(changed)} (see its config.yaml); resume it with the same values "
+                          f"or choose another name=...")
 
 
 def init_ray(cfg: Config) -> bool:

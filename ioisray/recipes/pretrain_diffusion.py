@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ioisray.config import Config, RunFinishedError, save_config
+from ioisray.config import Config, ConfigError, RunFinishedError, save_config
 from ioisray.models.diffusion import create_unet, load_unet
-from ioisray.recipes.common import (fit, new_checkpoint_dir, report, restore_or_start, setup_data, unwrap,
-                                    worker_setup)
+from ioisray.recipes.common import (check_resumable, fit, new_checkpoint_dir, report, restore_or_start,
+                                    setup_data, unwrap, worker_setup)
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
 
 UNET_DIR = "unet"  # in the final checkpoint and in the run folder
@@ -154,10 +154,15 @@ def pretrain_diffusion(cfg: Config) -> Path:
     if final.exists():
         raise RunFinishedError(f"{final} already exists: this pretraining run has finished. Use it with "
                                f"diffusion.model_dir={final}, or choose another name=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    check_resumable(cfg, run_dir)
     image_size = diffusion_image_size(cfg)
     ds, splits = setup_data(cfg, image_size=image_size)
+    try:  # fail here, naming the key, rather than inside the Ray workers after start-up
+        create_unet(cfg.diffusion.preset, ds.num_classes, image_size)
+    except ValueError as e:
+        raise ConfigError(f"diffusion.image_size / diffusion.preset: {e}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
     train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
     loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes, "image_size": image_size,
                    "class_names": ds.class_names, "tensorboard_dir": str(run_dir / "tensorboard")}

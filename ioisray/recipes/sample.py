@@ -5,7 +5,8 @@
              the best-on-validation weights of a finished `ioisray train` run
     sample   `per_class` images of every class with seeds 0, 1, 2, ... (the same seeds for every
              setting, so grids compare image by image); `sampler.*` sets steps, scale and form
-    save     <run>/samples.png (one row per class) and samples.json (label and seed of each image)
+    save     <output_dir>/<name>/samples/: grid.png (one row per class), samples.json (label and seed of
+             each image) and config.yaml; a training run's own files next to it are never touched
 """
 from __future__ import annotations
 
@@ -17,27 +18,25 @@ from typing import Optional
 import torch
 
 from ioisray.atomic import atomic_write_bytes, atomic_write_text
-from ioisray.checkpoint import TrainingState
 from ioisray.config import Config, ConfigError, load_config, save_config
-from ioisray.models import create_classifier
+from ioisray.models import create_classifier, load_state_dict_file
 from ioisray.models.diffusion import load_unet
 from ioisray.recipes.common import setup_data
+from ioisray.recipes.train import BEST_MODEL_FILE
 from ioisray.sampler import SamplerConfig, sample
 
 
 def load_classifier_run(run: str | Path):
     """(model in eval mode, its config, class names) of a finished `ioisray train` run's best epoch."""
     run = Path(run)
-    needed = [run / "config.yaml", run / "metrics.json", run / "ray_train" / "checkpoint_manager_snapshot.json"]
+    needed = [run / "config.yaml", run / "metrics.json", run / BEST_MODEL_FILE]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{run} is not a finished `ioisray train` run: missing {missing}")
     cfg = load_config(run / "config.yaml")
     results = json.loads((run / "metrics.json").read_text())
-    snap = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
-    state = TrainingState.load(run / "ray_train" / snap["latest_checkpoint_result"]["checkpoint_dir_name"])
     model = create_classifier(cfg.model, len(results["class_names"]), cosine_head=cfg.method.loss == "ldam_drw")
-    model.load_state_dict(state.best_model)
+    model.load_state_dict(load_state_dict_file(run / BEST_MODEL_FILE))
     return model.eval(), cfg, results["class_names"]
 
 
@@ -52,10 +51,13 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
     unet = load_unet(cfg.diffusion.model_dir, ds.num_classes)  # class count must match the data
     guide = None
     if guide_run and cfg.sampler.guidance_scale > 0:
-        guide, _, guide_names = load_classifier_run(guide_run)
+        guide, guide_cfg, guide_names = load_classifier_run(guide_run)
         if guide_names != ds.class_names:
             raise ValueError(f"--guide-run {guide_run}: its classes {guide_names} differ from the data's "
                              f"{ds.class_names}")
+        if guide_cfg.data.image_size != cfg.data.image_size:
+            raise ValueError(f"--guide-run {guide_run} was trained at {guide_cfg.data.image_size}px but "
+                             f"data.image_size is {cfg.data.image_size}: set data.image_size to match")
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
     s = cfg.sampler
     scfg = SamplerConfig(steps=s.steps, guidance_scale=s.guidance_scale if guide else 0.0,
@@ -64,13 +66,13 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
     seeds = list(range(len(labels)))
     batch = sample(unet.to(device), labels, seeds, scfg, classifier=guide.to(device) if guide else None,
                    device=device)
-    run_dir = cfg.run_dir
-    save_config(cfg, run_dir / "config.yaml")
+    out = cfg.run_dir / "samples"
+    save_config(cfg, out / "config.yaml")
     grid = make_grid(batch.images.permute(0, 3, 1, 2), nrow=per_class, padding=2).permute(1, 2, 0).numpy()
     png = io.BytesIO()
     Image.fromarray(grid).save(png, format="PNG")
-    atomic_write_bytes(run_dir / "samples.png", png.getvalue())
-    atomic_write_text(run_dir / "samples.json", json.dumps({
+    atomic_write_bytes(out / "grid.png", png.getvalue())
+    atomic_write_text(out / "samples.json", json.dumps({
         "class_names": ds.class_names, "labels": labels, "seeds": seeds, "guide_run": guide_run,
         "sampler": scfg.__dict__, "model_dir": cfg.diffusion.model_dir}, indent=1))
-    return run_dir / "samples.png"
+    return out / "grid.png"

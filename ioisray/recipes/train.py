@@ -17,18 +17,20 @@ import numpy as np
 import torch
 
 from ioisray.aas import AASState
-from ioisray.atomic import atomic_write_text
-from ioisray.config import Config, RunFinishedError, save_config
+from ioisray.atomic import atomic_save_safetensors, atomic_write_text
+from ioisray.checkpoint import TrainingState
+from ioisray.config import Config, ConfigError, RunFinishedError, save_config
 from ioisray.engine import predict, train_one_epoch
 from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
-from ioisray.recipes.common import (fit, new_checkpoint_dir, report, restore_or_start, setup_data, unwrap,
-                                    worker_setup)
+from ioisray.recipes.common import (check_resumable, fit, new_checkpoint_dir, report, restore_or_start,
+                                    setup_data, unwrap, worker_setup)
 from ioisray.transforms import TrainTransform
 
 SHUFFLE_BUFFER = 2048
 RESULTS_FILE = "results.json"
+BEST_MODEL_FILE = "best_model.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # train
     for epoch in range(state.epoch, cfg.train.epochs):
         loss_fn.set_epoch(epoch)
-        # Per-epoch RNG stream from (seed, rank, epoch): a resumed run replays the same augmentation.
+        # Per-epoch RNG stream from (seed, rank, epoch): a resumed run replays the same augmentation
+        # and mixup (class-balanced re-sampling draws unseeded, see data/ray_dataset.py).
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + epoch)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
         batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=None,
@@ -148,7 +151,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.epoch = epoch + 1
             state.model, state.optimizer = _cpu_state(model), optimizer.state_dict()
             state.scheduler = scheduler.state_dict()
-            state.rng = torch.get_rng_state()
             state.extra["aas"] = aas.to_dict()
             state.extra.setdefault("history", []).append(
                 {**{k: metrics[k] for k in ("epoch", "train_loss", "train_accuracy", "val_balanced_accuracy",
@@ -205,11 +207,16 @@ def train(cfg: Config) -> dict:
     if (run_dir / "metrics.json").exists():
         raise RunFinishedError(f"{run_dir} already holds a finished run (metrics.json); its test split "
                                f"was used once already. Choose another name=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-
+    check_resumable(cfg, run_dir)
     t0 = time.perf_counter()
     ds, splits = setup_data(cfg)
+    if len(splits["val"]) == 0:
+        raise ConfigError("data.val_fraction: the validation split is empty, and the best epoch is chosen "
+                          "on validation; use a fraction > 0")
+    # Fail here, naming the key, rather than inside the Ray workers after start-up.
+    create_classifier(cfg.model, ds.num_classes, cosine_head=cfg.method.loss == "ldam_drw")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
     train_ds = ds.subset(splits["train"])
     counts = train_ds.class_counts()
     datasets = lambda: {  # noqa: E731 - built once Ray is up
@@ -223,6 +230,8 @@ def train(cfg: Config) -> dict:
 
     with result.checkpoint.as_directory() as d:
         out = json.loads((Path(d) / RESULTS_FILE).read_text())
+        # The selected weights, next to the metrics they earned (safetensors: safe to share and load).
+        atomic_save_safetensors(TrainingState.load(d).best_model, run_dir / BEST_MODEL_FILE)
     out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()}, "train_class_counts": counts.tolist(),
                 "run_dir": str(run_dir), "seconds": time.perf_counter() - t0})
     save_results(out, run_dir)
