@@ -100,9 +100,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state, resumed = restore_or_start(cfg, model, optimizer, scheduler)
     # AAS state: per-class accuracy on the training split of the last epoch (summed over workers).
     aas = AASState.from_dict(state.extra["aas"]) if resumed else AASState(num_classes)
-    if resumed:
-        if rank == 0:
-            print(f"[ioisray] resumed from epoch {state.epoch}", flush=True)
+    if resumed and rank == 0:
+        print(f"[ioisray] resumed from epoch {state.epoch}", flush=True)
     model = ray.train.torch.prepare_model(model)
     transform = TrainTransform(cfg.data.image_size, cfg.train.augment)
     writer = None
