@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ioisray.config import ConfigError, RunFinishedError, load_config
 
@@ -49,12 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         if args.command == "train":
-            from ioisray.metrics import format_table
             from ioisray.recipes.train import train
 
             results = train(cfg)
-            print(format_table({f"val (best epoch {results['best_epoch'] + 1})": results["val"],
-                                "test": results["test"]}, results["class_names"]))
+            print((Path(results["run_dir"]) / "metrics.md").read_text(), end="")
             print(f"\nresults: {results['run_dir']}/metrics.json  |  "
                   f"tensorboard --logdir {results['run_dir']}/tensorboard")
         elif args.command == "pretrain-diffusion":

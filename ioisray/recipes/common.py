@@ -150,6 +150,18 @@ def restore_or_start(cfg: Config, model, optimizer, scheduler) -> tuple[Training
     return state, True
 
 
+def epoch_generator(cfg: Config, rank: int, epoch: int):
+    """This worker's random stream for one epoch, from (seed, rank, epoch): a resumed run replays it.
+
+    Also reseeds torch's global RNG (used by augmentation and noise draws) from the same stream.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + epoch)
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    return gen
+
+
 def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
     """Every rank reports (Ray Train needs equal counts); rank 0 passes the checkpoint folder."""
     import ray.train

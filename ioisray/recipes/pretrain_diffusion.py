@@ -19,17 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from ioisray.config import Config, ConfigError, RunFinishedError, save_config
-from ioisray.models.diffusion import create_unet, load_unet
-from ioisray.recipes.common import (check_resumable, fit, new_checkpoint_dir, report, restore_or_start,
-                                    setup_data, unwrap, worker_setup)
+from ioisray.models.diffusion import PRESETS, create_unet, load_unet
+from ioisray.recipes.common import (check_resumable, epoch_generator, fit, new_checkpoint_dir, report,
+                                    restore_or_start, setup_data, unwrap, worker_setup)
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
 
 UNET_DIR = "unet"  # in the final checkpoint and in the run folder
 
 
 def diffusion_image_size(cfg: Config) -> int:
-    from ioisray.models.diffusion import PRESETS
-
     return cfg.diffusion.image_size or PRESETS[cfg.diffusion.preset]["sample_size"]
 
 
@@ -76,7 +74,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"[ioisray] resumed diffusion pretraining from epoch {state.epoch}", flush=True)
     ema.to(device)
     unet = ray.train.torch.prepare_model(unet)
-    alphas = noise_scheduler.alphas_cumprod.to(device)
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -86,8 +83,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in range(state.epoch, p.epochs):
         unet.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + epoch)
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        epoch_generator(cfg, rank, epoch)  # noise and timesteps replay on resume
         start, loss_sum, n_seen = time.perf_counter(), torch.zeros((), device=device), 0
         for i, batch in enumerate(shard.iter_torch_batches(batch_size=p.batch_size, dtypes=None,
                                                            local_shuffle_buffer_size=2048)):
@@ -96,7 +92,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             x0 = to_model_space(batch["image"].to(device), p.hflip, p.vflip)
             y = batch["label"].to(device, dtype=torch.long)
             noise = torch.randn_like(x0)
-            t = torch.randint(0, len(alphas), (x0.shape[0],), device=device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
             x_t = noise_scheduler.add_noise(x0, noise, t)
             loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, noise)
             optimizer.zero_grad(set_to_none=True)
@@ -165,7 +161,7 @@ def pretrain_diffusion(cfg: Config) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
     loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes, "image_size": image_size,
-                   "class_names": ds.class_names, "tensorboard_dir": str(run_dir / "tensorboard")}
+                   "tensorboard_dir": str(run_dir / "tensorboard")}
     result = fit(cfg, train_loop_per_worker, loop_config,
                  lambda: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
                                                   seed=cfg.seed)}, run_dir)

@@ -19,10 +19,10 @@ import torch
 
 from ioisray.atomic import atomic_write_bytes, atomic_write_text
 from ioisray.config import Config, ConfigError, load_config, save_config
-from ioisray.models import create_classifier, load_state_dict_file
+from ioisray.models import load_state_dict_file
 from ioisray.models.diffusion import load_unet
 from ioisray.recipes.common import setup_data
-from ioisray.recipes.train import BEST_MODEL_FILE
+from ioisray.recipes.train import BEST_MODEL_FILE, build_classifier
 from ioisray.sampler import SamplerConfig, sample
 
 
@@ -35,7 +35,7 @@ def load_classifier_run(run: str | Path):
         raise FileNotFoundError(f"{run} is not a finished `ioisray train` run: missing {missing}")
     cfg = load_config(run / "config.yaml")
     results = json.loads((run / "metrics.json").read_text())
-    model = create_classifier(cfg.model, len(results["class_names"]), cosine_head=cfg.method.loss == "ldam_drw")
+    model = build_classifier(cfg, len(results["class_names"]))
     model.load_state_dict(load_state_dict_file(run / BEST_MODEL_FILE))
     return model.eval(), cfg, results["class_names"]
 

@@ -24,8 +24,8 @@ from ioisray.engine import predict, train_one_epoch
 from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
-from ioisray.recipes.common import (check_resumable, fit, new_checkpoint_dir, report, restore_or_start,
-                                    setup_data, unwrap, worker_setup)
+from ioisray.recipes.common import (check_resumable, epoch_generator, fit, new_checkpoint_dir, report,
+                                    restore_or_start, setup_data, unwrap, worker_setup)
 from ioisray.transforms import TrainTransform
 
 SHUFFLE_BUFFER = 2048
@@ -68,6 +68,11 @@ def build_loss(cfg: Config, class_counts) -> torch.nn.Module:
                        la_tau=m.la_tau)
 
 
+def build_classifier(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The timm classifier of this config; LDAM-DRW gets the cosine head its margins assume."""
+    return create_classifier(cfg.model, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
+
+
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
@@ -94,7 +99,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # setup
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = create_classifier(cfg.model, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
+    model = build_classifier(cfg, num_classes)
     optimizer, scheduler = build_optimizer(cfg, model)
     loss_fn = build_loss(cfg, counts).to(device)
     state, resumed = restore_or_start(cfg, model, optimizer, scheduler)
@@ -124,10 +129,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # train
     for epoch in range(state.epoch, cfg.train.epochs):
         loss_fn.set_epoch(epoch)
-        # Per-epoch RNG stream from (seed, rank, epoch): a resumed run replays the same augmentation
-        # and mixup (class-balanced re-sampling draws unseeded, see data/ray_dataset.py).
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + epoch)
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        # Augmentation, mixup and shuffling replay on resume (class-balanced re-sampling draws
+        # unseeded, see data/ray_dataset.py).
+        gen = epoch_generator(cfg, rank, epoch)
         batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=None,
                                                  local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                                  local_shuffle_seed=int(gen.initial_seed() % 2**31))
@@ -213,7 +217,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError("data.val_fraction: the validation split is empty, and the best epoch is chosen "
                           "on validation; use a fraction > 0")
     # Fail here, naming the key, rather than inside the Ray workers after start-up.
-    create_classifier(cfg.model, ds.num_classes, cosine_head=cfg.method.loss == "ldam_drw")
+    build_classifier(cfg, ds.num_classes)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     train_ds = ds.subset(splits["train"])
@@ -238,6 +242,7 @@ def train(cfg: Config) -> dict:
 
 
 def save_results(results: dict, run_dir: Path) -> None:
+    """metrics.md (the table the CLI prints) and metrics.json, both written atomically."""
     table = format_table({f"val (epoch {results['best_epoch'] + 1})": results["val"],
                           "test": results["test"]}, results["class_names"])
     atomic_write_text(run_dir / "metrics.md", table + "\n")
