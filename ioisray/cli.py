@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             print((Path(results["run_dir"]) / "metrics.md").read_text(), end="")
             print(f"\nresults: {results['run_dir']}/metrics.json  |  "
                   f"tensorboard --logdir {results['run_dir']}/tensorboard")
+            for figure in results["figures"]:
+                print(f"figure: {figure}")
         elif args.command == "pretrain-diffusion":
             from ioisray.recipes.pretrain_diffusion import pretrain_diffusion
 

@@ -72,6 +72,9 @@ class TrainConfig(_Strict):
     gamma: float = Field(0.1, gt=0.0)
     warmup_epochs: int = Field(0, ge=0)
     max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
+    # Rows each worker mixes before batching. Batches start only once it is full, so a smaller one
+    # lets training (and the first synthetic images) start sooner; real rows arrive pre-shuffled.
+    shuffle_buffer: int = Field(1024, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
@@ -134,6 +137,34 @@ class SamplerSettings(_Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
+class AASConfig(_Strict):
+    """Accuracy Adaptive Sampling: n_c = budget * softmax((1 - a_c) / temperature)."""
+
+    enabled: bool = True  # false: uniform quotas every epoch (the "IOIS without AAS" ablation)
+    temperature: float = Field(1.0, gt=0.0)
+    floor: int = Field(0, ge=0)  # every class gets at least this many images per epoch
+
+
+class SynthesisConfig(_Strict):
+    """Where the synthetic images come from and how many (see ioisray/synthesis/)."""
+
+    mode: Literal["none", "online", "offline"] = "none"  # online = IOIS; offline = one set, made once
+    budget: int = Field(0, ge=0)  # synthetic images per epoch (N)
+    guidance: bool = True  # classifier guidance by the classifier being trained (online only)
+    chunk_size: int = Field(32, ge=1)  # images per actor call and per Ray Data block
+    pool_size: int = Field(2, ge=1)  # synthesis actors
+    num_cpus: float = Field(1.0, ge=0.0)  # per actor
+    num_gpus: float = Field(0.0, ge=0.0)  # per actor; fractional shares a GPU between actors
+    resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor (cluster placement)
+    max_retries: int = Field(3, ge=0)  # regenerations of one chunk after its actor died
+
+    @model_validator(mode="after")
+    def _budget_when_on(self):
+        if self.mode != "none" and self.budget < 1:
+            raise ValueError(f"synthesis.budget must be >= 1 when synthesis.mode is {self.mode!r}")
+        return self
+
+
 class Config(_Strict):
     name: str = "run"  # run name: outputs go to <output_dir>/<name>; reusing it resumes that run
     seed: int = 0
@@ -146,6 +177,10 @@ class Config(_Strict):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    aas: AASConfig = Field(default_factory=AASConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    # A finished run (e.g. the CE baseline) to compare per-class test accuracy with at the end.
+    baseline_run: Optional[str] = None
 
     @field_validator("name")
     @classmethod

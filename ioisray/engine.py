@@ -1,7 +1,8 @@
 """One training epoch and one prediction pass over an iterable of batches (plain PyTorch, no Ray).
 
 A batch is a dict {"image": uint8 (B, H, W, 3), "label": int64 (B,)}: what Ray Data's
-`iter_torch_batches` yields, and what a plain list of tensors gives in tests and benchmarks.
+`iter_torch_batches` yields, and what a plain list of tensors gives in tests and benchmarks. IOIS
+batches also carry "synthetic" (1 for a generated image), which training treats like any other row.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
                     log: Optional[Callable[[int, float], None]] = None) -> EpochStats:
     """Train one pass; per-class training accuracy is summed over all workers.
 
+    The accuracy counts real images only (rows whose "synthetic" flag is 0, or all rows without the
+    column): it feeds AAS, which asks how well the classifier does on the real training split.
     With mixup a prediction counts as correct for the label with the larger mixing weight.
     """
     model.train()
@@ -56,6 +59,7 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
     correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    rows = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -75,14 +79,17 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
         optimizer.step()
         with torch.no_grad():
             hit = (logits.argmax(dim=1) == y_counted).double()
-            correct.index_add_(0, y_counted, hit)
-            total.index_add_(0, y_counted, torch.ones_like(hit))
+            real = ((batch["synthetic"] == 0).to(device) if "synthetic" in batch
+                    else torch.ones_like(hit, dtype=torch.bool))
+            correct.index_add_(0, y_counted[real], hit[real])
+            total.index_add_(0, y_counted[real], torch.ones_like(hit[real]))
             loss_sum += loss.detach().double() * len(y)
+            rows += len(y)
         if log is not None:
             log(i + 1, loss.item())
-    stats = all_reduce_sum(torch.cat([correct, total, loss_sum.view(1)])).cpu().numpy()
+    stats = all_reduce_sum(torch.cat([correct, total, loss_sum.view(1), rows.view(1)])).cpu().numpy()
     n = stats[num_classes:2 * num_classes]
-    return EpochStats(loss=float(stats[-1] / max(n.sum(), 1)), correct=stats[:num_classes].astype(np.int64),
+    return EpochStats(loss=float(stats[-2] / max(stats[-1], 1)), correct=stats[:num_classes].astype(np.int64),
                       total=n.astype(np.int64), seconds=time.perf_counter() - start)
 
 

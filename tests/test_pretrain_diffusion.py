@@ -28,3 +28,15 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path):
     # A finished pretraining run is not silently redone.
     again = run_cli(*args)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+    # Fine-tuning starts from the given model: after one 1-batch epoch at a tiny lr it is still close.
+    tuned = run_cli(*args[:-2], "pretrain.epochs=1", "pretrain.max_batches_per_epoch=1", "pretrain.lr=1e-7",
+                    "pretrain.sample_every=0", f"diffusion.model_dir={run / 'unet'}", "name=ft",
+                    f"output_dir={tmp_path}")
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    before, after = unet.state_dict(), load_unet(str(tmp_path / "ft" / "unet"), num_classes=10).state_dict()
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
+    # A model of another image size is refused before Ray starts, naming the key.
+    wrong = run_cli(*args[:-2], "diffusion.image_size=32", f"diffusion.model_dir={run / 'unet'}", "name=ft2",
+                    f"output_dir={tmp_path}")
+    assert wrong.returncode == 2 and "diffusion.model_dir" in wrong.stderr and "16px" in wrong.stderr

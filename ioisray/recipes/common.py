@@ -1,6 +1,7 @@
 """Driver and worker plumbing shared by the recipes: data set-up, Ray start-up, one Ray Train fit."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -73,45 +74,58 @@ def init_ray(cfg: Config) -> bool:
     # A private local Ray. Logical CPUs beyond the physical ones leave room for Ray Data's read tasks
     # beside the training workers, which otherwise wait for a free CPU forever on a small machine.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    num_cpus = cfg.ray.local_num_cpus or 2 * (os.cpu_count() or 1)
+    # The synthesis actors hold CPUs of their own next to the trainer's.
+    needed = cfg.ray.num_workers * cfg.ray.cpus_per_worker + 1
+    if cfg.synthesis.mode != "none":
+        needed += cfg.synthesis.pool_size * cfg.synthesis.num_cpus
+    num_cpus = cfg.ray.local_num_cpus or max(2 * (os.cpu_count() or 1), int(needed + 0.999))
     ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, logging_level="WARNING")
     return True
 
 
 def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
-        make_datasets: Callable[[], dict], run_dir: Path, split: tuple[str, ...] = ("train",)):
+        make_datasets: Callable[[dict], dict], run_dir: Path, split: tuple[str, ...] = ("train",),
+        services: Optional[Callable[[], contextlib.AbstractContextManager]] = None):
     """One Ray Train run of `train_loop` on `cfg.ray`'s workers; checkpoints under run_dir/ray_train.
 
-    The same run_dir resumes from its last checkpoint. Returns Ray Train's Result.
+    `services()`, entered once Ray is up, yields a dict of handles (e.g. the synthesis pool) that is
+    merged into the loop config and given to `make_datasets`; it is exited (and so stopped) whatever
+    happens. The same run_dir resumes from its last checkpoint. Returns Ray Train's Result.
     """
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     started_ray = init_ray(cfg)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name="ray_train", storage_path=str(run_dir),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-                # Workers' prints go straight to the console, not once more through Train's logger.
-                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
-            datasets=make_datasets(),
-            dataset_config=ray.train.DataConfig(datasets_to_split=list(split)),
-        )
-        return trainer.fit()
+        with (services() if services else contextlib.nullcontext({})) as handles:
+            return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), run_dir, split)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _fit(cfg, train_loop, loop_config, datasets, run_dir, split):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name="ray_train", storage_path=str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Workers' prints go straight to the console, not once more through Train's logger.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(split)),
+    )
+    return trainer.fit()
 
 
 # ---------------------------------------------------------------------------------------------

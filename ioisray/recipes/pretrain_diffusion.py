@@ -2,7 +2,8 @@
 
     setup    driver: the same data and split as the classifier (same seed); only the training split
              is used, so no validation or test image leaks into the generator
-    train    workers: noise-prediction (epsilon) loss on DDPM-noised images, DDP, an EMA copy of the
+    train    workers: from a fresh UNet of `diffusion.preset`, or fine-tuning `diffusion.model_dir`;
+             noise-prediction (epsilon) loss on DDPM-noised images, DDP, an EMA copy of the
              weights, a sample grid in TensorBoard every `pretrain.sample_every` epochs, a checkpoint
              (UNet, EMA, optimizer, lr schedule, epoch) every epoch
     save     driver: the EMA weights as a diffusers model folder, <run>/unet (safetensors)
@@ -41,6 +42,17 @@ def to_model_space(images: torch.Tensor, hflip: bool, vflip: bool) -> torch.Tens
     return x
 
 
+def initial_unet(cfg: Config, num_classes: int, image_size: int):
+    """A fresh UNet of the preset, or, with diffusion.model_dir set, that model to fine-tune."""
+    if not cfg.diffusion.model_dir:
+        return create_unet(cfg.diffusion.preset, num_classes, image_size)
+    unet = load_unet(cfg.diffusion.model_dir, num_classes)
+    if int(unet.config.sample_size) != image_size:
+        raise ConfigError(f"diffusion.model_dir: {cfg.diffusion.model_dir!r} makes "
+                          f"{unet.config.sample_size}px images but diffusion.image_size is {image_size}")
+    return unet
+
+
 def sample_grid(unet, num_classes: int, per_class: int, steps: int, device, seed: int = 0) -> torch.Tensor:
     """(3, H', W') uint8 grid: one row per class, unguided, fixed seeds so grids compare across epochs."""
     from torchvision.utils import make_grid
@@ -62,7 +74,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world, device = worker_setup(cfg)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    unet = create_unet(cfg.diffusion.preset, num_classes, image_size)
+    unet = initial_unet(cfg, num_classes, image_size)
     ema = EMAModel(unet.parameters(), decay=p.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=p.warmup_steps)
@@ -154,16 +166,18 @@ def pretrain_diffusion(cfg: Config) -> Path:
     image_size = diffusion_image_size(cfg)
     ds, splits = setup_data(cfg, image_size=image_size)
     try:  # fail here, naming the key, rather than inside the Ray workers after start-up
-        create_unet(cfg.diffusion.preset, ds.num_classes, image_size)
-    except ValueError as e:
-        raise ConfigError(f"diffusion.image_size / diffusion.preset: {e}") from None
+        initial_unet(cfg, ds.num_classes, image_size)
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"diffusion.image_size / diffusion.preset / diffusion.model_dir: {e}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
     loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes, "image_size": image_size,
                    "tensorboard_dir": str(run_dir / "tensorboard")}
     result = fit(cfg, train_loop_per_worker, loop_config,
-                 lambda: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
+                 lambda _: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
                                                   seed=cfg.seed)}, run_dir)
     # Copy the model out of the last checkpoint, then rename: a half-copied folder never looks done.
     with result.checkpoint.as_directory() as d:

@@ -1,13 +1,19 @@
-"""Recipe: train a classifier on imbalanced data with Ray Train (every baseline of the harness).
+"""Recipe: train a classifier on imbalanced data with Ray Train: every baseline of the harness, and
+IOIS with its ablations when `synthesis.mode` is on (the IOIS steps themselves are in ioisray/iois.py).
 
-    setup    driver: load the data, split it (train / val / test, fixed by seed), make Ray datasets
+    setup    driver: load the data, split it (train / val / test, fixed by seed), make Ray datasets;
+             for IOIS, the diffusion model (pretrained first if the config names none) and the
+             synthesis pool, whose chunks stream into the training dataset
     train    workers: `train_loop_per_worker`, one epoch at a time; validation picks the best epoch;
              a checkpoint every epoch; the test split is evaluated once, at the end, with the best weights
-    save     driver: metrics.json and metrics.md (atomic), next to the resolved config.yaml
-    cleanup  driver: shut down the Ray it started
+    save     driver: metrics.json and metrics.md (atomic), next to the resolved config.yaml; with IOIS
+             the real-vs-synthetic figure, and with `baseline_run` the per-class change figure
+    cleanup  driver: stop the synthesis pool and the Ray it started
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import time
@@ -16,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ioisray import iois, report as figures
 from ioisray.aas import AASState
 from ioisray.atomic import atomic_save_safetensors, atomic_write_text
 from ioisray.checkpoint import TrainingState
@@ -26,11 +33,13 @@ from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
 from ioisray.recipes.common import (check_resumable, epoch_generator, fit, new_checkpoint_dir, report,
                                     restore_or_start, setup_data, unwrap, worker_setup)
+from ioisray.synthesis.tally import SyntheticTally
 from ioisray.transforms import TrainTransform
 
-SHUFFLE_BUFFER = 2048
 RESULTS_FILE = "results.json"
 BEST_MODEL_FILE = "best_model.safetensors"
+SYNTHETIC_EXAMPLES_FILE = "synthetic_examples.safetensors"
+EXAMPLES_PER_CLASS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +96,24 @@ def _tb_scalars(writer, prefix: str, metrics: dict, epoch: int) -> None:
                     writer.add_scalar(f"{prefix}_per_class/{name}", acc, epoch)
 
 
+def _tb_synthesis(writer, class_names, quotas, synthesis: dict, tally: SyntheticTally, epoch: int) -> None:
+    from torchvision.utils import make_grid
+
+    for name, q in zip(class_names, quotas):
+        writer.add_scalar(f"synthesis_quota/{name}", int(q), epoch)
+    for a, rate in enumerate(synthesis["images_per_second_per_actor"]):
+        writer.add_scalar(f"synthesis/images_per_second_actor_{a}", rate, epoch)
+    if synthesis["seconds_to_first_synthetic"] is not None:
+        writer.add_scalar("synthesis/seconds_to_first_batch", synthesis["seconds_to_first_synthetic"], epoch)
+    writer.add_scalar("synthesis/generation_seconds", synthesis["generation_seconds"], epoch)
+    rows = [t for t in tally.examples() if len(t)]
+    if rows:  # one row per class that received images, up to EXAMPLES_PER_CLASS each
+        k = max(len(t) for t in rows)
+        padded = [torch.cat([t, torch.zeros((k - len(t), *t.shape[1:]), dtype=t.dtype)]) for t in rows]
+        grid = make_grid(torch.cat(padded).permute(0, 3, 1, 2), nrow=k, padding=1)
+        writer.add_image("synthesis/images_per_class", grid, epoch)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -115,8 +142,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         writer = SummaryWriter(loop_config["tensorboard_dir"])
 
+    pool = loop_config.get("synthesis_pool")  # None unless synthesis.mode is on
+    tally = None
     train_shard = ray.train.get_dataset_shard("train")
-    n_train = sum(counts)
+    n_train = sum(counts) + (cfg.synthesis.budget if pool else 0)
     batches_per_epoch = math.ceil(n_train / world / cfg.train.batch_size)
     if cfg.train.max_batches_per_epoch:
         batches_per_epoch = min(batches_per_epoch, cfg.train.max_batches_per_epoch)
@@ -132,9 +161,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Augmentation, mixup and shuffling replay on resume (class-balanced re-sampling draws
         # unseeded, see data/ray_dataset.py).
         gen = epoch_generator(cfg, rank, epoch)
-        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=None,
-                                                 local_shuffle_buffer_size=SHUFFLE_BUFFER,
-                                                 local_shuffle_seed=int(gen.initial_seed() % 2**31))
+        epoch_started = time.time()
+        if pool is not None:  # IOIS steps 1-2: quotas from AAS, the pool starts this epoch's images
+            plan_epoch, quotas = iois.begin_epoch(cfg, pool, aas, unwrap(model), epoch, rank)
+            tally = SyntheticTally(num_classes, plan_epoch, EXAMPLES_PER_CLASS if rank == 0 else 0,
+                                   epoch_started)
+        shuffle = ({"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
+                    "local_shuffle_seed": int(gen.initial_seed() % 2**31)} if cfg.train.shuffle_buffer else {})
+        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=None, **shuffle)
+        if tally is not None:
+            batches = tally.watch(batches)
         stats = train_one_epoch(model, batches, loss_fn, optimizer, transform, num_classes, device,
                                 mixup_alpha=cfg.method.mixup_alpha, generator=gen,
                                 max_batches=cfg.train.max_batches_per_epoch, log=log)
@@ -142,7 +178,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.step()
         aas.update(stats.correct, stats.total)  # the same all-reduced counts on every rank
         metrics: dict = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                         "lr": lr, "epoch_seconds": stats.seconds}
+                         "lr": lr, "epoch_seconds": time.time() - epoch_started}
+        synthesis = iois.end_epoch(pool, tally, rank) if pool is not None else None
         ckpt_dir = None
         if rank == 0:
             # Validation on rank 0 over the whole split (no image dropped), deterministic transform.
@@ -158,17 +195,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.extra.setdefault("history", []).append(
                 {**{k: metrics[k] for k in ("epoch", "train_loss", "train_accuracy", "val_balanced_accuracy",
                                             "val_macro_f1", "lr", "epoch_seconds")},
-                 "train_per_class_accuracy": train_pc})
+                 "train_per_class_accuracy": train_pc,
+                 **({"quotas": [int(q) for q in quotas], **synthesis} if synthesis else {})})
             if val["balanced_accuracy"] > state.best_metric:  # model selection on validation only
                 state.best_metric, state.best_epoch, state.best_val = val["balanced_accuracy"], epoch, val
                 state.best_model = state.model
             _tb_scalars(writer, "train", {"loss": stats.loss, "accuracy": stats.accuracy, "lr": lr,
                                           "per_class_accuracy": train_pc}, epoch)
             _tb_scalars(writer, "val", val, epoch)
+            if synthesis:
+                _tb_synthesis(writer, class_names, quotas, synthesis, tally, epoch)
             writer.flush()
             print(f"[ioisray] epoch {epoch + 1}/{cfg.train.epochs} loss {stats.loss:.4f} "
                   f"train_acc {stats.accuracy:.4f} val_bacc {val['balanced_accuracy']:.4f} "
-                  f"val_f1 {val['macro_f1']:.4f} lr {lr:.3g} ({stats.seconds:.1f}s)", flush=True)
+                  f"val_f1 {val['macro_f1']:.4f} lr {lr:.3g} ({metrics['epoch_seconds']:.1f}s)", flush=True)
+            if synthesis:
+                print(f"[ioisray]   synthesis: quotas {[int(q) for q in quotas]}, received "
+                      f"{sum(synthesis['synthetic_per_class'])}, first after "
+                      f"{synthesis['seconds_to_first_synthetic'] or float('nan'):.1f}s, all generated after "
+                      f"{synthesis['generation_seconds']:.1f}s, images/s per actor "
+                      f"{[round(r, 1) for r in synthesis['images_per_second_per_actor']]}", flush=True)
             ckpt_dir = new_checkpoint_dir()
             state.save(ckpt_dir)
         report(metrics, ckpt_dir)
@@ -195,6 +241,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ckpt_dir = new_checkpoint_dir()
         state.save(ckpt_dir)
         atomic_write_text(Path(ckpt_dir) / RESULTS_FILE, json.dumps(state.extra["results"]))
+        if tally is not None:  # the last epoch's synthetic images, for the real-vs-synthetic figure
+            atomic_save_safetensors({f"class_{c}": t for c, t in enumerate(tally.examples()) if len(t)},
+                                    Path(ckpt_dir) / SYNTHETIC_EXAMPLES_FILE)
     report({"done": True}, ckpt_dir)
 
 
@@ -222,23 +271,87 @@ def train(cfg: Config) -> dict:
     save_config(cfg, run_dir / "config.yaml")
     train_ds = ds.subset(splits["train"])
     counts = train_ds.class_counts()
-    datasets = lambda: {  # noqa: E731 - built once Ray is up
-        "train": to_ray_dataset(train_ds.images, train_ds.labels, sampling=cfg.method.sampling, seed=cfg.seed),
+    model_dir = diffusion_model(cfg, ds.num_classes) if iois.is_on(cfg) else None
+    datasets = lambda handles: {  # noqa: E731 - built once Ray is up
+        "train": iois.training_dataset(cfg, train_ds.images, train_ds.labels, handles.get("synthesis_pool"),
+                                       cfg.ray.num_workers),
         "val": to_ray_dataset(ds.images[splits["val"]], ds.labels[splits["val"]]),
         "test": to_ray_dataset(ds.images[splits["test"]], ds.labels[splits["test"]]),
     }
+
+    @contextlib.contextmanager
+    def synthesis_pool():
+        import ray
+
+        pool = iois.start_synthesis(cfg, model_dir, ds.num_classes,
+                                    functools.partial(build_classifier, cfg, ds.num_classes))
+        try:
+            yield {"synthesis_pool": pool}
+        finally:
+            ray.get(pool.shutdown.remote())
+            ray.kill(pool)
+
     loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
                    "class_counts": counts.tolist(), "tensorboard_dir": str(run_dir / "tensorboard")}
-    result = fit(cfg, train_loop_per_worker, loop_config, datasets, run_dir)
+    result = fit(cfg, train_loop_per_worker, loop_config, datasets, run_dir,
+                 services=synthesis_pool if model_dir else None)
 
+    figures_made = []
     with result.checkpoint.as_directory() as d:
         out = json.loads((Path(d) / RESULTS_FILE).read_text())
         # The selected weights, next to the metrics they earned (safetensors: safe to share and load).
         atomic_save_safetensors(TrainingState.load(d).best_model, run_dir / BEST_MODEL_FILE)
-    out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()}, "train_class_counts": counts.tolist(),
-                "run_dir": str(run_dir), "seconds": time.perf_counter() - t0})
+        if (Path(d) / SYNTHETIC_EXAMPLES_FILE).is_file():
+            figures_made.append(_real_vs_synthetic(Path(d) / SYNTHETIC_EXAMPLES_FILE, train_ds, run_dir))
+    out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()},
+                "train_class_counts": counts.tolist(), "run_dir": str(run_dir),
+                "seconds": time.perf_counter() - t0})
+    if model_dir:
+        out["diffusion_model_dir"] = model_dir
     save_results(out, run_dir)
+    if cfg.baseline_run:
+        figures_made.append(figures.per_class_change_from_runs(run_dir, Path(cfg.baseline_run)))
+    out["figures"] = [str(f) for f in figures_made]
     return out
+
+
+def diffusion_model(cfg: Config, num_classes: int) -> str:
+    """The diffusion model IOIS samples from: `diffusion.model_dir`, or, when that is not set, the one
+    pretrained for this data, split seed, preset and size, which is pretrained here first if missing."""
+    from ioisray.models.diffusion import load_unet
+    from ioisray.recipes.pretrain_diffusion import UNET_DIR, diffusion_image_size, pretrain_diffusion
+
+    if cfg.diffusion.model_dir:
+        try:
+            load_unet(cfg.diffusion.model_dir, num_classes)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+        return cfg.diffusion.model_dir
+    size = diffusion_image_size(cfg)
+    # Only what shapes the diffusion model goes into its run, so IOIS runs that differ in method,
+    # synthesis or training settings share one model (same data and seed: same training split).
+    pre = Config(name=f"diffusion_{cfg.data.name}_{cfg.diffusion.preset}_{size}px_seed{cfg.seed}",
+                 seed=cfg.seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
+                 pretrain=cfg.pretrain, ray=cfg.ray)
+    final = pre.run_dir / UNET_DIR
+    if final.is_dir():
+        print(f"[ioisray] diffusion model: {final}", flush=True)
+    else:
+        print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({pre.run_dir})", flush=True)
+        pretrain_diffusion(pre)
+    return str(final)
+
+
+def _real_vs_synthetic(examples_file: Path, train_ds, run_dir: Path) -> Path:
+    from safetensors.numpy import load_file
+
+    synthetic = load_file(str(examples_file))
+    k = EXAMPLES_PER_CLASS
+    rng = np.random.default_rng(0)
+    real = [train_ds.images[rng.permutation(np.flatnonzero(train_ds.labels == c))[:k]]
+            for c in range(len(train_ds.class_names))]
+    fake = [synthetic.get(f"class_{c}", np.zeros((0,), np.uint8)) for c in range(len(train_ds.class_names))]
+    return figures.real_vs_synthetic(train_ds.class_names, real, fake, run_dir / figures.REAL_VS_SYNTHETIC_PNG)
 
 
 def save_results(results: dict, run_dir: Path) -> None:

@@ -1,0 +1,128 @@
+"""IOIS: Iterative Online Image Synthesis (MICCAI 2024), the part of the training loop it adds.
+
+Each epoch e, on top of ordinary training (recipes/train.py):
+
+    1. Accuracy Adaptive Sampling: quotas n_c = N * softmax((1 - a_c) / T), a_c the per-class accuracy
+       on the real training images in epoch e-1 (uniform at e = 0)                    -> epoch_quotas
+    2. the classifier as it ended epoch e-1 goes to the object store once, and the
+       synthesis pool starts generating the quotas, guided by it, in chunks           -> begin_epoch
+    3. training starts at once: every real training image plus the chunks as they are produced
+       stream into the workers' shards (Ray Data); each synthetic image is used once, and only in
+       the epoch it was made for                                                      -> training_dataset
+    4. the epoch's per-class accuracy on real images updates AAS; the pool reports its throughput,
+       the workers what they received                                                 -> end_epoch
+
+Ablations by config: `aas.enabled: false` (uniform quotas), `synthesis.guidance: false` (unguided), and
+`synthesis.mode: offline` (one set of `synthesis.budget` images, uniform quotas, unguided, made once
+and reused every epoch). At e = 0 there is no trained classifier yet, so epoch 0 is unguided.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ioisray import aas
+from ioisray.config import Config
+from ioisray.engine import all_reduce_sum
+from ioisray.synthesis.plan import Chunk, plan_epoch
+from ioisray.synthesis.tally import SyntheticTally
+
+
+def is_on(cfg: Config) -> bool:
+    return cfg.synthesis.mode != "none"
+
+
+def epoch_quotas(cfg: Config, state: aas.AASState) -> np.ndarray:
+    """Step 1: this epoch's quotas (remembered in `state` for the checkpoint)."""
+    if cfg.synthesis.mode == "online" and cfg.aas.enabled:
+        return state.quotas(cfg.synthesis.budget, cfg.aas.temperature, floor=cfg.aas.floor)
+    q = aas.quotas(None, cfg.synthesis.budget, num_classes=state.num_classes, floor=cfg.aas.floor)
+    state.last_quotas = [int(v) for v in q]
+    return q
+
+
+def plan(cfg: Config, quotas: np.ndarray, epoch: int) -> tuple[int, list[Chunk]]:
+    """(plan epoch, chunks): offline synthesis always plays epoch 0's plan."""
+    plan_epoch_ = epoch if cfg.synthesis.mode == "online" else 0
+    return plan_epoch_, plan_epoch(quotas, plan_epoch_, cfg.seed, cfg.synthesis.chunk_size)
+
+
+def begin_epoch(cfg: Config, pool, state: aas.AASState, classifier: torch.nn.Module, epoch: int,
+                rank: int) -> tuple[int, np.ndarray]:
+    """Steps 1-2 on rank 0; every rank waits until the pool has this epoch's plan, so no worker can
+    start reading the epoch's stream before it exists. Returns (plan epoch, quotas)."""
+    import ray
+
+    quotas = epoch_quotas(cfg, state)  # same AAS state on every rank, so the same quotas
+    plan_epoch_, chunks = plan(cfg, quotas, epoch)
+    if rank == 0:
+        guided = cfg.synthesis.mode == "online" and cfg.synthesis.guidance and epoch > 0
+        weights = ray.put({k: v.detach().cpu() for k, v in classifier.state_dict().items()}) if guided else None
+        ray.get(pool.start_epoch.remote(plan_epoch_, chunks, [weights], reuse=cfg.synthesis.mode == "offline"))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return plan_epoch_, quotas
+
+
+def end_epoch(pool, tally: SyntheticTally, rank: int) -> dict:
+    """Step 4's synthesis side: images received per class (all workers), time to the first synthetic
+    batch, and, on rank 0, the pool's throughput per actor and time to generate the epoch."""
+    import ray
+
+    received = all_reduce_sum(torch.as_tensor(tally.per_class, dtype=torch.float64)).long().tolist()
+    out = {"synthetic_per_class": received, "seconds_to_first_synthetic": tally.seconds_to_first}
+    if rank == 0:
+        s = ray.get(pool.epoch_stats.remote())
+        out.update(generation_seconds=s["last_chunk_done_at"] - s["epoch_started_at"],
+                   images_per_second_per_actor=[s["images_per_second"][k] for k in sorted(s["images_per_second"])],
+                   actors_started=s["actors_started"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side: the pool and the training stream
+
+
+def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifier):
+    """The SynthesisPool for this run (its actors load the diffusion model once, here)."""
+    from ioisray.sampler import SamplerConfig
+    from ioisray.synthesis.generator import DiffusionGenerator
+    from ioisray.synthesis.pool import start_pool
+
+    s, sy = cfg.sampler, cfg.synthesis
+    guided = sy.mode == "online" and sy.guidance and s.guidance_scale > 0
+    sampler = SamplerConfig(steps=s.steps, guidance_scale=s.guidance_scale if guided else 0.0,
+                            guidance_form=s.guidance_form, eta=s.eta, dtype=s.dtype,
+                            output_size=cfg.data.image_size)
+    make_generator = functools.partial(
+        DiffusionGenerator, model_dir, num_classes, sampler, make_classifier=make_classifier if guided else None,
+        device="cuda" if sy.num_gpus > 0 else "cpu", num_threads=max(1, int(sy.num_cpus)) if sy.num_gpus == 0 else None)
+    return start_pool(make_generator, sy.pool_size, num_cpus=sy.num_cpus, num_gpus=sy.num_gpus,
+                      resources=sy.resources, max_retries=sy.max_retries)
+
+
+def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: Optional[object],
+                     num_workers: int):
+    """Every real training image, plus (with synthesis on) the pool's stream of this epoch's chunks.
+
+    Ray Train gives each worker an equal share by dropping the remainder, so the real part is padded
+    with a few repeated real images until the total divides evenly: no synthetic image is dropped.
+    """
+    from ioisray.data.ray_dataset import to_ray_dataset
+    from ioisray.synthesis.pool import synthetic_dataset
+
+    if pool is None:
+        return to_ray_dataset(images, labels, sampling=cfg.method.sampling, seed=cfg.seed)
+    budget = cfg.synthesis.budget
+    pad = -(len(labels) + budget) % max(num_workers, 1)
+    real = to_ray_dataset(images, labels, sampling=cfg.method.sampling, seed=cfg.seed, pad_rows=pad,
+                          origin_columns=True)
+    sizes = [len(c) for c in plan_epoch([budget], 0, cfg.seed, cfg.synthesis.chunk_size)]
+    size = cfg.data.image_size
+    synthetic = synthetic_dataset(pool, sizes, (size, size, 3), cfg.synthesis.max_retries,
+                                  concurrency=2 * cfg.synthesis.pool_size)
+    return real.union(synthetic)

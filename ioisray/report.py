@@ -1,0 +1,86 @@
+"""Figures of a finished run, as PNG (written atomically): the paper's Figure 2 (per-class accuracy
+change against a baseline run) and Figure 3 (real vs synthetic images per class)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ioisray.atomic import atomic_write_bytes
+
+PER_CLASS_CHANGE_PNG = "per_class_accuracy_change.png"
+REAL_VS_SYNTHETIC_PNG = "real_vs_synthetic.png"
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def per_class_change(class_names: Sequence[str], accuracy: Sequence[float], baseline: Sequence[float],
+                     path: Path, title: str) -> Path:
+    """Bars of (accuracy - baseline) per class on the test split, in percentage points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    delta = 100 * (np.asarray(accuracy, dtype=float) - np.asarray(baseline, dtype=float))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(class_names) + 1.5), 3.2))
+    ax.bar(range(len(delta)), delta, color=["tab:green" if d >= 0 else "tab:red" for d in delta])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(delta)), class_names, rotation=45 if len(class_names) > 6 else 0, ha="right")
+    ax.set_ylabel("test accuracy change (pp)")
+    ax.set_title(title, fontsize=9)
+    for i, d in enumerate(delta):
+        ax.annotate(f"{d:+.1f}", (i, d), ha="center", va="bottom" if d >= 0 else "top", fontsize=7)
+    return _save(fig, path)
+
+
+def per_class_change_from_runs(run_dir: Path, baseline_dir: Path) -> Path:
+    """Figure 2 for a finished run against a finished baseline run of the same classes."""
+    run, base = (json.loads((Path(d) / "metrics.json").read_text()) for d in (run_dir, baseline_dir))
+    if run["class_names"] != base["class_names"]:
+        raise ValueError(f"baseline_run {baseline_dir}: classes {base['class_names']} differ from "
+                         f"{run['class_names']}")
+    names = run["class_names"]
+    acc = [run["test"]["per_class_accuracy"][n] for n in names]
+    ref = [base["test"]["per_class_accuracy"][n] for n in names]
+    title = (f"{Path(run_dir).name} vs {Path(baseline_dir).name}: test BACC "
+             f"{run['test']['balanced_accuracy']:.3f} vs {base['test']['balanced_accuracy']:.3f}")
+    return per_class_change(names, acc, ref, Path(run_dir) / PER_CLASS_CHANGE_PNG, title)
+
+
+def real_vs_synthetic(class_names: Sequence[str], real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray],
+                      path: Path) -> Path:
+    """One row per class: real training images on the left, synthetic ones on the right (uint8 HWC)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max([len(r) for r in real] + [len(s) for s in synthetic] + [1])
+    fig, axes = plt.subplots(len(class_names), 2 * k, figsize=(2 * k * 0.8, len(class_names) * 0.85),
+                             squeeze=False)
+    for c, name in enumerate(class_names):
+        for j in range(2 * k):
+            ax = axes[c, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            images = real[c] if j < k else synthetic[c]
+            if j % k < len(images):
+                ax.imshow(images[j % k])
+            else:
+                ax.axis("off")
+        axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    axes[0, 0].set_title("real", fontsize=8, loc="left")
+    axes[0, k].set_title("synthetic (last epoch)", fontsize=8, loc="left")
+    return _save(fig, path)

@@ -1,0 +1,224 @@
+"""The Ray side of synthesis: long-lived generator actors, the pool that plans their work, and the Ray
+Data source that streams their chunks into the training shards.
+
+    SynthesisActor       one per `synthesis.pool_size`; builds its DiffusionGenerator (loads the model)
+                         once, takes the classifier weights once per epoch, generates chunks
+    SynthesisPool        an actor owning the SynthesisActors; at each epoch it assigns the plan's chunks
+                         to actors by measured throughput and submits them all at once, so generation
+                         runs ahead of training; it regenerates a chunk whose actor died
+    SyntheticDatasource  one read task per chunk; read task i asks the pool for chunk i of the current
+                         epoch and turns it into a block. Ray Train re-executes the dataset every epoch,
+                         so each execution reads that epoch's plan, and Ray Data streams the blocks
+                         (with backpressure and equal splitting) into the workers' shards as they come.
+                         The images go actor -> object store -> training worker, never via the driver.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import ray
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from ioisray.synthesis.plan import Chunk, assign_chunks
+
+# An actor that died or a lost result: regenerate the chunk. Anything else (a bug in generation) is raised.
+RECOVERABLE = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+
+
+class SynthesisActor:
+    """Holds one generator for the whole run (the diffusion model is loaded once, here)."""
+
+    def __init__(self, make_generator: Callable):
+        self.generator = make_generator()
+        self.loads = 1
+
+    def set_classifier(self, state: Optional[dict]) -> None:
+        self.generator.set_classifier(state)
+
+    def generate(self, plan_epoch: int, chunk: Chunk):
+        out = self.generator.generate(chunk.labels, chunk.seeds)
+        seconds = out.pop("seconds")
+        n = len(chunk)
+        out["synthetic"] = np.ones(n, dtype=np.int8)
+        out["plan_epoch"] = np.full(n, plan_epoch, dtype=np.int64)
+        timing = {"chunk": chunk.index, "images": n, "seconds": seconds, "done_at": time.time()}
+        return out, timing
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "loads": self.loads}
+
+
+class SynthesisPool:
+    """Plans and tracks one epoch of synthesis at a time over `size` SynthesisActors.
+
+    Runs as a single-threaded actor: its calls (plan, hand out a chunk, replace an actor) are short
+    and never overlap, so its bookkeeping needs no locks.
+    """
+
+    def __init__(self, make_generator: Callable, size: int, actor_options: dict, max_retries: int = 3):
+        self._make_generator, self._options, self._max_retries = make_generator, actor_options, max_retries
+        self.actors = [self._start_actor() for _ in range(size)]
+        self.generation = [0] * size  # bumped when a slot's actor is replaced
+        self.actors_started = size
+        self.rates: list[Optional[float]] = [None] * size  # measured images/s per slot
+        self.plan: list[Chunk] = []
+        self.plan_epoch: Optional[int] = None
+        self.weights = None
+        self.refs: list = []  # per chunk: ObjectRef of its rows
+        self.timings: list = []  # per chunk: ObjectRef of its timing dict
+        self.owner: list[tuple[int, int]] = []  # per chunk: (slot, generation of that slot's actor)
+        self.attempts: list[int] = []
+        self.epoch_started_at = time.time()
+
+    def _start_actor(self):
+        return ray.remote(SynthesisActor).options(**self._options).remote(self._make_generator)
+
+    def ready(self) -> list[dict]:
+        """Waits until every actor has loaded its model; their pid, node and load count."""
+        return ray.get([a.info.remote() for a in self.actors])
+
+    def start_epoch(self, plan_epoch: int, plan: list[Chunk], weights: list, reuse: bool = False) -> None:
+        """Submit every chunk of `plan`; `weights` is [ObjectRef of a state dict] or [None] (unguided).
+
+        reuse=True keeps the results already made for the same plan (offline synthesis: one set, made
+        once); they are only generated again if this pool has not made them (e.g. after a resume).
+        """
+        self._collect_rates()
+        self.epoch_started_at = time.time()
+        if reuse and self.plan_epoch == plan_epoch and len(self.refs) == len(plan):
+            return
+        self.plan, self.plan_epoch, self.weights = plan, plan_epoch, weights[0]
+        for actor in self.actors:
+            actor.set_classifier.remote(self.weights)  # a top-level ref: each actor fetches it once
+        self.refs, self.timings = [None] * len(plan), [None] * len(plan)
+        self.owner, self.attempts = [(0, 0)] * len(plan), [0] * len(plan)
+        for i, slot in enumerate(assign_chunks([len(c) for c in plan], self._rates())):
+            self._submit(i, slot)
+
+    def _rates(self) -> list[float]:
+        known = [r for r in self.rates if r]
+        default = float(np.mean(known)) if known else 1.0
+        return [r or default for r in self.rates]
+
+    def _submit(self, i: int, slot: int) -> None:
+        data, timing = self.actors[slot].generate.options(num_returns=2).remote(self.plan_epoch, self.plan[i])
+        self.refs[i], self.timings[i], self.owner[i] = data, timing, (slot, self.generation[slot])
+
+    def chunk(self, i: int):
+        """(plan epoch, [ObjectRef of chunk i's rows]); the list keeps Ray from resolving the ref here."""
+        if i >= len(self.refs):
+            raise IndexError(f"chunk {i} asked for, but this epoch's plan has {len(self.refs)} chunks: the "
+                             f"synthetic dataset was made for another budget or chunk size")
+        return self.plan_epoch, [self.refs[i]]
+
+    def chunk_failed(self, i: int, failed_ref_hex: str) -> None:
+        """A reader could not get chunk i: replace its actor if that died, and generate it again."""
+        if self.refs[i].hex() != failed_ref_hex:
+            return  # another reader already reported it; the new ref is in place
+        self.attempts[i] += 1
+        if self.attempts[i] > self._max_retries:
+            raise RuntimeError(f"synthesis chunk {i} failed {self.attempts[i]} times "
+                               f"(synthesis.max_retries={self._max_retries})")
+        slot, generation = self.owner[i]
+        if generation == self.generation[slot]:  # the first failure seen from this actor: replace it
+            ray.kill(self.actors[slot], no_restart=True)
+            self.actors[slot] = self._start_actor()
+            self.actors[slot].set_classifier.remote(self.weights)
+            self.generation[slot] += 1
+            self.actors_started += 1
+            self.rates[slot] = None
+        # Regenerate on the slot with the least queued work (a replacement starts with none).
+        pending = [0] * len(self.actors)
+        for j, (s, g) in enumerate(self.owner):
+            if g == self.generation[s] and not ray.wait([self.timings[j]], timeout=0)[0]:
+                pending[s] += len(self.plan[j])
+        self._submit(i, int(np.argmin(pending)))
+
+    def _collect_rates(self) -> None:
+        """Images/s per slot over the last epoch's finished chunks."""
+        if not self.plan:
+            return
+        done = [t for t in self.timings if t is not None and ray.wait([t], timeout=0)[0]]
+        per_slot: dict[int, list] = {}
+        for timing_ref, (slot, gen) in zip(self.timings, self.owner):
+            if timing_ref in done and gen == self.generation[slot]:
+                per_slot.setdefault(slot, []).append(ray.get(timing_ref))
+        for slot, ts in per_slot.items():
+            self.rates[slot] = sum(t["images"] for t in ts) / max(sum(t["seconds"] for t in ts), 1e-9)
+
+    def epoch_stats(self) -> dict:
+        """This epoch's images/s per actor slot and seconds from start_epoch to its last chunk."""
+        timings = ray.get([t for t in self.timings if t is not None])
+        per_slot: dict[int, list] = {}
+        for t, (slot, _) in zip(timings, self.owner):
+            per_slot.setdefault(slot, []).append(t)
+        return {
+            "images_per_second": {s: sum(t["images"] for t in ts) / max(sum(t["seconds"] for t in ts), 1e-9)
+                                  for s, ts in sorted(per_slot.items())},
+            "epoch_started_at": self.epoch_started_at,
+            "last_chunk_done_at": max((t["done_at"] for t in timings), default=self.epoch_started_at),
+            "actors_started": self.actors_started,
+        }
+
+    def actor_handles(self) -> list:
+        return [[a] for a in self.actors]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
+def _read_chunk(pool, i: int, max_retries: int):
+    for _ in range(max_retries + 2):
+        _, (ref,) = ray.get(pool.chunk.remote(i))
+        try:
+            rows = ray.get(ref)
+        except RECOVERABLE:
+            ray.get(pool.chunk_failed.remote(i, ref.hex()))  # raises once retries are used up
+            continue
+        return [BlockAccessor.batch_to_block(rows)]
+    raise RuntimeError(f"synthesis chunk {i}: no result after {max_retries + 1} attempts")
+
+
+class SyntheticDatasource(Datasource):
+    """A fixed set of read tasks, one per chunk of the (fixed) per-epoch budget."""
+
+    def __init__(self, pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], max_retries: int = 3):
+        super().__init__()
+        self._pool, self._sizes, self._shape, self._retries = pool, chunk_sizes, image_shape, max_retries
+
+    def estimate_inmemory_data_size(self) -> int:
+        return int(sum(self._sizes) * np.prod(self._shape))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        # One task per chunk whatever the requested parallelism: chunk i is always read by task i.
+        return [ReadTask(functools.partial(_read_chunk, self._pool, i, self._retries),
+                         BlockMetadata(num_rows=n, size_bytes=int(n * np.prod(self._shape)), input_files=None,
+                                       exec_stats=None))
+                for i, n in enumerate(self._sizes)]
+
+
+def start_pool(make_generator: Callable, size: int, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+               resources: Optional[dict] = None, max_retries: int = 3):
+    """A SynthesisPool actor (0 CPU: it only plans) with `size` generator actors, models loaded."""
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {})}
+    pool = ray.remote(SynthesisPool).options(num_cpus=0).remote(
+        make_generator, size, options, max_retries)
+    ray.get(pool.ready.remote())
+    return pool
+
+
+def synthetic_dataset(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], max_retries: int = 3,
+                      concurrency: Optional[int] = None) -> "ray.data.Dataset":
+    """The Ray dataset whose every execution streams the pool's current epoch, chunk by chunk.
+
+    Read tasks ask for no CPU: they only wait on the actors, and the Train workers hold the CPUs.
+    """
+    source = SyntheticDatasource(pool, chunk_sizes, image_shape, max_retries)
+    return ray.data.read_datasource(source, override_num_blocks=len(chunk_sizes), num_cpus=0,
+                                    concurrency=concurrency)

@@ -1,0 +1,64 @@
+"""The epoch plan, the chunk-to-actor split and the worker-side tally: plain Python, no Ray."""
+import numpy as np
+import pytest
+import torch
+
+from ioisray.synthesis.plan import SEED_EPOCH, assign_chunks, image_seeds, num_chunks, plan_epoch
+from ioisray.synthesis.tally import SyntheticTally
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_holds_exactly_the_quotas_in_a_fixed_number_of_chunks(seed):
+    rng = np.random.default_rng(seed)
+    quotas = rng.integers(0, 40, size=int(rng.integers(1, 9)))
+    chunk_size = int(rng.integers(1, 17))
+    chunks = plan_epoch(quotas, epoch=3, run_seed=seed, chunk_size=chunk_size)
+    labels = np.concatenate([c.labels for c in chunks]) if chunks else np.zeros(0, np.int64)
+    np.testing.assert_array_equal(np.bincount(labels, minlength=len(quotas)), quotas)
+    assert len(chunks) == num_chunks(int(quotas.sum()), chunk_size)
+    assert all(len(c) == chunk_size for c in chunks[:-1])
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+
+
+def test_chunk_sizes_depend_on_the_budget_only_and_seeds_identify_images():
+    a = plan_epoch([90, 5, 5], epoch=0, run_seed=1, chunk_size=16)
+    b = plan_epoch([10, 10, 80], epoch=1, run_seed=1, chunk_size=16)
+    assert [len(c) for c in a] == [len(c) for c in b] == [16] * 6 + [4]
+    seeds_a = np.concatenate([c.seeds for c in a])
+    seeds_b = np.concatenate([c.seeds for c in b])
+    assert len(set(seeds_a) | set(seeds_b)) == 200  # unique across epochs
+    np.testing.assert_array_equal(seeds_b, image_seeds(1, 1, 100))
+    assert seeds_b[0] == 1 * 1_000_000_000 + 1 * SEED_EPOCH
+    # The same (run, epoch, quotas) gives the same plan; another epoch shuffles differently.
+    again = plan_epoch([90, 5, 5], epoch=0, run_seed=1, chunk_size=16)
+    assert all((x.labels == y.labels).all() and (x.seeds == y.seeds).all() for x, y in zip(a, again))
+    other = plan_epoch([90, 5, 5], epoch=2, run_seed=1, chunk_size=16)
+    assert not all((x.labels == y.labels).all() for x, y in zip(a, other))
+
+
+def test_chunks_are_split_in_proportion_to_throughput():
+    owners = assign_chunks([10] * 40, [3.0, 1.0])
+    assert owners.count(0) == 30 and owners.count(1) == 10
+    assert assign_chunks([10] * 4, [1.0, 1.0]) == [0, 1, 0, 1]  # interleaved: early chunks finish first
+    with pytest.raises(ValueError, match="throughputs"):
+        assign_chunks([1], [0.0])
+
+
+def test_tally_counts_synthetic_rows_and_refuses_another_epochs_images():
+    tally = SyntheticTally(num_classes=3, plan_epoch=2, keep_per_class=2, started_at=0.0)
+
+    def batch(labels, synthetic, plan_epochs):
+        n = len(labels)
+        return {"image": torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 2, 2, 3),
+                "label": torch.tensor(labels), "synthetic": torch.tensor(synthetic, dtype=torch.int8),
+                "plan_epoch": torch.tensor(plan_epochs)}
+
+    seen = list(tally.watch([batch([0, 1, 1], [0, 0, 0], [-1, -1, -1]),
+                             batch([1, 2, 2, 2], [1, 0, 1, 1], [2, -1, 2, 2])]))
+    assert len(seen) == 2
+    np.testing.assert_array_equal(tally.per_class, [0, 1, 2])
+    assert tally.seconds_to_first is not None and tally.seconds_to_first > 0
+    examples = tally.examples()
+    assert [len(e) for e in examples] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="plan epoch 1"):
+        list(tally.watch([batch([0], [1], [1])]))

@@ -1,0 +1,151 @@
+"""The synthesis pool and its Ray Data stream, with a stand-in generator whose images encode their seed.
+
+The stand-in replaces the diffusion model only (it is slow on purpose, to make streaming and failure
+timing visible); the actors, the pool and the datasource are the real ones. The real model goes
+through the same code in the end-to-end IOIS test (test_iois_cli.py).
+"""
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import cloudpickle  # noqa: E402
+
+from ioisray.synthesis.plan import plan_epoch  # noqa: E402
+from ioisray.synthesis.pool import start_pool, synthetic_dataset  # noqa: E402
+
+pytestmark = pytest.mark.ray
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+
+SIZE = 6
+
+
+class SeedImages:
+    """Stand-in generator: image = the seed's bytes; `delay` seconds per chunk."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.classifier = None
+
+    def set_classifier(self, state):
+        self.classifier = state
+
+    def generate(self, labels, seeds):
+        time.sleep(self.delay)
+        images = np.zeros((len(seeds), SIZE, SIZE, 3), np.uint8)
+        s = np.asarray(seeds, dtype=np.int64)
+        for b in range(5):
+            images[:, 0, b, 0] = (s >> (8 * b)) & 255
+        return {"image": images, "label": np.asarray(labels, np.int64), "seed": s, "seconds": self.delay + 1e-3}
+
+
+def decoded_seeds(images):
+    return sum(images[:, 0, b, 0].astype(np.int64) << (8 * b) for b in range(5))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def read_epoch(ds):
+    rows = {"label": [], "seed": [], "image": [], "plan_epoch": []}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in rows:
+            rows[k].append(batch[k])
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def pairs(chunks):
+    return sorted((int(label), int(seed)) for c in chunks for label, seed in zip(c.labels, c.seeds))
+
+
+def start(budget, chunk_size, delay, size=2):
+    pool = start_pool(lambda: SeedImages(delay), size, num_cpus=0.5)
+    sizes = [len(c) for c in plan_epoch([budget], 0, 0, chunk_size)]
+    return pool, synthetic_dataset(pool, sizes, (SIZE, SIZE, 3), concurrency=4)
+
+
+def test_two_actors_deliver_each_epochs_quota_exactly_once_loading_the_model_once(local_ray):
+    pool, ds = start(budget=50, chunk_size=8, delay=0.05)
+    actors_before = ray.get(pool.ready.remote())
+    for epoch, quotas in enumerate([[20, 20, 10], [5, 40, 5], [30, 0, 20]]):
+        chunks = plan_epoch(quotas, epoch, run_seed=7, chunk_size=8)
+        ray.get(pool.start_epoch.remote(epoch, chunks, [None]))
+        rows = read_epoch(ds)
+        got = sorted(zip(rows["label"].tolist(), rows["seed"].tolist()))
+        assert got == pairs(chunks)  # every image of the quota, once, with its label
+        np.testing.assert_array_equal(decoded_seeds(rows["image"]), rows["seed"])  # image matches its row
+        assert set(rows["plan_epoch"].tolist()) == {epoch}  # only this epoch's images
+        stats = ray.get(pool.epoch_stats.remote())
+        assert sorted(stats["images_per_second"]) == [0, 1]  # both actors generated
+    actors_after = ray.get(pool.ready.remote())
+    assert stats["actors_started"] == 2
+    assert [a["pid"] for a in actors_after] == [a["pid"] for a in actors_before]
+    assert [a["loads"] for a in actors_after] == [1, 1]
+    ray.get(pool.shutdown.remote())
+
+
+def test_killing_an_actor_mid_epoch_still_delivers_exactly_the_quota(local_ray):
+    pool, ds = start(budget=48, chunk_size=4, delay=0.3)
+    victim = ray.get(pool.ready.remote())[1]["pid"]  # before the epoch: actor calls run in order
+    chunks = plan_epoch([16, 16, 16], 0, run_seed=3, chunk_size=4)
+    ray.get(pool.start_epoch.remote(0, chunks, [None]))
+    threading.Timer(0.8, lambda: os.kill(victim, 9)).start()  # after ~2 of its 6 chunks
+    rows = read_epoch(ds)
+    assert sorted(zip(rows["label"].tolist(), rows["seed"].tolist())) == pairs(chunks)
+    stats = ray.get(pool.epoch_stats.remote())
+    assert stats["actors_started"] == 3  # the dead actor was replaced
+    # The next epoch runs on the replacement as usual.
+    chunks = plan_epoch([8, 30, 10], 1, run_seed=3, chunk_size=4)
+    ray.get(pool.start_epoch.remote(1, chunks, [None]))
+    assert sorted(zip(*(read_epoch(ds)[k].tolist() for k in ("label", "seed")))) == pairs(chunks)
+    ray.get(pool.shutdown.remote())
+
+
+def test_ray_kill_of_an_actor_handle_is_survived_too(local_ray):
+    pool, ds = start(budget=32, chunk_size=4, delay=0.3)
+    chunks = plan_epoch([16, 16], 0, run_seed=5, chunk_size=4)
+    ray.get(pool.start_epoch.remote(0, chunks, [None]))
+    actors = ray.get(pool.actor_handles.remote())
+    threading.Timer(0.5, lambda: ray.kill(actors[0][0], no_restart=True)).start()
+    rows = read_epoch(ds)
+    assert sorted(zip(rows["label"].tolist(), rows["seed"].tolist())) == pairs(chunks)
+    assert ray.get(pool.epoch_stats.remote())["actors_started"] == 3
+    ray.get(pool.shutdown.remote())
+
+
+def test_the_first_chunk_streams_out_before_the_last_is_generated(local_ray):
+    pool, ds = start(budget=40, chunk_size=4, delay=0.4)
+    chunks = plan_epoch([20, 20], 0, run_seed=0, chunk_size=4)
+    ray.get(pool.start_epoch.remote(0, chunks, [None]))
+    first = None
+    n = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        first = first or time.time()
+        n += len(batch["label"])
+    stats = ray.get(pool.epoch_stats.remote())
+    assert n == 40
+    assert first < stats["last_chunk_done_at"] - 0.5  # 5 chunks per actor: ~2 s of generation
+    ray.get(pool.shutdown.remote())
+
+
+def test_offline_reuse_keeps_the_images_already_made(local_ray):
+    pool, ds = start(budget=12, chunk_size=4, delay=0.0)
+    chunks = plan_epoch([6, 6], 0, run_seed=0, chunk_size=4)
+    ray.get(pool.start_epoch.remote(0, chunks, [None], reuse=True))
+    first, made = read_epoch(ds), ray.get(pool.epoch_stats.remote())["last_chunk_done_at"]
+    ray.get(pool.start_epoch.remote(0, chunks, [None], reuse=True))
+    second = read_epoch(ds)
+    assert sorted(first["seed"].tolist()) == sorted(second["seed"].tolist()) == sorted(pairs(chunks)[i][1]
+                                                                                       for i in range(12))
+    assert ray.get(pool.epoch_stats.remote())["last_chunk_done_at"] == made  # not generated again
+    ray.get(pool.shutdown.remote())
