@@ -107,22 +107,20 @@ def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifi
 
 def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: Optional[object],
                      num_workers: int):
-    """Every real training image, plus (with synthesis on) the pool's stream of this epoch's chunks.
+    """Every real training image, plus (with synthesis on) the pool's chunks of the current epoch.
 
-    Ray Train gives each worker an equal share by dropping the remainder, so the real part is padded
-    with a few repeated real images until the total divides evenly: no synthetic image is dropped.
+    Ray Train gives each worker an equal share by dropping the remainder, so the real part gets a few
+    repeated real images until the total divides evenly: no synthetic image is dropped.
     """
     from ioisray.data.ray_dataset import to_ray_dataset
-    from ioisray.synthesis.pool import synthetic_dataset
+    from ioisray.synthesis.pool import epoch_stream
 
     if pool is None:
         return to_ray_dataset(images, labels, sampling=cfg.method.sampling, seed=cfg.seed)
     budget = cfg.synthesis.budget
-    pad = -(len(labels) + budget) % max(num_workers, 1)
-    real = to_ray_dataset(images, labels, sampling=cfg.method.sampling, seed=cfg.seed, pad_rows=pad,
-                          origin_columns=True)
     sizes = [len(c) for c in plan_epoch([budget], 0, cfg.seed, cfg.synthesis.chunk_size)]
     size = cfg.data.image_size
-    synthetic = synthetic_dataset(pool, sizes, (size, size, 3), cfg.synthesis.max_retries,
-                                  concurrency=2 * cfg.synthesis.pool_size)
-    return real.union(synthetic)
+    return epoch_stream(pool, sizes, (size, size, 3), real_images=images, real_labels=labels,
+                        sampling=cfg.method.sampling, seed=cfg.seed,
+                        extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
+                        max_retries=cfg.synthesis.max_retries, concurrency=2 * cfg.synthesis.pool_size)

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402
 
 from ioisray.synthesis.plan import plan_epoch  # noqa: E402
-from ioisray.synthesis.pool import start_pool, synthetic_dataset  # noqa: E402
+from ioisray.synthesis.pool import epoch_stream, start_pool  # noqa: E402
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
@@ -71,7 +71,7 @@ def pairs(chunks):
 def start(budget, chunk_size, delay, size=2):
     pool = start_pool(lambda: SeedImages(delay), size, num_cpus=0.5)
     sizes = [len(c) for c in plan_epoch([budget], 0, 0, chunk_size)]
-    return pool, synthetic_dataset(pool, sizes, (SIZE, SIZE, 3), concurrency=4)
+    return pool, epoch_stream(pool, sizes, (SIZE, SIZE, 3), concurrency=4)
 
 
 def test_two_actors_deliver_each_epochs_quota_exactly_once_loading_the_model_once(local_ray):
@@ -107,7 +107,9 @@ def test_killing_an_actor_mid_epoch_still_delivers_exactly_the_quota(local_ray):
     # The next epoch runs on the replacement as usual.
     chunks = plan_epoch([8, 30, 10], 1, run_seed=3, chunk_size=4)
     ray.get(pool.start_epoch.remote(1, chunks, [None]))
-    assert sorted(zip(*(read_epoch(ds)[k].tolist() for k in ("label", "seed")))) == pairs(chunks)
+    rows = read_epoch(ds)
+    got = sorted(zip(rows["label"].tolist(), rows["seed"].tolist()))
+    assert got == pairs(chunks), (set(got) ^ set(pairs(chunks)), set(rows["plan_epoch"].tolist()))
     ray.get(pool.shutdown.remote())
 
 
@@ -148,4 +150,22 @@ def test_offline_reuse_keeps_the_images_already_made(local_ray):
     assert sorted(first["seed"].tolist()) == sorted(second["seed"].tolist()) == sorted(pairs(chunks)[i][1]
                                                                                        for i in range(12))
     assert ray.get(pool.epoch_stats.remote())["last_chunk_done_at"] == made  # not generated again
+    ray.get(pool.shutdown.remote())
+
+
+def test_the_stream_carries_every_real_row_plus_the_padding_and_the_chunks(local_ray):
+    pool = start_pool(lambda: SeedImages(0.1), 2, num_cpus=0.5)
+    real_labels = np.arange(37) % 3
+    real_images = np.zeros((37, SIZE, SIZE, 3), np.uint8)
+    real_images[:, 1, 0, 0] = np.arange(37)  # row id
+    ds = epoch_stream(pool, [4] * 5, (SIZE, SIZE, 3), real_images=real_images, real_labels=real_labels,
+                      extra_real_rows=3, seed=1, concurrency=4)
+    chunks = plan_epoch([10, 10], 0, run_seed=2, chunk_size=4)
+    ray.get(pool.start_epoch.remote(0, chunks, [None]))
+    rows = read_epoch(ds)
+    real = rows["plan_epoch"] == -1
+    ids = rows["image"][real][:, 1, 0, 0].astype(int)
+    assert len(ids) == 40 and set(ids) == set(range(37))  # every real row, plus 3 seeded repeats
+    np.testing.assert_array_equal(rows["label"][real], real_labels[ids])
+    assert sorted(zip(rows["label"][~real].tolist(), rows["seed"][~real].tolist())) == pairs(chunks)
     ray.get(pool.shutdown.remote())

@@ -6,11 +6,12 @@ Data source that streams their chunks into the training shards.
     SynthesisPool        an actor owning the SynthesisActors; at each epoch it assigns the plan's chunks
                          to actors by measured throughput and submits them all at once, so generation
                          runs ahead of training; it regenerates a chunk whose actor died
-    SyntheticDatasource  one read task per chunk; read task i asks the pool for chunk i of the current
-                         epoch and turns it into a block. Ray Train re-executes the dataset every epoch,
-                         so each execution reads that epoch's plan, and Ray Data streams the blocks
-                         (with backpressure and equal splitting) into the workers' shards as they come.
-                         The images go actor -> object store -> training worker, never via the driver.
+    EpochStreamDatasource  one read task per chunk; read task i yields a slice of the real training
+                         rows, then asks the pool for chunk i of the current epoch. Ray Train re-executes
+                         the dataset every epoch, so each execution reads that epoch's plan, and Ray Data
+                         streams the blocks (with backpressure and equal splitting) into the workers'
+                         shards as they come. Images go actor -> object store -> worker, never via the
+                         driver.
 """
 from __future__ import annotations
 
@@ -173,34 +174,63 @@ class SynthesisPool:
             ray.kill(a, no_restart=True)
 
 
-def _read_chunk(pool, i: int, max_retries: int):
+def _synthetic_rows(pool, i: int, max_retries: int) -> dict:
     for _ in range(max_retries + 2):
         _, (ref,) = ray.get(pool.chunk.remote(i))
         try:
-            rows = ray.get(ref)
+            return ray.get(ref)
         except RECOVERABLE:
             ray.get(pool.chunk_failed.remote(i, ref.hex()))  # raises once retries are used up
-            continue
-        return [BlockAccessor.batch_to_block(rows)]
     raise RuntimeError(f"synthesis chunk {i}: no result after {max_retries + 1} attempts")
 
 
-class SyntheticDatasource(Datasource):
-    """A fixed set of read tasks, one per chunk of the (fixed) per-epoch budget."""
+def _real_rows(real: dict, i: int, num_tasks: int) -> dict:
+    from ioisray.data.ray_dataset import gather_rows
 
-    def __init__(self, pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], max_retries: int = 3):
+    ids = np.arange(i, real["rows"], num_tasks)  # task i reads every num_tasks-th row of the order
+    if real["order"] is not None:
+        ids = real["order"][ids]
+    rows = gather_rows(ray.get(real["arrays"][0]), ids, real["sampling"])
+    n = len(ids)  # the columns synthetic rows carry, so that both share one stream
+    rows.update(seed=np.full(n, -1, np.int64), synthetic=np.zeros(n, np.int8), plan_epoch=np.full(n, -1, np.int64))
+    return rows
+
+
+def _read(pool, i: int, num_tasks: int, real: Optional[dict], max_retries: int):
+    """Task i: its share of the real rows at once, then chunk i when it is ready (two blocks)."""
+    if real is not None and i < real["rows"]:
+        yield BlockAccessor.batch_to_block(_real_rows(real, i, num_tasks))
+    yield BlockAccessor.batch_to_block(_synthetic_rows(pool, i, max_retries))
+
+
+class EpochStreamDatasource(Datasource):
+    """One epoch of training data: the real training rows and the pool's current chunks, interleaved.
+
+    A fixed set of read tasks, one per chunk of the (fixed) per-epoch budget. Task i yields a slice of
+    the real rows straight away, then waits for chunk i: training starts on real images at once, and
+    synthetic chunks join the stream in the order they are made, spread over the epoch instead of
+    queued behind every real image.
+    """
+
+    def __init__(self, pool, chunk_sizes: list[int], image_shape: tuple[int, int, int],
+                 real: Optional[dict] = None, max_retries: int = 3):
         super().__init__()
-        self._pool, self._sizes, self._shape, self._retries = pool, chunk_sizes, image_shape, max_retries
+        self._pool, self._sizes, self._shape, self._real, self._retries = pool, chunk_sizes, image_shape, real, \
+            max_retries
 
     def estimate_inmemory_data_size(self) -> int:
-        return int(sum(self._sizes) * np.prod(self._shape))
+        return int((sum(self._sizes) + (self._real["rows"] if self._real else 0)) * np.prod(self._shape))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         # One task per chunk whatever the requested parallelism: chunk i is always read by task i.
-        return [ReadTask(functools.partial(_read_chunk, self._pool, i, self._retries),
-                         BlockMetadata(num_rows=n, size_bytes=int(n * np.prod(self._shape)), input_files=None,
-                                       exec_stats=None))
-                for i, n in enumerate(self._sizes)]
+        k = len(self._sizes)
+        tasks = []
+        for i, n in enumerate(self._sizes):
+            rows = n + (len(range(i, self._real["rows"], k)) if self._real else 0)
+            meta = BlockMetadata(num_rows=rows, size_bytes=int(rows * np.prod(self._shape)), input_files=None,
+                                 exec_stats=None)
+            tasks.append(ReadTask(functools.partial(_read, self._pool, i, k, self._real, self._retries), meta))
+        return tasks
 
 
 def start_pool(make_generator: Callable, size: int, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
@@ -213,12 +243,23 @@ def start_pool(make_generator: Callable, size: int, *, num_cpus: float = 1.0, nu
     return pool
 
 
-def synthetic_dataset(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], max_retries: int = 3,
-                      concurrency: Optional[int] = None) -> "ray.data.Dataset":
-    """The Ray dataset whose every execution streams the pool's current epoch, chunk by chunk.
+def epoch_stream(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], *,
+                 real_images: Optional[np.ndarray] = None, real_labels: Optional[np.ndarray] = None,
+                 sampling: str = "natural", seed: int = 0, extra_real_rows: int = 0, max_retries: int = 3,
+                 concurrency: Optional[int] = None) -> "ray.data.Dataset":
+    """The Ray dataset whose every execution streams one epoch: the real rows (if given; `sampling` as in
+    data/ray_dataset.py, plus `extra_real_rows` repeats) and the pool's current chunks.
 
-    Read tasks ask for no CPU: they only wait on the actors, and the Train workers hold the CPUs.
+    Read tasks ask for no CPU: they only gather rows and wait on the actors, and the Train workers
+    hold the CPUs.
     """
-    source = SyntheticDatasource(pool, chunk_sizes, image_shape, max_retries)
+    from ioisray.data.ray_dataset import put_arrays, row_order
+
+    real = None
+    if real_images is not None:
+        n = len(real_labels) + extra_real_rows
+        real = {"arrays": [put_arrays(real_images, real_labels)], "rows": n, "sampling": sampling,
+                "order": row_order(len(real_labels), sampling, seed, extra_real_rows)}
+    source = EpochStreamDatasource(pool, chunk_sizes, image_shape, real, max_retries)
     return ray.data.read_datasource(source, override_num_blocks=len(chunk_sizes), num_cpus=0,
                                     concurrency=concurrency)
