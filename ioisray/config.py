@@ -74,7 +74,7 @@ class TrainConfig(_Strict):
     max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
     # Rows each worker mixes before batching. Batches start only once it is full, so a smaller one
     # lets training (and the first synthetic images) start sooner; real rows arrive pre-shuffled.
-    shuffle_buffer: int = Field(1024, ge=0)
+    shuffle_buffer: int = Field(512, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
@@ -179,8 +179,9 @@ class Config(_Strict):
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     aas: AASConfig = Field(default_factory=AASConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
-    # A finished run (e.g. the CE baseline) to compare per-class test accuracy with at the end.
-    baseline_run: Optional[str] = None
+    # What to compare per-class test accuracy with at the end (the per-class change figure): a finished
+    # run's folder, or an experiment config (.yaml), whose run is trained first if it has not finished.
+    baseline: Optional[str] = None
 
     @field_validator("name")
     @classmethod

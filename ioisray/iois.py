@@ -123,4 +123,4 @@ def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: 
     return epoch_stream(pool, sizes, (size, size, 3), real_images=images, real_labels=labels,
                         sampling=cfg.method.sampling, seed=cfg.seed,
                         extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
-                        max_retries=cfg.synthesis.max_retries, concurrency=2 * cfg.synthesis.pool_size)
+                        max_retries=cfg.synthesis.max_retries, concurrency=4 * cfg.synthesis.pool_size)

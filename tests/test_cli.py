@@ -14,15 +14,15 @@ TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ra
 
 
 def test_config_errors_exit_2_naming_the_key(capsys):
-    assert main(["train", str(ROOT / "configs/digits.yaml"), "train.epochz=1"]) == 2
+    assert main(["train", str(ROOT / "configs/digits_ce.yaml"), "train.epochz=1"]) == 2
     assert "train.epochz: unknown key" in capsys.readouterr().err
-    assert main(["train", str(ROOT / "configs/digits.yaml"), "--set", "method.loss=nope"]) == 2
+    assert main(["train", str(ROOT / "configs/digits_ce.yaml"), "--set", "method.loss=nope"]) == 2
     assert "method.loss" in capsys.readouterr().err
 
 
 def test_data_errors_exit_2_naming_the_path(tmp_path, capsys):
     missing = tmp_path / "no_such_dataset"
-    assert main(["train", str(ROOT / "configs/digits.yaml"), "data.name=imagefolder",
+    assert main(["train", str(ROOT / "configs/digits_ce.yaml"), "data.name=imagefolder",
                  f"data.root={missing}", f"output_dir={tmp_path}"]) == 2
     assert str(missing) in capsys.readouterr().err
 
@@ -31,29 +31,44 @@ def test_data_errors_exit_2_naming_the_path(tmp_path, capsys):
     ("data.val_fraction=0", "data.val_fraction"),  # no validation split to select the best epoch on
     ("model.name=resnet_nope", "model.name"),  # checked before Ray starts, not inside a worker
     ("model.weights=/no/such/file.safetensors", "model.weights"),
+    ("baseline=/no/such/config.yaml", "baseline"),
+    ("synthesis.mode=online", "synthesis.budget"),
 ])
 def test_bad_run_settings_fail_before_ray_starts(tmp_path, capsys, override, key):
-    assert main(["train", str(ROOT / "configs/digits.yaml"), override, f"output_dir={tmp_path}"]) == 2
+    assert main(["train", str(ROOT / "configs/digits_ce.yaml"), override, f"output_dir={tmp_path}"]) == 2
     assert key in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+def test_a_bad_diffusion_model_fails_before_ray_starts(tmp_path, capsys):
+    args = ["train", str(ROOT / "configs/digits_ce.yaml"), "synthesis.mode=online", "synthesis.budget=8",
+            f"output_dir={tmp_path}"]
+    assert main([*args, f"diffusion.model_dir={tmp_path / 'none'}"]) == 2
+    assert "diffusion.model_dir" in capsys.readouterr().err
+    from ioisray.models.diffusion import create_unet
+
+    create_unet("tiny", num_classes=3, image_size=16).save_pretrained(tmp_path / "unet3")
+    assert main([*args, f"diffusion.model_dir={tmp_path / 'unet3'}"]) == 2
+    assert "built for 3 classes but the dataset has 10" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["unet3"]  # no run folder was made
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
     from ioisray.config import load_config as lc, save_config
     from ioisray.recipes.common import check_resumable
 
-    cfg = lc(ROOT / "configs/digits.yaml", [f"output_dir={tmp_path}"])
+    cfg = lc(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}"])
     (cfg.run_dir / "ray_train").mkdir(parents=True)
     save_config(cfg, cfg.run_dir / "config.yaml")
-    check_resumable(lc(ROOT / "configs/digits.yaml", [f"output_dir={tmp_path}", "ray.num_workers=4"]),
+    check_resumable(lc(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}", "ray.num_workers=4"]),
                     cfg.run_dir)  # where it runs may change
     with pytest.raises(ConfigError, match=r"data\.test_fraction, seed"):
-        check_resumable(lc(ROOT / "configs/digits.yaml", [f"output_dir={tmp_path}", "seed=1",
+        check_resumable(lc(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}", "seed=1",
                                                           "data.test_fraction=0.3"]), cfg.run_dir)
 
 
 def test_print_config_shows_resolved_values(capsys):
-    assert main(["train", str(ROOT / "configs/digits.yaml"), "train.epochs=3", "--print-config"]) == 0
+    assert main(["train", str(ROOT / "configs/digits_ce.yaml"), "train.epochs=3", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 3" in out and "name: digits_lt" in out
 
@@ -61,7 +76,7 @@ def test_print_config_shows_resolved_values(capsys):
 @pytest.mark.ray
 def test_train_end_to_end_with_ray(tmp_path):
     # Exercises the re-sampling dataset, mixup and a re-weighted loss inside Ray Train as well.
-    args = ["train", "configs/digits.yaml", *TINY, "train.epochs=2", "name=e2e", f"output_dir={tmp_path}",
+    args = ["train", "configs/digits_ce.yaml", *TINY, "train.epochs=2", "name=e2e", f"output_dir={tmp_path}",
             "method.sampling=class_balanced", "method.mixup_alpha=0.2", "method.loss=cb_focal"]
     r = run_cli(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -89,7 +104,7 @@ def test_train_end_to_end_with_ray(tmp_path):
 
 @pytest.mark.ray
 def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
-    args = ["train", "configs/digits.yaml", *TINY, "train.epochs=5", "name=resume", f"output_dir={tmp_path}"]
+    args = ["train", "configs/digits_ce.yaml", *TINY, "train.epochs=5", "name=resume", f"output_dir={tmp_path}"]
     run = tmp_path / "resume"
     done = interrupt_after(args, run, epochs=2)
     assert not (run / "metrics.json").exists(), "interrupted too late: the run had finished"

@@ -8,7 +8,7 @@ from PIL import Image
 from ioisray.cli import main
 from ioisray.models.diffusion import create_unet
 
-DIGITS = str(ROOT / "configs/digits.yaml")
+DIGITS = str(ROOT / "configs/digits_ce.yaml")
 
 
 def saved_unet(path, num_classes):

@@ -7,7 +7,7 @@ IOIS with its ablations when `synthesis.mode` is on (the IOIS steps themselves a
     train    workers: `train_loop_per_worker`, one epoch at a time; validation picks the best epoch;
              a checkpoint every epoch; the test split is evaluated once, at the end, with the best weights
     save     driver: metrics.json and metrics.md (atomic), next to the resolved config.yaml; with IOIS
-             the real-vs-synthetic figure, and with `baseline_run` the per-class change figure
+             the real-vs-synthetic figure, and with `baseline` the per-class change figure
     cleanup  driver: stop the synthesis pool and the Ray it started
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ioisray import iois, report as figures
 from ioisray.aas import AASState
 from ioisray.atomic import atomic_save_safetensors, atomic_write_text
 from ioisray.checkpoint import TrainingState
-from ioisray.config import Config, ConfigError, RunFinishedError, save_config
+from ioisray.config import Config, ConfigError, RunFinishedError, load_config, save_config
 from ioisray.engine import predict, train_one_epoch
 from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
@@ -267,11 +267,15 @@ def train(cfg: Config) -> dict:
                           "on validation; use a fraction > 0")
     # Fail here, naming the key, rather than inside the Ray workers after start-up.
     build_classifier(cfg, ds.num_classes)
+    if cfg.baseline and not Path(cfg.baseline).expanduser().exists():
+        raise ConfigError(f"baseline: {cfg.baseline} does not exist")
+    # What the run needs first: its diffusion model and its baseline (made here if missing).
+    model_dir = diffusion_model(cfg, ds.num_classes) if iois.is_on(cfg) else None
+    baseline = baseline_run(cfg) if cfg.baseline else None
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     train_ds = ds.subset(splits["train"])
     counts = train_ds.class_counts()
-    model_dir = diffusion_model(cfg, ds.num_classes) if iois.is_on(cfg) else None
     datasets = lambda handles: {  # noqa: E731 - built once Ray is up
         "train": iois.training_dataset(cfg, train_ds.images, train_ds.labels, handles.get("synthesis_pool"),
                                        cfg.ray.num_workers),
@@ -309,10 +313,30 @@ def train(cfg: Config) -> dict:
     if model_dir:
         out["diffusion_model_dir"] = model_dir
     save_results(out, run_dir)
-    if cfg.baseline_run:
-        figures_made.append(figures.per_class_change_from_runs(run_dir, Path(cfg.baseline_run)))
+    if baseline:
+        figures_made.append(figures.per_class_change_from_runs(run_dir, baseline))
     out["figures"] = [str(f) for f in figures_made]
     return out
+
+
+def baseline_run(cfg: Config) -> Path:
+    """The finished run `cfg.baseline` names; an experiment config is trained first (same output_dir,
+    seed and Ray settings) unless its run has finished already."""
+    path = Path(cfg.baseline).expanduser()
+    if path.suffix not in (".yaml", ".yml"):
+        if not (path / "metrics.json").is_file():
+            raise ConfigError(f"baseline: {path} is not a finished run folder (no metrics.json)")
+        return path
+    if not path.is_file():
+        raise ConfigError(f"baseline: config file not found: {path}")
+    base = load_config(path, [f"output_dir={cfg.output_dir}", f"seed={cfg.seed}"])
+    base = base.model_copy(update={"ray": cfg.ray, "data": cfg.data})
+    if base.baseline or base.synthesis.mode != "none":
+        raise ConfigError(f"baseline: {path} must be a plain baseline (no synthesis, no baseline of its own)")
+    if not (base.run_dir / "metrics.json").is_file():
+        print(f"[ioisray] baseline {base.name}: training it first ({base.run_dir})", flush=True)
+        train(base)
+    return base.run_dir
 
 
 def diffusion_model(cfg: Config, num_classes: int) -> str:

@@ -6,8 +6,8 @@ Data source that streams their chunks into the training shards.
     SynthesisPool        an actor owning the SynthesisActors; at each epoch it assigns the plan's chunks
                          to actors by measured throughput and submits them all at once, so generation
                          runs ahead of training; it regenerates a chunk whose actor died
-    EpochStreamDatasource  one read task per chunk; read task i yields a slice of the real training
-                         rows, then asks the pool for chunk i of the current epoch. Ray Train re-executes
+    EpochStreamDatasource  read tasks alternating between a slice of the real training rows and one
+                         chunk: the task of chunk i asks the pool for chunk i of the current epoch. Ray Train re-executes
                          the dataset every epoch, so each execution reads that epoch's plan, and Ray Data
                          streams the blocks (with backpressure and equal splitting) into the workers'
                          shards as they come. Images go actor -> object store -> worker, never via the
@@ -196,20 +196,23 @@ def _real_rows(real: dict, i: int, num_tasks: int) -> dict:
     return rows
 
 
-def _read(pool, i: int, num_tasks: int, real: Optional[dict], max_retries: int):
-    """Task i: its share of the real rows at once, then chunk i when it is ready (two blocks)."""
-    if real is not None and i < real["rows"]:
-        yield BlockAccessor.batch_to_block(_real_rows(real, i, num_tasks))
+def _read_real(real: dict, i: int, num_slices: int):
+    yield BlockAccessor.batch_to_block(_real_rows(real, i, num_slices))
+
+
+def _read_chunk(pool, i: int, max_retries: int):
     yield BlockAccessor.batch_to_block(_synthetic_rows(pool, i, max_retries))
 
 
 class EpochStreamDatasource(Datasource):
     """One epoch of training data: the real training rows and the pool's current chunks, interleaved.
 
-    A fixed set of read tasks, one per chunk of the (fixed) per-epoch budget. Task i yields a slice of
-    the real rows straight away, then waits for chunk i: training starts on real images at once, and
-    synthetic chunks join the stream in the order they are made, spread over the epoch instead of
-    queued behind every real image.
+    A fixed set of read tasks, for a fixed per-epoch budget: with real rows, task 2i reads the i-th
+    slice of them and task 2i+1 waits for chunk i; without, task i waits for chunk i. Ray Data starts
+    tasks in index order (a few at a time), so training starts on real images at once, and synthetic
+    chunks join the stream in the order they are made, spread over the epoch instead of queued behind
+    every real image. (Real rows and a chunk are separate tasks because Ray Data merges the blocks
+    one task yields, which would hold the real slice back until its chunk is ready.)
     """
 
     def __init__(self, pool, chunk_sizes: list[int], image_shape: tuple[int, int, int],
@@ -221,15 +224,19 @@ class EpochStreamDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int:
         return int((sum(self._sizes) + (self._real["rows"] if self._real else 0)) * np.prod(self._shape))
 
+    def _task(self, read_fn, rows: int) -> ReadTask:
+        return ReadTask(read_fn, BlockMetadata(num_rows=rows, size_bytes=int(rows * np.prod(self._shape)),
+                                               input_files=None, exec_stats=None))
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        # One task per chunk whatever the requested parallelism: chunk i is always read by task i.
+        # The same tasks whatever the requested parallelism: chunk i is always read by the same task.
         k = len(self._sizes)
         tasks = []
         for i, n in enumerate(self._sizes):
-            rows = n + (len(range(i, self._real["rows"], k)) if self._real else 0)
-            meta = BlockMetadata(num_rows=rows, size_bytes=int(rows * np.prod(self._shape)), input_files=None,
-                                 exec_stats=None)
-            tasks.append(ReadTask(functools.partial(_read, self._pool, i, k, self._real, self._retries), meta))
+            if self._real and i < self._real["rows"]:
+                tasks.append(self._task(functools.partial(_read_real, self._real, i, k),
+                                        len(range(i, self._real["rows"], k))))
+            tasks.append(self._task(functools.partial(_read_chunk, self._pool, i, self._retries), n))
         return tasks
 
 
@@ -261,5 +268,5 @@ def epoch_stream(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int]
         real = {"arrays": [put_arrays(real_images, real_labels)], "rows": n, "sampling": sampling,
                 "order": row_order(len(real_labels), sampling, seed, extra_real_rows)}
     source = EpochStreamDatasource(pool, chunk_sizes, image_shape, real, max_retries)
-    return ray.data.read_datasource(source, override_num_blocks=len(chunk_sizes), num_cpus=0,
+    return ray.data.read_datasource(source, override_num_blocks=len(source.get_read_tasks(1)), num_cpus=0,
                                     concurrency=concurrency)

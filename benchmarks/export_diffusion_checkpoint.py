@@ -1,0 +1,39 @@
+"""Save the EMA weights of a diffusion pretraining run's latest checkpoint as a diffusers model folder,
+so that a run stopped early (or still running) can be sampled from.
+
+    python benchmarks/export_diffusion_checkpoint.py outputs/dermamnist_diffusion /tmp/unet_latest
+"""
+import argparse
+import json
+from pathlib import Path
+
+from diffusers.training_utils import EMAModel
+
+from ioisray.checkpoint import TrainingState
+from ioisray.config import load_config
+from ioisray.models.diffusion import create_unet
+from ioisray.recipes.pretrain_diffusion import diffusion_image_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="a pretrain-diffusion run folder")
+    ap.add_argument("out", type=Path, help="where to write the diffusers folder")
+    args = ap.parse_args()
+    cfg = load_config(args.run / "config.yaml")
+    ckpts = sorted((args.run / "ray_train").glob("checkpoint_*"))
+    if not ckpts:
+        raise SystemExit(f"{args.run}/ray_train holds no checkpoint")
+    state = TrainingState.load(ckpts[-1])
+    num_classes = next(v.shape[0] for k, v in state.model.items() if k.startswith("class_embedding"))
+    unet = create_unet(cfg.diffusion.preset, num_classes, diffusion_image_size(cfg))
+    unet.load_state_dict(state.model)
+    ema = EMAModel(unet.parameters(), decay=cfg.pretrain.ema_decay)
+    ema.load_state_dict(state.extra["ema"])
+    ema.copy_to(unet.parameters())
+    unet.save_pretrained(args.out, safe_serialization=True)
+    print(json.dumps({"checkpoint": str(ckpts[-1]), "epoch": state.epoch, "out": str(args.out)}))
+
+
+if __name__ == "__main__":
+    main()
