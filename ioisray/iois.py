@@ -19,6 +19,7 @@ and reused every epoch). At e = 0 there is no trained classifier yet, so epoch 0
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import numpy as np
@@ -70,11 +71,15 @@ def begin_epoch(cfg: Config, pool, state: aas.AASState, classifier: torch.nn.Mod
 
 def end_epoch(pool, tally: SyntheticTally, rank: int) -> dict:
     """Step 4's synthesis side: images received per class (all workers), time to the first synthetic
-    batch, and, on rank 0, the pool's throughput per actor and time to generate the epoch."""
+    batch at any worker, and, on rank 0, the pool's throughput per actor and time to generate the epoch."""
     import ray
 
     received = all_reduce_sum(torch.as_tensor(tally.per_class, dtype=torch.float64)).long().tolist()
-    out = {"synthetic_per_class": received, "seconds_to_first_synthetic": tally.seconds_to_first}
+    first = torch.tensor(math.inf if tally.seconds_to_first is None else tally.seconds_to_first, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the first worker to get one
+    out = {"synthetic_per_class": received,
+           "seconds_to_first_synthetic": float(first) if math.isfinite(float(first)) else None}
     if rank == 0:
         s = ray.get(pool.epoch_stats.remote())
         out.update(generation_seconds=s["last_chunk_done_at"] - s["epoch_started_at"],

@@ -79,7 +79,10 @@ def init_ray(cfg: Config) -> bool:
     if cfg.synthesis.mode != "none":
         needed += cfg.synthesis.pool_size * cfg.synthesis.num_cpus
     num_cpus = cfg.ray.local_num_cpus or max(2 * (os.cpu_count() or 1), int(needed + 0.999))
-    ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, logging_level="WARNING")
+    ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, logging_level="WARNING",
+             # Keep idle worker processes a while: Ray Data starts a read task per chunk each epoch, and
+             # starting a fresh Python process for each costs more CPU than a small machine can spare.
+             _system_config={"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64})
     return True
 
 
