@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="where to write the diffusers folder")
     args = ap.parse_args()
     cfg = load_config(args.run / "config.yaml")
-    ckpts = sorted((args.run / "ray_train").glob("checkpoint_*"))
+    ckpts = sorted(p for p in (args.run / "ray_train").glob("checkpoint_*") if p.is_dir())
     if not ckpts:
         raise SystemExit(f"{args.run}/ray_train holds no checkpoint")
     state = TrainingState.load(ckpts[-1])

@@ -126,7 +126,10 @@ def _fit(cfg, train_loop, loop_config, datasets, run_dir, split):
             # Workers' prints go straight to the console, not once more through Train's logger.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(split)),
+        # No shard locality: with it, Ray Data holds back blocks that have no node location (small
+        # ones live in their owner's memory, like the synthetic chunks of a small image size) until
+        # its buffer is full or the stream ends, which would push the chunks to the end of the epoch.
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(split), enable_shard_locality=False),
     )
     return trainer.fit()
 
