@@ -25,7 +25,7 @@ def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_p
     args = ["train", "configs/digits.yaml", *TINY_IOIS, f"diffusion.model_dir={unet_dir}", "name=iois",
             f"output_dir={tmp_path}"]
     run = tmp_path / "iois"
-    done = interrupt_after(args, run, epochs=1)
+    done = interrupt_after(args, run, epochs=1, timeout=480)  # epoch 1 also starts the pool
     assert 1 <= done < 3
     r = run_cli(*args)
     out = r.stdout + r.stderr
