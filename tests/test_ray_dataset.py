@@ -1,20 +1,9 @@
 """The Ray Data adapter: every row once in order for evaluation, fresh balanced samples for training."""
-import os
-
 import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def data(counts=(300, 40, 10)):

@@ -47,15 +47,6 @@ def decoded_seeds(images):
     return sum(images[:, 0, b, 0].astype(np.int64) << (8 * b) for b in range(5))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 def read_epoch(ds):
     rows = {"label": [], "seed": [], "image": [], "plan_epoch": []}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
