@@ -1,17 +1,17 @@
 """The Ray side of synthesis: long-lived generator actors, the pool that plans their work, and the Ray
 Data source that streams their chunks into the training shards.
 
-    SynthesisActor       one per `synthesis.pool_size`; builds its DiffusionGenerator (loads the model)
-                         once, takes the classifier weights once per epoch, generates chunks
-    SynthesisPool        an actor owning the SynthesisActors; at each epoch it assigns the plan's chunks
-                         to actors by measured throughput and submits them all at once, so generation
-                         runs ahead of training; it regenerates a chunk whose actor died
+    SynthesisActor         one per `synthesis.pool_size`; builds its DiffusionGenerator (loads the
+                           model) once, takes the classifier weights once per epoch, generates chunks
+    SynthesisPool          an actor owning the SynthesisActors; each epoch it assigns the plan's chunks
+                           to actors by measured throughput and submits them all at once, so generation
+                           runs ahead of training; it regenerates a chunk whose actor died
     EpochStreamDatasource  read tasks alternating between a slice of the real training rows and one
-                         chunk: the task of chunk i asks the pool for chunk i of the current epoch. Ray Train re-executes
-                         the dataset every epoch, so each execution reads that epoch's plan, and Ray Data
-                         streams the blocks (with backpressure and equal splitting) into the workers'
-                         shards as they come. Images go actor -> object store -> worker, never via the
-                         driver.
+                           chunk (the task of chunk i asks the pool for chunk i of the current epoch).
+                           Ray Train re-executes the dataset every epoch, so each execution reads that
+                           epoch's plan, and Ray Data streams the blocks (with backpressure and equal
+                           splitting) into the workers' shards as they come. Images go actor -> object
+                           store -> worker, never via the driver.
 """
 from __future__ import annotations
 
