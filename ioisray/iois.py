@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ioisray import aas
 from ioisray.config import Config
 from ioisray.engine import all_reduce_sum
-from ioisray.synthesis.plan import Chunk, plan_epoch
+from ioisray.synthesis.plan import Chunk, chunk_sizes, plan_epoch
 from ioisray.synthesis.tally import SyntheticTally
 
 
@@ -123,9 +123,8 @@ def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: 
     if pool is None:
         return to_ray_dataset(images, labels, sampling=cfg.method.sampling, seed=cfg.seed)
     budget = cfg.synthesis.budget
-    sizes = [len(c) for c in plan_epoch([budget], 0, cfg.seed, cfg.synthesis.chunk_size)]
     size = cfg.data.image_size
-    return epoch_stream(pool, sizes, (size, size, 3), real_images=images, real_labels=labels,
-                        sampling=cfg.method.sampling, seed=cfg.seed,
+    return epoch_stream(pool, chunk_sizes(budget, cfg.synthesis.chunk_size), (size, size, 3),
+                        real_images=images, real_labels=labels, sampling=cfg.method.sampling, seed=cfg.seed,
                         extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
                         max_retries=cfg.synthesis.max_retries, concurrency=4 * cfg.synthesis.pool_size)

@@ -34,7 +34,7 @@ def test_ordered_and_natural_yield_every_row_once(local_ray):
 def test_class_balanced_draws_classes_evenly_and_anew_each_epoch(local_ray):
     from ioisray.data.ray_dataset import to_ray_dataset
 
-    images, labels = data()
+    images, labels = data(counts=(3000, 400, 100))  # large enough that atol=0.06 is 7 sigma (unseeded draws)
     ds = to_ray_dataset(images, labels, sampling="class_balanced")
     first, second = ds.take_batch(10_000), ds.take_batch(10_000)
     assert len(first["label"]) == len(labels)

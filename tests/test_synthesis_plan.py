@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ioisray.synthesis.plan import SEED_EPOCH, assign_chunks, image_seeds, num_chunks, plan_epoch
+from ioisray.synthesis.plan import SEED_EPOCH, assign_chunks, chunk_sizes, image_seeds, num_chunks, plan_epoch
 from ioisray.synthesis.tally import SyntheticTally
 
 
@@ -16,6 +16,7 @@ def test_plan_holds_exactly_the_quotas_in_a_fixed_number_of_chunks(seed):
     labels = np.concatenate([c.labels for c in chunks]) if chunks else np.zeros(0, np.int64)
     np.testing.assert_array_equal(np.bincount(labels, minlength=len(quotas)), quotas)
     assert len(chunks) == num_chunks(int(quotas.sum()), chunk_size)
+    assert [len(c) for c in chunks] == chunk_sizes(int(quotas.sum()), chunk_size)
     assert all(len(c) == chunk_size for c in chunks[:-1])
     assert [c.index for c in chunks] == list(range(len(chunks)))
 

@@ -15,7 +15,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402
 
-from ioisray.synthesis.plan import plan_epoch  # noqa: E402
+from ioisray.synthesis.plan import chunk_sizes, plan_epoch  # noqa: E402
 from ioisray.synthesis.pool import epoch_stream, start_pool  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -61,8 +61,7 @@ def pairs(chunks):
 
 def start(budget, chunk_size, delay, size=2):
     pool = start_pool(lambda: SeedImages(delay), size, num_cpus=0.5)
-    sizes = [len(c) for c in plan_epoch([budget], 0, 0, chunk_size)]
-    return pool, epoch_stream(pool, sizes, (SIZE, SIZE, 3), concurrency=4)
+    return pool, epoch_stream(pool, chunk_sizes(budget, chunk_size), (SIZE, SIZE, 3), concurrency=4)
 
 
 def test_two_actors_deliver_each_epochs_quota_exactly_once_loading_the_model_once(local_ray):

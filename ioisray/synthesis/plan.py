@@ -32,6 +32,11 @@ def num_chunks(budget: int, chunk_size: int) -> int:
     return math.ceil(budget / chunk_size) if budget > 0 else 0
 
 
+def chunk_sizes(budget: int, chunk_size: int) -> list[int]:
+    """Images per chunk of every epoch's plan: full chunks, then the remainder."""
+    return [min(chunk_size, budget - s) for s in range(0, budget, chunk_size)]
+
+
 def image_seeds(run_seed: int, epoch: int, count: int) -> np.ndarray:
     if count > SEED_EPOCH:
         raise ValueError(f"synthesis.budget {count} exceeds {SEED_EPOCH} images per epoch")

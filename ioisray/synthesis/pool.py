@@ -140,29 +140,30 @@ class SynthesisPool:
                 pending[s] += len(self.plan[j])
         self._submit(i, int(np.argmin(pending)))
 
+    def _timings_by_slot(self, finished_current_only: bool) -> dict[int, list[dict]]:
+        """Timing dicts of the plan's chunks per actor slot; optionally only finished chunks made by the
+        slot's current actor (a replaced actor's speed says nothing about its successor's)."""
+        by_slot: dict[int, list[dict]] = {}
+        for ref, (slot, generation) in zip(self.timings, self.owner):
+            if ref is None or (finished_current_only and (generation != self.generation[slot]
+                                                          or not ray.wait([ref], timeout=0)[0])):
+                continue
+            by_slot.setdefault(slot, []).append(ray.get(ref))
+        return by_slot
+
     def _collect_rates(self) -> None:
         """Images/s per slot over the last epoch's finished chunks."""
-        if not self.plan:
-            return
-        done = [t for t in self.timings if t is not None and ray.wait([t], timeout=0)[0]]
-        per_slot: dict[int, list] = {}
-        for timing_ref, (slot, gen) in zip(self.timings, self.owner):
-            if timing_ref in done and gen == self.generation[slot]:
-                per_slot.setdefault(slot, []).append(ray.get(timing_ref))
-        for slot, ts in per_slot.items():
-            self.rates[slot] = sum(t["images"] for t in ts) / max(sum(t["seconds"] for t in ts), 1e-9)
+        for slot, timings in self._timings_by_slot(True).items():
+            self.rates[slot] = _images_per_second(timings)
 
     def epoch_stats(self) -> dict:
         """This epoch's images/s per actor slot and seconds from start_epoch to its last chunk."""
-        timings = ray.get([t for t in self.timings if t is not None])
-        per_slot: dict[int, list] = {}
-        for t, (slot, _) in zip(timings, self.owner):
-            per_slot.setdefault(slot, []).append(t)
+        by_slot = self._timings_by_slot(False)
+        done = [t["done_at"] for ts in by_slot.values() for t in ts]
         return {
-            "images_per_second": {s: sum(t["images"] for t in ts) / max(sum(t["seconds"] for t in ts), 1e-9)
-                                  for s, ts in sorted(per_slot.items())},
+            "images_per_second": {s: _images_per_second(ts) for s, ts in sorted(by_slot.items())},
             "epoch_started_at": self.epoch_started_at,
-            "last_chunk_done_at": max((t["done_at"] for t in timings), default=self.epoch_started_at),
+            "last_chunk_done_at": max(done, default=self.epoch_started_at),
             "actors_started": self.actors_started,
         }
 
@@ -172,6 +173,10 @@ class SynthesisPool:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
+
+
+def _images_per_second(timings: list[dict]) -> float:
+    return sum(t["images"] for t in timings) / max(sum(t["seconds"] for t in timings), 1e-9)
 
 
 def _synthetic_rows(pool, i: int, max_retries: int) -> dict:
