@@ -29,6 +29,7 @@ import torch.distributed as dist
 from ioisray import aas
 from ioisray.config import Config
 from ioisray.engine import all_reduce_sum
+from ioisray.recipes.common import cpu_state_dict
 from ioisray.synthesis.plan import Chunk, chunk_sizes, plan_epoch
 from ioisray.synthesis.tally import SyntheticTally
 
@@ -62,7 +63,7 @@ def begin_epoch(cfg: Config, pool, state: aas.AASState, classifier: torch.nn.Mod
     plan_epoch_, chunks = plan(cfg, quotas, epoch)
     if rank == 0:
         guided = cfg.synthesis.mode == "online" and cfg.synthesis.guidance and epoch > 0
-        weights = ray.put({k: v.detach().cpu() for k, v in classifier.state_dict().items()}) if guided else None
+        weights = ray.put(cpu_state_dict(classifier)) if guided else None
         ray.get(pool.start_epoch.remote(plan_epoch_, chunks, [weights], reuse=cfg.synthesis.mode == "offline"))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -194,6 +194,11 @@ def new_checkpoint_dir() -> str:
     return tempfile.mkdtemp(prefix="ioisray-ckpt-")
 
 
+def cpu_state_dict(model) -> dict:
+    """The bare module's weights as CPU tensors of their own (training may go on changing the live ones)."""
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
 def unwrap(model):
     """The bare module inside DDP: a forward on one rank alone must not wait for the others."""
     return model.module if hasattr(model, "module") else model

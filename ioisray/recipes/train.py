@@ -31,8 +31,8 @@ from ioisray.engine import predict, train_one_epoch
 from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
-from ioisray.recipes.common import (check_resumable, epoch_generator, fit, new_checkpoint_dir, report,
-                                    restore_or_start, setup_data, unwrap, worker_setup)
+from ioisray.recipes.common import (check_resumable, cpu_state_dict, epoch_generator, fit, new_checkpoint_dir,
+                                    report, restore_or_start, setup_data, unwrap, worker_setup)
 from ioisray.synthesis.tally import SyntheticTally
 from ioisray.transforms import TrainTransform
 
@@ -80,10 +80,6 @@ def build_loss(cfg: Config, class_counts) -> torch.nn.Module:
 def build_classifier(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The timm classifier of this config; LDAM-DRW gets the cosine head its margins assume."""
     return create_classifier(cfg.model, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
-
-
-def _cpu_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 def _tb_scalars(writer, prefix: str, metrics: dict, epoch: int) -> None:
@@ -189,7 +185,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             train_pc = {n: float(a) for n, a in zip(class_names, stats.per_class_accuracy)}
             metrics.update({f"val_{k}": val[k] for k in ("balanced_accuracy", "macro_f1", "accuracy")})
             state.epoch = epoch + 1
-            state.model, state.optimizer = _cpu_state(model), optimizer.state_dict()
+            state.model, state.optimizer = cpu_state_dict(model), optimizer.state_dict()
             state.scheduler = scheduler.state_dict()
             state.extra["aas"] = aas.to_dict()
             state.extra.setdefault("history", []).append(
