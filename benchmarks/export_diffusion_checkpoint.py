@@ -11,8 +11,8 @@ from diffusers.training_utils import EMAModel
 
 from ioisray.checkpoint import TrainingState
 from ioisray.config import load_config
-from ioisray.models.diffusion import create_unet
-from ioisray.recipes.pretrain_diffusion import diffusion_image_size
+from ioisray.models.diffusion import create_unet, save_diffusion_model
+from ioisray.recipes.pretrain_diffusion import diffusion_image_size, training_noise_scheduler
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     ema = EMAModel(unet.parameters(), decay=cfg.pretrain.ema_decay)
     ema.load_state_dict(state.extra["ema"])
     ema.copy_to(unet.parameters())
-    unet.save_pretrained(args.out, safe_serialization=True)
+    save_diffusion_model(unet, training_noise_scheduler(cfg), args.out)
     print(json.dumps({"checkpoint": str(ckpts[-1]), "epoch": state.epoch, "out": str(args.out)}))
 
 

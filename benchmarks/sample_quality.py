@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ioisray.engine import predict
-from ioisray.models.diffusion import load_unet
+from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.recipes.sample import load_classifier_run
 from ioisray.sampler import SamplerConfig, sample
 
@@ -39,6 +39,7 @@ def main() -> None:
     guide, gcfg, names = load_classifier_run(args.guide)
     judge, jcfg, _ = load_classifier_run(args.judge)
     unet = load_unet(str(args.unet), len(names)).eval()
+    noise_scheduler = load_noise_scheduler(args.unet)
     size = jcfg.data.image_size
     labels = [c for c in range(len(names)) for _ in range(args.per_class)]
     seeds = list(range(len(labels)))
@@ -51,7 +52,7 @@ def main() -> None:
         images, t0 = [], time.perf_counter()
         for i in range(0, len(labels), args.batch):
             images.append(sample(unet, labels[i:i + args.batch], seeds[i:i + args.batch], cfg,
-                                 classifier=guide if scale > 0 else None).images)
+                                 classifier=guide if scale > 0 else None, scheduler=noise_scheduler).images)
         rate = len(labels) / (time.perf_counter() - t0)
         batches = [{"image": im, "label": torch.tensor(labels[i * args.batch:i * args.batch + len(im)])}
                    for i, im in enumerate(images)]

@@ -113,6 +113,10 @@ class DiffusionConfig(_Strict):
     preset: Literal["tiny", "small64", "adm128"] = "tiny"
     image_size: Optional[int] = Field(None, ge=8, le=1024)  # default: the preset's size
     model_dir: Optional[str] = None  # a trained diffusers UNet2DModel folder (e.g. <run>/unet)
+    # How a new model is pretrained (None: "epsilon" and "linear", the paper's ADM). A model in
+    # model_dir carries its own; setting a different one here is an error.
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    beta_schedule: Optional[Literal["linear", "squaredcos_cap_v2"]] = None
 
 
 class PretrainConfig(_Strict):

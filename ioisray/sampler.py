@@ -10,6 +10,8 @@ Two forms of x (IOIS.md leaves the default to a measurement):
            cost one UNet forward plus one classifier forward/backward per step. With eps detached,
            d x0_hat / d x_t = 1 / sqrt(abar_t), so the x0 form pushes 1/sqrt(abar_t) times harder at
            high noise (~130x at t=980, 1x at t=0) for the same scale s.
+Models may predict the noise (epsilon) or the velocity v = sqrt(abar) eps - sqrt(1-abar) x0; a
+v-prediction is turned into eps first, so guidance and the DDIM update are the same for both.
 Every image draws its own noise from a CPU generator seeded with its seed, so an image depends only on
 (seed, label, model, config) and not on which batch it was generated in.
 """
@@ -29,27 +31,39 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from ioisray.transforms import MEAN, STD
 
 # Linear betas 1e-4..0.02 over 1000 steps: DDPM's schedule, and the one guided-diffusion used for its
-# 128x128 class-conditional ADM (the model the paper uses). Pretraining and sampling must share it.
+# 128x128 class-conditional ADM (the model the paper uses). Pretraining and sampling must share it:
+# a trained model carries its own schedule (models.diffusion.save_diffusion_model).
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
 
-def make_train_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
-    """The noise schedule diffusion pretraining should use (epsilon prediction)."""
-    return DDPMScheduler(**{**NOISE_SCHEDULE, "num_train_timesteps": num_train_timesteps},
-                         prediction_type="epsilon", clip_sample=False)
+def make_train_scheduler(beta_schedule: str = "linear", prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The noise schedule and target of diffusion pretraining.
+
+    "squaredcos_cap_v2" is the cosine schedule of improved DDPM, which spends fewer steps on near-pure
+    noise than the linear one at small image sizes; "v_prediction" keeps the model's clean-image
+    estimate accurate at high noise, where an epsilon model's error is amplified by 1/sqrt(abar_t).
+    """
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"diffusion.beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"diffusion.prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return DDPMScheduler(**{**NOISE_SCHEDULE, "beta_schedule": beta_schedule},
+                         prediction_type=prediction_type, clip_sample=False)
 
 
-def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
-    """DDIM over the training schedule.
+def make_scheduler(train_scheduler: DDPMScheduler | DDIMScheduler | None = None) -> DDIMScheduler:
+    """DDIM over a model's training schedule (default: linear betas), stepping on epsilon.
 
     clip_sample=False: clipping x0_hat to [-1, 1] at every step discards the part of the guidance
     push that leaves the box and was found to make guidance harmful (IOIS.md). "leading" spacing
     (t = 980, 960, ..., 0 for 50 steps) matches guided-diffusion's "ddim50" respacing;
     set_alpha_to_one makes the last step return the clean prediction.
     """
-    return DDIMScheduler(**{**NOISE_SCHEDULE, "num_train_timesteps": num_train_timesteps},
-                         prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
-                         timestep_spacing="leading")
+    config = train_scheduler.config if train_scheduler is not None else make_train_scheduler().config
+    return DDIMScheduler.from_config(config, prediction_type="epsilon", clip_sample=False,
+                                     set_alpha_to_one=True, timestep_spacing="leading")
 
 
 @dataclass
@@ -144,13 +158,14 @@ def sample(
     *,
     classifier: nn.Module | None = None,
     classifier_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    scheduler: DDIMScheduler | None = None,
+    scheduler: DDPMScheduler | DDIMScheduler | None = None,
     device: torch.device | str | None = None,
 ) -> SampleBatch:
     """Generate one image per (label, seed) with DDIM, guided by `classifier` when given and s > 0.
 
-    The UNet and classifier must already be on `device` (default: the UNet's device). The batch is
-    processed at once; callers chunk large requests.
+    `scheduler` is the model's training noise scheduler (models.diffusion.load_noise_scheduler); None
+    means linear betas and epsilon prediction. The UNet and classifier must already be on `device`
+    (default: the UNet's device). The batch is processed at once; callers chunk large requests.
     """
     seeds = [int(s) for s in seeds]
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu()
@@ -167,14 +182,12 @@ def sample(
     out_size = cfg.output_size or size
     if not seeds:
         return SampleBatch(torch.zeros((0, out_size, out_size, 3), dtype=torch.uint8), labels, seeds)
-    if scheduler is None:
-        scheduler = make_scheduler()
-    else:
-        if scheduler.config.prediction_type != "epsilon":
-            raise ValueError("the sampler needs an epsilon-prediction scheduler")
-        if scheduler.config.clip_sample:
-            warnings.warn("scheduler has clip_sample=True, which makes classifier guidance harmful")
-        scheduler = DDIMScheduler.from_config(scheduler.config)  # our own copy: set_timesteps mutates it
+    prediction_type = scheduler.config.prediction_type if scheduler is not None else "epsilon"
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"the sampler needs an epsilon or v_prediction model, got {prediction_type!r}")
+    if scheduler is not None and scheduler.config.get("clip_sample"):
+        warnings.warn("scheduler has clip_sample=True, which makes classifier guidance harmful; it is ignored")
+    scheduler = make_scheduler(scheduler)  # our own copy: set_timesteps mutates it
     scheduler.set_timesteps(cfg.steps)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
 
@@ -194,9 +207,10 @@ def sample(
             with torch.no_grad(), _autocast(device, cfg.dtype):
                 eps = unet(x.to(unet_dtype), torch.full((len(seeds),), t_int, device=device),
                            class_labels=labels_dev).sample
-            eps = eps.float()
+            eps, abar_t = eps.float(), alphas_cumprod[t_int]
+            if prediction_type == "v_prediction":  # v = sqrt(abar) eps - sqrt(1-abar) x0  =>  eps:
+                eps = abar_t.sqrt() * eps + (1 - abar_t).sqrt() * x
             if guided:
-                abar_t = alphas_cumprod[t_int]
                 grad = _guidance_gradient(x, eps, abar_t, labels_dev, classifier, transform, cfg, device)
                 eps = eps - cfg.guidance_scale * (1 - abar_t).sqrt() * grad
             noise = None

@@ -64,3 +64,23 @@ def test_unconditional_unet_rejected(tmp_path):
     UNet2DModel(**PRESETS["tiny"]).save_pretrained(tmp_path / "uncond")
     with pytest.raises(ValueError, match="not class-conditional"):
         load_unet(str(tmp_path / "uncond"), 4)
+
+
+def test_model_folder_carries_its_noise_schedule(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from ioisray.models.diffusion import load_noise_scheduler, save_diffusion_model
+    from ioisray.sampler import make_train_scheduler
+
+    unet = create_unet("tiny", 4, image_size=16)
+    save_diffusion_model(unet, make_train_scheduler("squaredcos_cap_v2", "v_prediction"), tmp_path / "m")
+    loaded = load_noise_scheduler(tmp_path / "m")
+    assert loaded.config.prediction_type == "v_prediction" and loaded.config.beta_schedule == "squaredcos_cap_v2"
+    assert load_unet(str(tmp_path / "m"), 4).config.sample_size == 16
+    # A plain UNet folder (or one saved before schedules were recorded) is the paper's: linear, epsilon.
+    unet.save_pretrained(tmp_path / "plain")
+    plain = load_noise_scheduler(tmp_path / "plain")
+    assert plain.config.prediction_type == "epsilon" and plain.config.beta_schedule == "linear"
+    DDPMScheduler(prediction_type="sample").save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"diffusion.model_dir.*'sample'"):
+        load_noise_scheduler(tmp_path / "plain")

@@ -3,16 +3,18 @@ import pytest
 import torch
 from cli_utils import interrupt_after, run_cli
 
-from ioisray.models.diffusion import load_unet
+from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.sampler import SamplerConfig, sample
 
 pytestmark = pytest.mark.ray
 
 
 def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path):
-    args = ["pretrain-diffusion", "configs/pretrain_digits.yaml", "diffusion.image_size=16", "pretrain.epochs=4",
-            "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=2", "pretrain.sample_steps=2",
-            "ray.num_workers=2", "name=pd", f"output_dir={tmp_path}"]
+    common = ["pretrain-diffusion", "configs/pretrain_digits.yaml", "diffusion.image_size=16", "pretrain.epochs=4",
+              "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=2", "pretrain.sample_steps=2",
+              "ray.num_workers=2"]
+    args = common + ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=squaredcos_cap_v2",
+                     "name=pd", f"output_dir={tmp_path}"]
     run = tmp_path / "pd"
     done = interrupt_after(args, run, epochs=1)
     assert not (run / "unet").exists() and 1 <= done < 4
@@ -22,21 +24,29 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path):
     assert f"diffusion epoch {done}/4" not in r.stdout + r.stderr  # finished epochs are not redone
     assert (run / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     unet = load_unet(str(run / "unet"), num_classes=10)
-    batch = sample(unet, [0, 9], [1, 2], SamplerConfig(steps=2, output_size=24))
+    schedule = load_noise_scheduler(run / "unet")  # the model says how it was trained
+    assert (schedule.config.prediction_type, schedule.config.beta_schedule) == ("v_prediction", "squaredcos_cap_v2")
+    batch = sample(unet, [0, 9], [1, 2], SamplerConfig(steps=2, output_size=24), scheduler=schedule)
     assert batch.images.shape == (2, 24, 24, 3) and batch.images.dtype == torch.uint8
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     # A finished pretraining run is not silently redone.
     again = run_cli(*args)
     assert again.returncode == 2 and "already exists" in again.stderr
 
-    # Fine-tuning starts from the given model: after one 1-batch epoch at a tiny lr it is still close.
-    tuned = run_cli(*args[:-2], "pretrain.epochs=1", "pretrain.max_batches_per_epoch=1", "pretrain.lr=1e-7",
+    # Fine-tuning starts from the given model and keeps its schedule: after one 1-batch epoch at a
+    # tiny lr it is still close.
+    tuned = run_cli(*common, "pretrain.epochs=1", "pretrain.max_batches_per_epoch=1", "pretrain.lr=1e-7",
                     "pretrain.sample_every=0", f"diffusion.model_dir={run / 'unet'}", "name=ft",
                     f"output_dir={tmp_path}")
     assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
     before, after = unet.state_dict(), load_unet(str(tmp_path / "ft" / "unet"), num_classes=10).state_dict()
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
+    assert load_noise_scheduler(tmp_path / "ft" / "unet").config.prediction_type == "v_prediction"
+    # Asking to fine-tune it as an epsilon model is refused before Ray starts, naming the key.
+    conflict = run_cli(*common, "diffusion.prediction_type=epsilon", f"diffusion.model_dir={run / 'unet'}",
+                       "name=ft3", f"output_dir={tmp_path}")
+    assert conflict.returncode == 2 and "diffusion.prediction_type='epsilon'" in conflict.stderr
     # A model of another image size is refused before Ray starts, naming the key.
-    wrong = run_cli(*args[:-2], "diffusion.image_size=32", f"diffusion.model_dir={run / 'unet'}", "name=ft2",
+    wrong = run_cli(*common, "diffusion.image_size=32", f"diffusion.model_dir={run / 'unet'}", "name=ft2",
                     f"output_dir={tmp_path}")
     assert wrong.returncode == 2 and "diffusion.model_dir" in wrong.stderr and "16px" in wrong.stderr

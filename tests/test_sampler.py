@@ -44,6 +44,46 @@ def test_schedulers_share_linear_betas_and_do_not_clip():
     assert ddpm.betas[0].item() == pytest.approx(1e-4) and ddpm.betas[-1].item() == pytest.approx(0.02)
 
 
+class AsVelocity(nn.Module):
+    """An epsilon model re-expressed as the v-prediction model that makes the same predictions."""
+
+    def __init__(self, eps_model, train_scheduler):
+        super().__init__()
+        self.eps_model, self.config = eps_model, eps_model.config
+        self.abar = train_scheduler.alphas_cumprod
+
+    def forward(self, x, t, class_labels=None):
+        eps = self.eps_model(x, t, class_labels=class_labels).sample
+        abar = self.abar[t].view(-1, 1, 1, 1)
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        return type("Out", (), {"sample": abar.sqrt() * eps - (1 - abar).sqrt() * x0})()
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+def test_velocity_model_samples_like_the_epsilon_model_it_equals(unet, beta_schedule):
+    eps_sched = make_train_scheduler(beta_schedule, "epsilon")
+    v_sched = make_train_scheduler(beta_schedule, "v_prediction")
+    v_unet = AsVelocity(unet, v_sched)
+    cfg = SamplerConfig(steps=5, guidance_scale=2.0, guidance_form="x0")
+    a = sample(unet, [0, 2], [1, 2], cfg, classifier=ChannelMeanClassifier(), scheduler=eps_sched)
+    b = sample(v_unet, [0, 2], [1, 2], cfg, classifier=ChannelMeanClassifier(), scheduler=v_sched)
+    assert (a.images.int() - b.images.int()).abs().max() <= 1
+    # Reading the velocity as noise gives other images: the conversion is what makes them equal.
+    c = sample(v_unet, [0, 2], [1, 2], cfg, classifier=ChannelMeanClassifier(), scheduler=eps_sched)
+    assert (a.images.int() - c.images.int()).abs().float().mean() > 5
+
+
+def test_cosine_schedule_and_bad_schedule_names():
+    cos = make_train_scheduler("squaredcos_cap_v2", "v_prediction")
+    assert make_scheduler(cos).config.beta_schedule == "squaredcos_cap_v2"
+    assert torch.equal(make_scheduler(cos).alphas_cumprod, cos.alphas_cumprod)
+    assert cos.alphas_cumprod[500] > make_train_scheduler().alphas_cumprod[500]  # gentler mid-way
+    with pytest.raises(ValueError, match="diffusion.beta_schedule"):
+        make_train_scheduler("quadratic")
+    with pytest.raises(ValueError, match="diffusion.prediction_type"):
+        make_train_scheduler("linear", "sample")
+
+
 def test_output_format_and_output_size(unet):
     out = sample(unet, [0, 2], [1, 2], SamplerConfig(steps=3, output_size=24))
     assert out.images.shape == (2, 24, 24, 3) and out.images.dtype == torch.uint8

@@ -2,13 +2,17 @@
 
 Class conditioning uses UNet2DModel's `num_class_embeds` (a label embedding added to the time
 embedding, as in ADM). Each preset holds the UNet2DModel kwargs plus its default image size.
+A saved model is a diffusers UNet folder that also holds the noise scheduler it was trained with
+(`scheduler_config.json`: beta schedule and prediction type), so sampling always matches training.
 """
 from __future__ import annotations
 
 import os
 
 import torch.nn as nn
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
+
+from ioisray.sampler import PREDICTION_TYPES, make_train_scheduler
 
 _D, _AD, _U, _AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 
@@ -86,3 +90,24 @@ def load_unet(path: str, num_classes: int) -> UNet2DModel:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def save_diffusion_model(unet: UNet2DModel, noise_scheduler: DDPMScheduler, path: str | os.PathLike) -> None:
+    """The UNet (safetensors) and the noise scheduler it was trained with, in one diffusers folder."""
+    unet.save_pretrained(path, safe_serialization=True)
+    noise_scheduler.save_pretrained(path)
+
+
+def load_noise_scheduler(path: str | os.PathLike) -> DDPMScheduler:
+    """The training noise scheduler saved next to a UNet; linear betas and epsilon prediction for a
+    folder without one (a plain diffusers UNet, or a model saved before schedules were recorded)."""
+    if not os.path.isfile(os.path.join(path, DDPMScheduler.config_name)):
+        return make_train_scheduler()
+    try:
+        scheduler = DDPMScheduler.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"diffusion.model_dir: {path!r} has an unreadable {DDPMScheduler.config_name}: {e}") from None
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"diffusion.model_dir: {path!r} predicts {scheduler.config.prediction_type!r}; "
+                         f"the sampler supports {PREDICTION_TYPES}")
+    return scheduler

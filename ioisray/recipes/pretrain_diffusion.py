@@ -3,10 +3,11 @@
     setup    driver: the same data and split as the classifier (same seed); only the training split
              is used, so no validation or test image leaks into the generator
     train    workers: from a fresh UNet of `diffusion.preset`, or fine-tuning `diffusion.model_dir`;
-             noise-prediction (epsilon) loss on DDPM-noised images, DDP, an EMA copy of the
+             noise (epsilon) or velocity (v) prediction loss on DDPM-noised images, DDP, an EMA copy of the
              weights, a sample grid in TensorBoard every `pretrain.sample_every` epochs, a checkpoint
              (UNet, EMA, optimizer, lr schedule, epoch) every epoch
-    save     driver: the EMA weights as a diffusers model folder, <run>/unet (safetensors)
+    save     driver: the EMA weights as a diffusers model folder, <run>/unet (safetensors), with the
+             noise scheduler it was trained with
     cleanup  driver: shut down the Ray it started
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ioisray.config import Config, ConfigError, RunFinishedError, save_config
-from ioisray.models.diffusion import PRESETS, create_unet, load_unet
+from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet,
+                                     save_diffusion_model)
 from ioisray.recipes.common import (check_resumable, epoch_generator, fit, new_checkpoint_dir, report,
                                     restore_or_start, setup_data, unwrap, worker_setup)
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
@@ -53,12 +55,35 @@ def initial_unet(cfg: Config, num_classes: int, image_size: int):
     return unet
 
 
-def sample_grid(unet, num_classes: int, per_class: int, steps: int, device, seed: int = 0) -> torch.Tensor:
+def training_noise_scheduler(cfg: Config):
+    """The noise schedule and prediction target: the fine-tuned model's own, or the config's for a new one."""
+    d = cfg.diffusion
+    if not d.model_dir:
+        return make_train_scheduler(d.beta_schedule or "linear", d.prediction_type or "epsilon")
+    scheduler = load_noise_scheduler(d.model_dir)
+    for key in ("prediction_type", "beta_schedule"):
+        wanted, found = getattr(d, key), scheduler.config[key]
+        if wanted is not None and wanted != found:
+            raise ConfigError(f"diffusion.{key}={wanted!r}, but diffusion.model_dir {d.model_dir!r} was trained "
+                              f"with {found!r}; leave diffusion.{key} unset to fine-tune it as it is")
+    return scheduler
+
+
+def denoising_target(noise_scheduler, x0, noise, t):
+    """What the UNet learns to predict from x_t: the noise, or the velocity sqrt(abar) eps - sqrt(1-abar) x0."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(x0, noise, t)
+    return noise
+
+
+def sample_grid(unet, noise_scheduler, num_classes: int, per_class: int, steps: int, device,
+                seed: int = 0) -> torch.Tensor:
     """(3, H', W') uint8 grid: one row per class, unguided, fixed seeds so grids compare across epochs."""
     from torchvision.utils import make_grid
 
     labels = [c for c in range(num_classes) for _ in range(per_class)]
-    batch = sample(unet, labels, [seed + i for i in range(len(labels))], SamplerConfig(steps=steps), device=device)
+    batch = sample(unet, labels, [seed + i for i in range(len(labels))], SamplerConfig(steps=steps),
+                   scheduler=noise_scheduler, device=device)
     return make_grid(batch.images.permute(0, 3, 1, 2), nrow=per_class, padding=1)
 
 
@@ -78,7 +103,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ema = EMAModel(unet.parameters(), decay=p.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=p.warmup_steps)
-    noise_scheduler = make_train_scheduler()
+    noise_scheduler = training_noise_scheduler(cfg)
     state, resumed = restore_or_start(cfg, unet, optimizer, lr_schedule)
     if resumed:
         ema.load_state_dict(state.extra["ema"])
@@ -106,7 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             noise = torch.randn_like(x0)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
             x_t = noise_scheduler.add_noise(x0, noise, t)
-            loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, noise)
+            loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, denoising_target(noise_scheduler, x0, noise, t))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -128,10 +153,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ckpt_dir = new_checkpoint_dir()
             if last or (p.sample_every and (epoch + 1) % p.sample_every == 0):
                 ema_unet = _ema_copy(unwrap(unet), ema)
-                writer.add_image("pretrain/samples_ema", sample_grid(ema_unet, num_classes, 8, p.sample_steps,
-                                                                     device), epoch)
+                writer.add_image("pretrain/samples_ema", sample_grid(ema_unet, noise_scheduler, num_classes, 8,
+                                                                     p.sample_steps, device), epoch)
                 if last:  # the product of this recipe: the EMA weights as a diffusers model
-                    ema_unet.save_pretrained(Path(ckpt_dir) / UNET_DIR, safe_serialization=True)
+                    save_diffusion_model(ema_unet, noise_scheduler, Path(ckpt_dir) / UNET_DIR)
             writer.flush()
             print(f"[ioisray] diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
                   f"({n_seen * world / max(seconds, 1e-9):.1f} img/s, {seconds:.1f}s)", flush=True)
@@ -167,6 +192,7 @@ def pretrain_diffusion(cfg: Config) -> Path:
     ds, splits = setup_data(cfg, image_size=image_size)
     try:  # fail here, naming the key, rather than inside the Ray workers after start-up
         initial_unet(cfg, ds.num_classes, image_size)
+        training_noise_scheduler(cfg)
     except ConfigError:
         raise
     except (ValueError, FileNotFoundError) as e:
@@ -185,5 +211,6 @@ def pretrain_diffusion(cfg: Config) -> Path:
         shutil.copytree(Path(d) / UNET_DIR, tmp, dirs_exist_ok=True)
     tmp.rename(final)
     load_unet(str(final), ds.num_classes)  # fail here, not later, if it does not reload
+    load_noise_scheduler(final)
     print(f"[ioisray] diffusion model saved: {final}", flush=True)
     return final

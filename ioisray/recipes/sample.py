@@ -20,7 +20,7 @@ import torch
 from ioisray.atomic import atomic_write_bytes, atomic_write_text
 from ioisray.config import Config, ConfigError, load_config, save_config
 from ioisray.models import load_state_dict_file
-from ioisray.models.diffusion import load_unet
+from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.recipes.common import setup_data
 from ioisray.recipes.train import BEST_MODEL_FILE, build_classifier
 from ioisray.sampler import SamplerConfig, sample
@@ -49,6 +49,7 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
                           "(e.g. outputs/<pretraining run>/unet)")
     ds, _ = setup_data(cfg)
     unet = load_unet(cfg.diffusion.model_dir, ds.num_classes)  # class count must match the data
+    noise_scheduler = load_noise_scheduler(cfg.diffusion.model_dir)
     guide = None
     if guide_run and cfg.sampler.guidance_scale > 0:
         guide, guide_cfg, guide_names = load_classifier_run(guide_run)
@@ -65,7 +66,7 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
     labels = [c for c in range(ds.num_classes) for _ in range(per_class)]
     seeds = list(range(len(labels)))
     batch = sample(unet.to(device), labels, seeds, scfg, classifier=guide.to(device) if guide else None,
-                   device=device)
+                   scheduler=noise_scheduler, device=device)
     out = cfg.run_dir / "samples"
     save_config(cfg, out / "config.yaml")
     grid = make_grid(batch.images.permute(0, 3, 1, 2), nrow=per_class, padding=2).permute(1, 2, 0).numpy()

@@ -338,19 +338,23 @@ def baseline_run(cfg: Config) -> Path:
 def diffusion_model(cfg: Config, num_classes: int) -> str:
     """The diffusion model IOIS samples from: `diffusion.model_dir`, or, when that is not set, the one
     pretrained for this data, split seed, preset and size, which is pretrained here first if missing."""
-    from ioisray.models.diffusion import load_unet
+    from ioisray.models.diffusion import load_noise_scheduler, load_unet
     from ioisray.recipes.pretrain_diffusion import UNET_DIR, diffusion_image_size, pretrain_diffusion
 
     if cfg.diffusion.model_dir:
         try:
             load_unet(cfg.diffusion.model_dir, num_classes)
+            load_noise_scheduler(cfg.diffusion.model_dir)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
         return cfg.diffusion.model_dir
     size = diffusion_image_size(cfg)
     # Only what shapes the diffusion model goes into its run, so IOIS runs that differ in method,
     # synthesis or training settings share one model (same data and seed: same training split).
-    pre = Config(name=f"diffusion_{cfg.data.name}_{cfg.diffusion.preset}_{size}px_seed{cfg.seed}",
+    d = cfg.diffusion
+    tag = (("_v" if d.prediction_type == "v_prediction" else "")
+           + ("_cosine" if d.beta_schedule == "squaredcos_cap_v2" else ""))
+    pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_seed{cfg.seed}",
                  seed=cfg.seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
                  pretrain=cfg.pretrain, ray=cfg.ray)
     final = pre.run_dir / UNET_DIR

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ioisray.models.diffusion import load_unet
+from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.sampler import SamplerConfig, sample
 
 
@@ -23,6 +23,7 @@ class DiffusionGenerator:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
         self.unet = load_unet(model_dir, num_classes).to(self.device).eval()
+        self.noise_scheduler = load_noise_scheduler(model_dir)
         self.sampler = sampler
         self.classifier = make_classifier().to(self.device).eval() if make_classifier else None
         self.guided = False
@@ -38,6 +39,7 @@ class DiffusionGenerator:
         """{"image": uint8 (n, H, W, 3), "label": int64 (n,), "seed": int64 (n,)} plus the seconds it took."""
         start = time.perf_counter()
         batch = sample(self.unet, labels, seeds.tolist(), self.sampler,
-                       classifier=self.classifier if self.guided else None, device=self.device)
+                       classifier=self.classifier if self.guided else None, scheduler=self.noise_scheduler,
+                       device=self.device)
         return {"image": batch.images.numpy(), "label": np.asarray(labels, dtype=np.int64),
                 "seed": np.asarray(seeds, dtype=np.int64), "seconds": time.perf_counter() - start}
