@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ioisray.config import ConfigError, RunFinishedError, load_config
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             from ioisray.recipes.train import train
 
             results = train(cfg)
-            print((Path(results["run_dir"]) / "metrics.md").read_text(), end="")
+            print((cfg.run_dir / "metrics.md").read_text(), end="")  # the local (or staging) copy
             print(f"\nresults: {results['run_dir']}/metrics.json  |  "
                   f"tensorboard --logdir {results['run_dir']}/tensorboard")
             for figure in results["figures"]:
@@ -61,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pretrain-diffusion":
             from ioisray.recipes.pretrain_diffusion import pretrain_diffusion
 
-            unet_dir = pretrain_diffusion(cfg)
-            print(f"\ndiffusion model: {unet_dir}  |  tensorboard --logdir {cfg.run_dir}/tensorboard")
+            pretrain_diffusion(cfg)
+            print(f"\ndiffusion model: {cfg.run_location}/unet  |  tensorboard --logdir {cfg.run_location}/tensorboard")
         elif args.command == "sample":
             from ioisray.recipes.sample import sample_grid
 

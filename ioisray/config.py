@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from ioisray import storage
 from ioisray.atomic import atomic_write_text
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -172,7 +173,7 @@ class SynthesisConfig(_Strict):
 class Config(_Strict):
     name: str = "run"  # run name: outputs go to <output_dir>/<name>; reusing it resumes that run
     seed: int = 0
-    output_dir: str = "outputs"
+    output_dir: str = "outputs"  # a local folder, or a pyarrow filesystem URI (s3://bucket/prefix, ...)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -196,7 +197,17 @@ class Config(_Strict):
 
     @property
     def run_dir(self) -> Path:
+        """The local folder the driver writes: the run itself, or the staging copy of a URI run."""
+        if storage.is_uri(self.output_dir):
+            return storage.staging_dir(self.output_dir) / self.name
         return Path(self.output_dir).expanduser().resolve() / self.name
+
+    @property
+    def run_location(self) -> str:
+        """Where the run's outputs end up: run_dir, or <output_dir>/<name> for a URI output_dir."""
+        if storage.is_uri(self.output_dir):
+            return storage.join(self.output_dir, self.name)
+        return str(self.run_dir)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=ROOT, env=ENV,
+def run_cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=ROOT, env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,5 +1,6 @@
 """The real `ioisray` entry point: bad input fails fast and clearly; a tiny run goes end to end on Ray."""
 import json
+import shutil
 
 import pytest
 from cli_utils import ROOT, interrupt_after, run_cli
@@ -74,14 +75,19 @@ def test_print_config_shows_resolved_values(capsys):
 
 
 @pytest.mark.ray
-def test_train_end_to_end_with_ray(tmp_path):
-    # Exercises the re-sampling dataset, mixup and a re-weighted loss inside Ray Train as well.
-    args = ["train", "configs/digits_ce.yaml", *TINY, "train.epochs=2", "name=e2e", f"output_dir={tmp_path}",
-            "method.sampling=class_balanced", "method.mixup_alpha=0.2", "method.loss=cb_focal"]
-    r = run_cli(*args)
+def test_train_end_to_end_with_ray_and_a_storage_uri(tmp_path):
+    # Exercises the re-sampling dataset, mixup and a re-weighted loss inside Ray Train as well. Outputs
+    # go to a filesystem URI (as s3://... on a cluster), through a local staging folder.
+    staging = {"IOISRAY_STAGING": str(tmp_path / "staging")}
+    args = ["train", "configs/digits_ce.yaml", *TINY, "train.epochs=2", "name=e2e",
+            f"output_dir=file://{tmp_path}/store", "method.sampling=class_balanced", "method.mixup_alpha=0.2",
+            "method.loss=cb_focal"]
+    r = run_cli(*args, env=staging)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| balanced_accuracy |" in r.stdout and "epoch 2/2" in r.stdout + r.stderr
-    run = tmp_path / "e2e"
+    run = tmp_path / "store" / "e2e"
+    assert f"results: file://{run}/metrics.json" in r.stdout
+    assert list((run / "ray_train").glob("checkpoint_*"))  # Ray Train wrote straight to the URI
     results = json.loads((run / "metrics.json").read_text())
     for split in ("val", "test"):
         assert set(results[split]) >= {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "mcc",
@@ -96,8 +102,10 @@ def test_train_end_to_end_with_ray(tmp_path):
     from ioisray.recipes.sample import load_classifier_run  # the tested weights, reloadable on their own
     model, _, names = load_classifier_run(run)
     assert names == results["class_names"] and model.fc.out_features == 10
-    # The test split has been used: running the same run again is refused, results untouched.
-    again = run_cli(*args)
+    # The test split has been used: running the same run again is refused, results untouched, even
+    # from a machine that has no local copy of the run (it is read back from the URI).
+    shutil.rmtree(tmp_path / "staging")
+    again = run_cli(*args, env=staging)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
     assert json.loads((run / "metrics.json").read_text()) == results
 

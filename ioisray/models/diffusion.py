@@ -12,6 +12,7 @@ import os
 import torch.nn as nn
 from diffusers import DDPMScheduler, UNet2DModel
 
+from ioisray import storage
 from ioisray.sampler import PREDICTION_TYPES, make_train_scheduler
 
 _D, _AD, _U, _AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
@@ -70,7 +71,9 @@ def create_unet(preset: str, num_classes: int, image_size: int | None = None) ->
 
 
 def load_unet(path: str, num_classes: int) -> UNet2DModel:
-    """Load a UNet saved with `save_pretrained(path)` and check it was trained for `num_classes` classes."""
+    """Load a UNet saved with `save_pretrained(path)` (a folder or a filesystem URI) and check it was
+    trained for `num_classes` classes."""
+    path = storage.fetch_dir(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"diffusion.model_dir: directory {path!r} does not exist")
     try:
@@ -101,6 +104,7 @@ def save_diffusion_model(unet: UNet2DModel, noise_scheduler: DDPMScheduler, path
 def load_noise_scheduler(path: str | os.PathLike) -> DDPMScheduler:
     """The training noise scheduler saved next to a UNet; linear betas and epsilon prediction for a
     folder without one (a plain diffusers UNet, or a model saved before schedules were recorded)."""
+    path = storage.fetch_dir(str(path))
     if not os.path.isfile(os.path.join(path, DDPMScheduler.config_name)):
         return make_train_scheduler()
     try:

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ioisray import storage
 from ioisray.checkpoint import TrainingState
 from ioisray.config import Config, ConfigError, load_config
 from ioisray.data import ImageDataset, load_dataset, split_dataset
@@ -44,6 +45,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def open_run(cfg: Config) -> Path:
+    """The run's local folder, with a URI run's small files downloaded into it (to resume, or to see
+    that it has finished); a URI pyarrow cannot open is an error naming output_dir."""
+    if storage.is_uri(cfg.output_dir):
+        try:
+            storage.pull(cfg.run_dir, cfg.run_location)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return cfg.run_dir
+
+
+def tensorboard_location(cfg: Config) -> dict:
+    """Loop-config entries telling rank 0 where TensorBoard events go (see storage.EventsDir)."""
+    uri = storage.join(cfg.run_location, "tensorboard") if storage.is_uri(cfg.output_dir) else None
+    return {"tensorboard_dir": str(cfg.run_dir / "tensorboard"), "tensorboard_uri": uri}
+
+
 def check_resumable(cfg: Config, run_dir: Path) -> None:
     """A run folder with checkpoints resumes only under the config it started with.
 
@@ -51,7 +69,7 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     and let it be selected or tested on images it trained on. Only `ray.*` (where it runs) may change.
     """
     old_path = run_dir / "config.yaml"
-    if not (run_dir / "ray_train").is_dir() or not old_path.is_file():
+    if not old_path.is_file() or not storage.exists(storage.join(cfg.run_location, storage.CHECKPOINTS)):
         return
     old = _flatten(load_config(old_path).model_dump(mode="json"))
     new = _flatten(cfg.model_dump(mode="json"))
@@ -87,13 +105,13 @@ def init_ray(cfg: Config) -> bool:
 
 
 def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
-        make_datasets: Callable[[dict], dict], run_dir: Path, split: tuple[str, ...] = ("train",),
+        make_datasets: Callable[[dict], dict], split: tuple[str, ...] = ("train",),
         services: Optional[Callable[[], contextlib.AbstractContextManager]] = None):
-    """One Ray Train run of `train_loop` on `cfg.ray`'s workers; checkpoints under run_dir/ray_train.
+    """One Ray Train run of `train_loop` on `cfg.ray`'s workers; checkpoints under <run>/ray_train.
 
     `services()`, entered once Ray is up, yields a dict of handles (e.g. the synthesis pool) that is
     merged into the loop config and given to `make_datasets`; it is exited (and so stopped) whatever
-    happens. The same run_dir resumes from its last checkpoint. Returns Ray Train's Result.
+    happens. The same run resumes from its last checkpoint. Returns Ray Train's Result.
     """
     import ray
 
@@ -103,13 +121,13 @@ def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         with (services() if services else contextlib.nullcontext({})) as handles:
-            return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), run_dir, split)
+            return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), split)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _fit(cfg, train_loop, loop_config, datasets, run_dir, split):
+def _fit(cfg, train_loop, loop_config, datasets, split):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -120,7 +138,7 @@ def _fit(cfg, train_loop, loop_config, datasets, run_dir, split):
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name="ray_train", storage_path=str(run_dir),
+            name=storage.CHECKPOINTS, storage_path=cfg.run_location,  # a URI: checkpoints go straight there
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             # Workers' prints go straight to the console, not once more through Train's logger.

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ioisray import storage
 from ioisray.config import Config, ConfigError, RunFinishedError, save_config
 from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet,
                                      save_diffusion_model)
-from ioisray.recipes.common import (check_resumable, epoch_generator, fit, new_checkpoint_dir, report,
-                                    restore_or_start, setup_data, unwrap, worker_setup)
+from ioisray.recipes.common import (check_resumable, epoch_generator, fit, new_checkpoint_dir, open_run, report,
+                                    restore_or_start, setup_data, tensorboard_location, unwrap, worker_setup)
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
 
 UNET_DIR = "unet"  # in the final checkpoint and in the run folder
@@ -115,7 +116,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(loop_config["tensorboard_dir"])
+        events = storage.EventsDir(loop_config["tensorboard_dir"], loop_config["tensorboard_uri"])
+        writer = SummaryWriter(events.path)
     shard = ray.train.get_dataset_shard("train")
 
     for epoch in range(state.epoch, p.epochs):
@@ -158,6 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if last:  # the product of this recipe: the EMA weights as a diffusers model
                     save_diffusion_model(ema_unet, noise_scheduler, Path(ckpt_dir) / UNET_DIR)
             writer.flush()
+            events.sync()
             print(f"[ioisray] diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
                   f"({n_seen * world / max(seconds, 1e-9):.1f} img/s, {seconds:.1f}s)", flush=True)
             state.epoch = epoch + 1
@@ -167,6 +170,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report(metrics, ckpt_dir)
     if writer is not None:
         writer.close()
+        events.sync()
 
 
 def _ema_copy(unet, ema):
@@ -182,7 +186,7 @@ def pretrain_diffusion(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the saved diffusers UNet."""
     from ioisray.data.ray_dataset import to_ray_dataset
 
-    run_dir = cfg.run_dir
+    run_dir = open_run(cfg)
     final = run_dir / UNET_DIR
     if final.exists():
         raise RunFinishedError(f"{final} already exists: this pretraining run has finished. Use it with "
@@ -199,12 +203,13 @@ def pretrain_diffusion(cfg: Config) -> Path:
         raise ConfigError(f"diffusion.image_size / diffusion.preset / diffusion.model_dir: {e}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    storage.push(run_dir, cfg.run_location)
     train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
     loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes, "image_size": image_size,
-                   "tensorboard_dir": str(run_dir / "tensorboard")}
+                   **tensorboard_location(cfg)}
     result = fit(cfg, train_loop_per_worker, loop_config,
                  lambda _: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
-                                                  seed=cfg.seed)}, run_dir)
+                                                  seed=cfg.seed)})
     # Copy the model out of the last checkpoint, then rename: a half-copied folder never looks done.
     with result.checkpoint.as_directory() as d:
         tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".unet-"))
@@ -212,5 +217,6 @@ def pretrain_diffusion(cfg: Config) -> Path:
     tmp.rename(final)
     load_unet(str(final), ds.num_classes)  # fail here, not later, if it does not reload
     load_noise_scheduler(final)
-    print(f"[ioisray] diffusion model saved: {final}", flush=True)
+    storage.push(run_dir, cfg.run_location)
+    print(f"[ioisray] diffusion model saved: {storage.join(cfg.run_location, UNET_DIR)}", flush=True)
     return final

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ioisray import iois, report as figures
+from ioisray import iois, report as figures, storage
 from ioisray.aas import AASState
 from ioisray.atomic import atomic_save_safetensors, atomic_write_text
 from ioisray.checkpoint import TrainingState
@@ -32,7 +32,8 @@ from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
 from ioisray.recipes.common import (check_resumable, cpu_state_dict, epoch_generator, fit, new_checkpoint_dir,
-                                    report, restore_or_start, setup_data, unwrap, worker_setup)
+                                    open_run, report, restore_or_start, setup_data, tensorboard_location, unwrap,
+                                    worker_setup)
 from ioisray.synthesis.tally import SyntheticTally
 from ioisray.transforms import TrainTransform
 
@@ -136,7 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(loop_config["tensorboard_dir"])
+        events = storage.EventsDir(loop_config["tensorboard_dir"], loop_config["tensorboard_uri"])
+        writer = SummaryWriter(events.path)
 
     pool = loop_config.get("synthesis_pool")  # None unless synthesis.mode is on
     tally = None
@@ -202,6 +204,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if synthesis:
                 _tb_synthesis(writer, class_names, quotas, synthesis, tally, epoch)
             writer.flush()
+            events.sync()
             print(f"[ioisray] epoch {epoch + 1}/{cfg.train.epochs} loss {stats.loss:.4f} "
                   f"train_acc {stats.accuracy:.4f} val_bacc {val['balanced_accuracy']:.4f} "
                   f"val_f1 {val['macro_f1']:.4f} lr {lr:.3g} ({metrics['epoch_seconds']:.1f}s)", flush=True)
@@ -234,6 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                                            for h in history]))}
             _tb_scalars(writer, "test", test, state.best_epoch)
         writer.close()
+        events.sync()
         ckpt_dir = new_checkpoint_dir()
         state.save(ckpt_dir)
         atomic_write_text(Path(ckpt_dir) / RESULTS_FILE, json.dumps(state.extra["results"]))
@@ -251,7 +255,7 @@ def train(cfg: Config) -> dict:
     """Run the recipe; returns {"best_epoch", "val", "test", "run_dir", ...}."""
     from ioisray.data.ray_dataset import to_ray_dataset
 
-    run_dir = cfg.run_dir
+    run_dir = open_run(cfg)
     if (run_dir / "metrics.json").exists():
         raise RunFinishedError(f"{run_dir} already holds a finished run (metrics.json); its test split "
                                f"was used once already. Choose another name=...")
@@ -263,13 +267,14 @@ def train(cfg: Config) -> dict:
                           "on validation; use a fraction > 0")
     # Fail here, naming the key, rather than inside the Ray workers after start-up.
     build_classifier(cfg, ds.num_classes)
-    if cfg.baseline and not Path(cfg.baseline).expanduser().exists():
+    if cfg.baseline and not storage.is_uri(cfg.baseline) and not Path(cfg.baseline).expanduser().exists():
         raise ConfigError(f"baseline: {cfg.baseline} does not exist")
     # What the run needs first: its diffusion model and its baseline (made here if missing).
     model_dir = diffusion_model(cfg, ds.num_classes) if iois.is_on(cfg) else None
     baseline = baseline_run(cfg) if cfg.baseline else None
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    storage.push(run_dir, cfg.run_location)
     train_ds = ds.subset(splits["train"])
     counts = train_ds.class_counts()
     datasets = lambda handles: {  # noqa: E731 - built once Ray is up
@@ -292,9 +297,8 @@ def train(cfg: Config) -> dict:
             ray.kill(pool)
 
     loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
-                   "class_counts": counts.tolist(), "tensorboard_dir": str(run_dir / "tensorboard")}
-    result = fit(cfg, train_loop_per_worker, loop_config, datasets, run_dir,
-                 services=synthesis_pool if model_dir else None)
+                   "class_counts": counts.tolist(), **tensorboard_location(cfg)}
+    result = fit(cfg, train_loop_per_worker, loop_config, datasets, services=synthesis_pool if model_dir else None)
 
     figures_made = []
     with result.checkpoint.as_directory() as d:
@@ -304,20 +308,23 @@ def train(cfg: Config) -> dict:
         if (Path(d) / SYNTHETIC_EXAMPLES_FILE).is_file():
             figures_made.append(_real_vs_synthetic(Path(d) / SYNTHETIC_EXAMPLES_FILE, train_ds, run_dir))
     out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()},
-                "train_class_counts": counts.tolist(), "run_dir": str(run_dir),
+                "train_class_counts": counts.tolist(), "run_dir": cfg.run_location,
                 "seconds": time.perf_counter() - t0})
     if model_dir:
         out["diffusion_model_dir"] = model_dir
     save_results(out, run_dir)
     if baseline:
         figures_made.append(figures.per_class_change_from_runs(run_dir, baseline))
-    out["figures"] = [str(f) for f in figures_made]
+    out["figures"] = [storage.join(cfg.run_location, f.relative_to(run_dir).as_posix()) for f in figures_made]
+    storage.push(run_dir, cfg.run_location)
     return out
 
 
 def baseline_run(cfg: Config) -> Path:
     """The finished run `cfg.baseline` names; an experiment config is trained first (same output_dir,
     seed and Ray settings) unless its run has finished already."""
+    if storage.is_uri(cfg.baseline):
+        cfg = cfg.model_copy(update={"baseline": storage.fetch_dir(cfg.baseline)})
     path = Path(cfg.baseline).expanduser()
     if path.suffix not in (".yaml", ".yml"):
         if not (path / "metrics.json").is_file():
@@ -329,7 +336,7 @@ def baseline_run(cfg: Config) -> Path:
     base = base.model_copy(update={"ray": cfg.ray, "data": cfg.data})
     if base.baseline or base.synthesis.mode != "none":
         raise ConfigError(f"baseline: {path} must be a plain baseline (no synthesis, no baseline of its own)")
-    if not (base.run_dir / "metrics.json").is_file():
+    if not (open_run(base) / "metrics.json").is_file():
         print(f"[ioisray] baseline {base.name}: training it first ({base.run_dir})", flush=True)
         train(base)
     return base.run_dir
@@ -357,13 +364,14 @@ def diffusion_model(cfg: Config, num_classes: int) -> str:
     pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_seed{cfg.seed}",
                  seed=cfg.seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
                  pretrain=cfg.pretrain, ray=cfg.ray)
-    final = pre.run_dir / UNET_DIR
-    if final.is_dir():
+    # Named by its final location (a URI on a cluster), so that actors on any node can load it.
+    final = storage.join(pre.run_location, UNET_DIR)
+    if storage.exists(final):
         print(f"[ioisray] diffusion model: {final}", flush=True)
     else:
-        print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({pre.run_dir})", flush=True)
+        print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({pre.run_location})", flush=True)
         pretrain_diffusion(pre)
-    return str(final)
+    return final
 
 
 def _real_vs_synthetic(examples_file: Path, train_ds, run_dir: Path) -> Path:

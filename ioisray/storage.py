@@ -1,0 +1,118 @@
+"""Where a run's outputs live: a local folder (the default) or any pyarrow filesystem URI
+(`s3://bucket/prefix`, `gs://...`, `hdfs://...`, `file:///shared/...`), set by `output_dir`.
+
+With a URI the driver writes into a local staging folder (`Config.run_dir`) and uploads it
+(`push`); Ray Train writes its checkpoints straight to the URI; the rank-0 worker, which may sit on
+another node, uploads its TensorBoard events every epoch. A run restarted on another machine first
+downloads the small files (`pull`), so resuming and "already finished" checks see them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+CHECKPOINTS = "ray_train"  # Ray Train's folder inside a run; it never goes through the staging copy
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+def staging_dir(output_dir: str) -> Path:
+    """The local copy of a URI output_dir: under $IOISRAY_STAGING (default ~/.cache/ioisray/staging)."""
+    root = Path(os.environ.get("IOISRAY_STAGING", "~/.cache/ioisray/staging")).expanduser()
+    return root / hashlib.sha1(output_dir.rstrip("/").encode()).hexdigest()[:16]
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"output_dir: {uri!r} is not a filesystem URI pyarrow can open: {e}") from None
+
+
+def check_uri(uri: str) -> None:
+    """Fail early, naming the option, on a URI whose filesystem pyarrow cannot open."""
+    _resolve(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = _resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def upload(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copy a local folder's files to `uri` (same relative paths; files already there are replaced)."""
+    if not Path(local_dir).is_dir():
+        return
+    fs, path = _resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = (CHECKPOINTS,)) -> None:
+    """Copy the files under `uri` into `local_dir`, leaving out the top-level folders in `skip`."""
+    fs, path = _resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = info.path[len(path):].lstrip("/")
+        if info.type != pafs.FileType.File or rel.split("/")[0] in skip:
+            continue
+        target = Path(local_dir) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
+        with fs.open_input_stream(info.path) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.replace(target)  # a half-downloaded file never takes a real file's name
+
+
+def pull(run_dir: Path, location: str) -> None:
+    """Before a run starts or resumes: the run's small files from its URI into the staging folder."""
+    if is_uri(location):
+        download(location, run_dir)
+
+
+def push(run_dir: Path, location: str) -> None:
+    """The staging folder's files to the run's URI (nothing to do for a local run)."""
+    if is_uri(location):
+        upload(run_dir, location)
+
+
+class EventsDir:
+    """Where a Ray Train worker writes TensorBoard events: the run folder itself, or, for a URI run (the
+    worker may be on another node than the driver), a temporary folder uploaded by `sync()`."""
+
+    def __init__(self, local: str, uri: str | None):
+        self.uri = uri
+        self.path = tempfile.mkdtemp(prefix="ioisray-tb-") if uri else local
+
+    def sync(self) -> None:
+        if self.uri:
+            upload(self.path, self.uri)
+
+
+def fetch_dir(path: str) -> str:
+    """A local folder with the contents of `path`: itself when local, else a cached download (for
+    models named by URI, read on whichever node needs them)."""
+    if not is_uri(path):
+        return path
+    local = staging_dir(path) / "download"
+    if not local.is_dir():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=".download-"))
+        download(path, tmp, skip=())
+        try:
+            tmp.rename(local)  # whole or not at all; another process on this node may have won
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(local)

@@ -1,0 +1,65 @@
+"""Run outputs on a filesystem URI: upload, download (checkpoints left to Ray Train), model fetch."""
+import pytest
+
+from ioisray import storage
+from ioisray.config import Config
+
+
+def _tree(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_push_and_pull_round_trip_without_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("IOISRAY_STAGING", str(tmp_path / "staging"))
+    cfg = Config(name="r", output_dir=f"file://{tmp_path}/store/")
+    assert cfg.run_location == f"file://{tmp_path}/store/r"
+    assert cfg.run_dir.parent.parent == tmp_path / "staging"  # a local copy, not the store itself
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text("a: 1\n")
+    (cfg.run_dir / "tensorboard").mkdir()
+    (cfg.run_dir / "tensorboard" / "events.1").write_bytes(b"\x00" * 10)
+    storage.push(cfg.run_dir, cfg.run_location)
+    assert _tree(tmp_path / "store" / "r") == ["config.yaml", "tensorboard/events.1"]
+
+    (tmp_path / "store" / "r" / "ray_train" / "checkpoint_0").mkdir(parents=True)
+    (tmp_path / "store" / "r" / "ray_train" / "checkpoint_0" / "state.pt").write_bytes(b"big")
+    (tmp_path / "store" / "r" / "metrics.json").write_text("{}")
+    fresh = tmp_path / "other_machine"
+    storage.pull(fresh, cfg.run_location)
+    assert _tree(fresh) == ["config.yaml", "metrics.json", "tensorboard/events.1"]  # checkpoints stay put
+    assert storage.exists(storage.join(cfg.run_location, "ray_train"))
+    assert not storage.exists(storage.join(cfg.run_location, "nothing"))
+
+
+def test_local_output_dir_is_used_in_place(tmp_path):
+    cfg = Config(name="r", output_dir=str(tmp_path))
+    assert cfg.run_dir == tmp_path / "r" and cfg.run_location == str(tmp_path / "r")
+    storage.push(cfg.run_dir, cfg.run_location)  # nothing to do, nothing created
+    assert not (tmp_path / "r").exists()
+
+
+def test_fetch_dir_downloads_a_model_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("IOISRAY_STAGING", str(tmp_path / "staging"))
+    (tmp_path / "store" / "unet").mkdir(parents=True)
+    (tmp_path / "store" / "unet" / "config.json").write_text("{}")
+    local = storage.fetch_dir(f"file://{tmp_path}/store/unet")
+    assert _tree(tmp_path / "staging") == [f"{local.split('staging/')[1]}/config.json"]
+    (tmp_path / "store" / "unet" / "config.json").write_text('{"changed": 1}')
+    assert storage.fetch_dir(f"file://{tmp_path}/store/unet") == local  # cached: read once per node
+    assert storage.fetch_dir(str(tmp_path / "store")) == str(tmp_path / "store")  # local paths as they are
+
+
+def test_events_dir_uploads_on_sync(tmp_path):
+    events = storage.EventsDir(str(tmp_path / "unused"), f"file://{tmp_path}/store/tb")
+    (tmp_path / "store").mkdir()
+    with open(f"{events.path}/events.0", "w") as f:
+        f.write("x")
+    events.sync()
+    assert (tmp_path / "store" / "tb" / "events.0").read_text() == "x"
+    assert not (tmp_path / "unused").exists()
+    assert storage.EventsDir(str(tmp_path / "tb"), None).path == str(tmp_path / "tb")
+
+
+def test_unknown_filesystem_names_output_dir():
+    with pytest.raises(ValueError, match="output_dir.*nosuchfs://bucket"):
+        storage.exists("nosuchfs://bucket/run")
