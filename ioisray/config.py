@@ -106,6 +106,9 @@ class RayConfig(_Strict):
     num_workers: int = Field(2, ge=0)  # Ray Train workers; 0 runs the loop in the driver (debugging)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    # Custom resources each Train worker needs, e.g. {train_gpu: 1} to keep it on the training nodes
+    # of cluster.yaml (the synthesis actors ask for synthesis.resources).
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     local_num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs for a local Ray (default 2 * cores)
     object_store_mb: int = Field(512, ge=64)  # local Ray only
 
@@ -115,7 +118,7 @@ class DiffusionConfig(_Strict):
     image_size: Optional[int] = Field(None, ge=8, le=1024)  # default: the preset's size
     model_dir: Optional[str] = None  # a trained diffusers UNet2DModel folder (e.g. <run>/unet)
     # How a new model is pretrained (None: "epsilon" and "linear", the paper's ADM). A model in
-    # model_dir carries its own; setting a different one here is an error.
+    # model_dir carries its own, which sampling uses; fine-tuning it under a different one is an error.
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     beta_schedule: Optional[Literal["linear", "squaredcos_cap_v2"]] = None
 

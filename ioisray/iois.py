@@ -85,7 +85,7 @@ def end_epoch(pool, tally: SyntheticTally, rank: int) -> dict:
         s = ray.get(pool.epoch_stats.remote())
         out.update(generation_seconds=s["last_chunk_done_at"] - s["epoch_started_at"],
                    images_per_second_per_actor=[s["images_per_second"][k] for k in sorted(s["images_per_second"])],
-                   actors_started=s["actors_started"])
+                   actors_started=s["actors_started"], synthesis_node_ids=s["node_ids"])
     return out
 
 

@@ -136,7 +136,7 @@ def _fit(cfg, train_loop, loop_config, datasets, split):
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}),
         run_config=ray.train.RunConfig(
             name=storage.CHECKPOINTS, storage_path=cfg.run_location,  # a URI: checkpoints go straight there
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

@@ -47,7 +47,8 @@ class SynthesisActor:
         n = len(chunk)
         out["synthetic"] = np.ones(n, dtype=np.int8)
         out["plan_epoch"] = np.full(n, plan_epoch, dtype=np.int64)
-        timing = {"chunk": chunk.index, "images": n, "seconds": seconds, "done_at": time.time()}
+        timing = {"chunk": chunk.index, "images": n, "seconds": seconds, "done_at": time.time(),
+                  "node_id": ray.get_runtime_context().get_node_id()}
         return out, timing
 
     def info(self) -> dict:
@@ -157,10 +158,12 @@ class SynthesisPool:
             self.rates[slot] = _images_per_second(timings)
 
     def epoch_stats(self) -> dict:
-        """This epoch's images/s per actor slot and seconds from start_epoch to its last chunk."""
+        """This epoch's images/s per actor slot, seconds from start_epoch to its last chunk, and the
+        Ray nodes its chunks were generated on."""
         by_slot = self._timings_by_slot(False)
         done = [t["done_at"] for ts in by_slot.values() for t in ts]
         return {
+            "node_ids": sorted({t["node_id"] for ts in by_slot.values() for t in ts}),
             "images_per_second": {s: _images_per_second(ts) for s, ts in sorted(by_slot.items())},
             "epoch_started_at": self.epoch_started_at,
             "last_chunk_done_at": max(done, default=self.epoch_started_at),

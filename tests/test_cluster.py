@@ -1,0 +1,190 @@
+"""Where users run: cluster.yaml against the autoscaler's own schema, and `ray job submit` of a tiny
+IOIS run to a real two-node Ray cluster on 127.0.0.1 whose second node alone holds the synthesis
+resource."""
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+import yaml
+from cli_utils import ENV, ROOT
+
+from ioisray.config import load_config
+from ioisray.models.diffusion import create_unet
+
+
+def test_cluster_yaml_passes_the_autoscaler_schema_and_opens_no_ray_port():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))  # what `ray up` checks, with Ray's defaults filled in
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["train_gpu"]["min_worker"] = 1  # a typo the schema must catch
+    with pytest.raises(Exception, match="min_worker"):
+        validate_config(prepare_config(broken))
+
+    # Nothing but SSH may be opened to the internet; the dashboard listens on the head's loopback.
+    for rule in raw["provider"].get("security_group", {}).get("IpPermissions", []):
+        if any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", [])):
+            assert (rule.get("FromPort"), rule.get("ToPort")) == (22, 22), rule
+    head_start = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+
+    # The cluster job config asks for resources that exactly one worker type offers, none on the head.
+    cfg = load_config(ROOT / "configs/ham10000_cluster.yaml")
+    types = raw["available_node_types"]
+
+    def offering(request):
+        return [n for n, t in types.items() if all(t["resources"].get(k, 0) >= v for k, v in request.items())]
+
+    assert offering(cfg.synthesis.resources) == ["synthesis_gpu"]
+    assert offering(cfg.ray.resources_per_worker) == ["train_gpu"]
+    assert not types[raw["head_node_type"]]["resources"].get("GPU")
+    assert cfg.output_dir.startswith("s3://") and cfg.ray.address == "auto"
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ray_start(log, *args):
+    ray_cli = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
+    with open(log, "w") as out:
+        return subprocess.Popen([*ray_cli, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                                 *args], env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ray_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-c", "import sys; from ray.scripts.scripts import main; "
+                           "sys.exit(main())", *args], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _stop(proc):
+    """`ray start --block` ends the processes it started when it gets SIGTERM."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_for_job(client, job_id, timeout):
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{client.get_job_logs(job_id)[-4000:]}")
+
+
+@pytest.mark.ray
+def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
+    from ray.job_submission import JobStatus
+
+    gcs, dash, client_port, *node_ports = _free_ports(13)  # two nodes on one host: no default ports
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    address = f"http://127.0.0.1:{dash}"
+    nodes = []
+    try:
+        nodes.append(_ray_start(tmp_path / "head.log", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                                f"--ray-client-server-port={client_port}", "--num-cpus=4", f"--temp-dir={temp_dir}",
+                                *_node_ports(node_ports[:5])))
+        client = _connect(address)
+        for attempt in range(3):  # ports picked in advance may have been taken since: pick again
+            worker = _ray_start(tmp_path / "worker.log", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+                                '--resources={"synthesis": 2}', f"--temp-dir={temp_dir}",
+                                *_node_ports(node_ports[5:10] if attempt == 0 else _free_ports(5)))
+            nodes.append(worker)
+            deadline = time.time() + 120
+            while len(_alive(address)) < 2 and worker.poll() is None and time.time() < deadline:
+                time.sleep(1)
+            if len(_alive(address)) == 2:
+                break
+        else:
+            raise AssertionError("the second node did not join:\n" + (tmp_path / "worker.log").read_text()[-3000:])
+        synthesis_node = next(n.node_id for n in _alive(address) if n.resources_total.get("synthesis"))
+
+        unet = tmp_path / "unet"
+        create_unet("tiny", num_classes=10, image_size=16).save_pretrained(unet, safe_serialization=True)
+        store, name = tmp_path / "store", f"job_{uuid.uuid4().hex[:6]}"
+        entry = [sys.executable, "-m", "ioisray.cli", "train", "configs/digits.yaml", "ray.address=auto",
+                 "model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "train.epochs=1",
+                 "synthesis.budget=24", "synthesis.chunk_size=4", "synthesis.pool_size=2", "synthesis.num_cpus=0.5",
+                 "sampler.steps=4", "synthesis.resources={synthesis: 1}", f"diffusion.model_dir=file://{unet}",
+                 "baseline=null", f"name={name}", f"output_dir=file://{store}"]
+        # The real CLI, as a user runs it: code uploaded from the working directory, outputs elsewhere.
+        submit = _ray_cli("job", "submit", f"--address={address}", "--working-dir", ".", "--runtime-env",
+                          "configs/cluster/runtime_env.yaml", f"--submission-id={name}", "--no-wait", "--", *entry)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        status = _wait_for_job(client, name, timeout=420)
+        logs = client.get_job_logs(name)
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+
+        run = store / name
+        results = json.loads((run / "metrics.json").read_text())
+        assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "real_vs_synthetic.png").is_file()
+        assert list((run / "ray_train").glob("checkpoint_*"))
+        for h in results["history"]:
+            assert h["synthetic_per_class"] == h["quotas"] and sum(h["quotas"]) == 24
+            assert h["synthesis_node_ids"] == [synthesis_node], "synthesis ran off the synthesis node"
+
+        # A job with a bad config fails fast, and says why in `ray job logs`.
+        bad = f"bad_{name}"
+        submit = _ray_cli("job", "submit", f"--address={address}", "--working-dir", ".", "--runtime-env",
+                          "configs/cluster/runtime_env.yaml", f"--submission-id={bad}", "--no-wait", "--",
+                          sys.executable, "-m", "ioisray.cli", "train", "configs/digits.yaml", "train.epochs=0")
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        assert _wait_for_job(client, bad, timeout=120) == JobStatus.FAILED
+        logs = _ray_cli("job", "logs", f"--address={address}", bad)
+        assert "train.epochs" in logs.stdout, logs.stdout[-2000:] + logs.stderr[-2000:]
+    finally:
+        for proc in reversed(nodes):
+            _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _alive(address):
+    from ray.util.state import list_nodes
+
+    return [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+
+
+def _node_ports(ports):
+    keys = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    return [f"{k}={p}" for k, p in zip(keys, ports)]
+
+
+def _connect(address, timeout=120):
+    """A job client once the head's dashboard answers."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return JobSubmissionClient(address)
+        except Exception:  # connection refused until the dashboard is up
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
