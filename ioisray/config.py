@@ -143,6 +143,13 @@ class SamplerSettings(_Strict):
     guidance_form: Literal["x_t", "x0"] = "x_t"  # classifier sees the noisy x_t (paper) or predicted x0
     eta: float = Field(0.0, ge=0.0, le=1.0)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    solver: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"  # the multistep ones are for 10-25 steps
+
+    @model_validator(mode="after")
+    def _eta_is_ddim_only(self):
+        if self.eta > 0 and self.solver != "ddim":
+            raise ValueError(f"sampler.eta applies to the ddim solver only, not {self.solver!r}")
+        return self
 
 
 class AASConfig(_Strict):

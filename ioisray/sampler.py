@@ -26,7 +26,7 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from ioisray.transforms import MEAN, STD
 
@@ -36,6 +36,7 @@ from ioisray.transforms import MEAN, STD
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+SOLVERS = ("ddim", "dpmsolver++", "unipc")
 
 
 def make_train_scheduler(beta_schedule: str = "linear", prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -53,8 +54,12 @@ def make_train_scheduler(beta_schedule: str = "linear", prediction_type: str = "
                          prediction_type=prediction_type, clip_sample=False)
 
 
-def make_scheduler(train_scheduler: DDPMScheduler | DDIMScheduler | None = None) -> DDIMScheduler:
-    """DDIM over a model's training schedule (default: linear betas), stepping on epsilon.
+def make_scheduler(train_scheduler: DDPMScheduler | DDIMScheduler | None = None, solver: str = "ddim"):
+    """DDIM (or a fewer-step multistep solver) over a model's training schedule (default: linear betas),
+    stepping on epsilon.
+
+    "dpmsolver++" (DPM-Solver++, 2nd order) and "unipc" are diffusers' multistep solvers, meant for
+    10-25 steps; they take the guided eps like DDIM does, with their own (linspace) step spacing.
 
     clip_sample=False: clipping x0_hat to [-1, 1] at every step discards the part of the guidance
     push that leaves the box and was found to make guidance harmful (IOIS.md). "leading" spacing
@@ -62,6 +67,13 @@ def make_scheduler(train_scheduler: DDPMScheduler | DDIMScheduler | None = None)
     set_alpha_to_one makes the last step return the clean prediction.
     """
     config = train_scheduler.config if train_scheduler is not None else make_train_scheduler().config
+    if solver == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, prediction_type="epsilon", algorithm_type="dpmsolver++",
+                                                       thresholding=False)
+    if solver == "unipc":
+        return UniPCMultistepScheduler.from_config(config, prediction_type="epsilon", thresholding=False)
+    if solver != "ddim":
+        raise ValueError(f"sampler.solver must be one of {SOLVERS}, got {solver!r}")
     return DDIMScheduler.from_config(config, prediction_type="epsilon", clip_sample=False,
                                      set_alpha_to_one=True, timestep_spacing="leading")
 
@@ -74,6 +86,7 @@ class SamplerConfig:
     eta: float = 0.0
     output_size: int | None = None  # classifier input size and size of the returned images; None = UNet size
     dtype: Literal["float32", "bfloat16"] = "float32"
+    solver: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -86,6 +99,10 @@ class SamplerConfig:
             raise ValueError(f"sampler.eta must be in [0, 1], got {self.eta!r}")
         if self.output_size is not None and (not isinstance(self.output_size, int) or self.output_size < 1):
             raise ValueError(f"sampler.output_size must be a positive integer or None, got {self.output_size!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"sampler.solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.eta > 0 and self.solver != "ddim":
+            raise ValueError("sampler.eta applies to the ddim solver only")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"sampler.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
@@ -187,7 +204,7 @@ def sample(
         raise ValueError(f"the sampler needs an epsilon or v_prediction model, got {prediction_type!r}")
     if scheduler is not None and scheduler.config.get("clip_sample"):
         warnings.warn("scheduler has clip_sample=True, which makes classifier guidance harmful; it is ignored")
-    scheduler = make_scheduler(scheduler)  # our own copy: set_timesteps mutates it
+    scheduler = make_scheduler(scheduler, cfg.solver)  # our own copy: set_timesteps and steps mutate it
     scheduler.set_timesteps(cfg.steps)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
 
@@ -216,7 +233,10 @@ def sample(
             noise = None
             if cfg.eta > 0:
                 noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(device)
-            x = scheduler.step(eps, t_int, x, eta=cfg.eta, variance_noise=noise).prev_sample
+            if cfg.solver == "ddim":
+                x = scheduler.step(eps, t_int, x, eta=cfg.eta, variance_noise=noise).prev_sample
+            else:
+                x = scheduler.step(eps, t_int, x).prev_sample
     finally:
         if classifier is not None:
             classifier.train(was_training)

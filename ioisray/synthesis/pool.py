@@ -165,6 +165,7 @@ class SynthesisPool:
         return {
             "node_ids": sorted({t["node_id"] for ts in by_slot.values() for t in ts}),
             "images_per_second": {s: _images_per_second(ts) for s, ts in sorted(by_slot.items())},
+            "images": {s: sum(t["images"] for t in ts) for s, ts in sorted(by_slot.items())},
             "epoch_started_at": self.epoch_started_at,
             "last_chunk_done_at": max(done, default=self.epoch_started_at),
             "actors_started": self.actors_started,
