@@ -101,9 +101,8 @@ def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifi
 
     s, sy = cfg.sampler, cfg.synthesis
     guided = sy.mode == "online" and sy.guidance and s.guidance_scale > 0
-    sampler = SamplerConfig(steps=s.steps, guidance_scale=s.guidance_scale if guided else 0.0,
-                            guidance_form=s.guidance_form, eta=s.eta, dtype=s.dtype, solver=s.solver,
-                            output_size=cfg.data.image_size)
+    sampler = SamplerConfig.from_settings(s, guidance_scale=s.guidance_scale if guided else 0.0,
+                                          output_size=cfg.data.image_size)
     make_generator = functools.partial(
         DiffusionGenerator, model_dir, num_classes, sampler, make_classifier=make_classifier if guided else None,
         device="cuda" if sy.num_gpus > 0 else "cpu", num_threads=max(1, int(sy.num_cpus)) if sy.num_gpus == 0 else None)

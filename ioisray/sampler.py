@@ -88,6 +88,11 @@ class SamplerConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     solver: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"
 
+    @classmethod
+    def from_settings(cls, settings, **overrides) -> "SamplerConfig":
+        """From a config's `sampler` section (same field names), with `overrides` on top."""
+        return cls(**{**settings.model_dump(), **overrides})
+
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"sampler.steps must be an integer >= 1, got {self.steps!r}")

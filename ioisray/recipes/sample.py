@@ -61,9 +61,8 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
                              f"data.image_size is {cfg.data.image_size}: set data.image_size to match")
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
     s = cfg.sampler
-    scfg = SamplerConfig(steps=s.steps, guidance_scale=s.guidance_scale if guide else 0.0,
-                         guidance_form=s.guidance_form, eta=s.eta, dtype=s.dtype, solver=s.solver,
-                         output_size=cfg.data.image_size)
+    scfg = SamplerConfig.from_settings(s, guidance_scale=s.guidance_scale if guide else 0.0,
+                                       output_size=cfg.data.image_size)
     labels = [c for c in range(ds.num_classes) for _ in range(per_class)]
     seeds = list(range(len(labels)))
     batch = sample(unet.to(device), labels, seeds, scfg, classifier=guide.to(device) if guide else None,
