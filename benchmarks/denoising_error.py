@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ioisray.data import load_dataset
 from ioisray.models.diffusion import load_noise_scheduler, load_unet
-from ioisray.sampler import SamplerConfig, sample
+from ioisray.sampler import SamplerConfig, epsilon_from, sample
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
             x_t = sched.add_noise(x0, noise, tt)
             out = unet(x_t, tt, class_labels=y).sample
             abar = sched.alphas_cumprod[t]
-            eps = abar.sqrt() * out + (1 - abar).sqrt() * x_t if sched.config.prediction_type == "v_prediction" else out
+            eps = epsilon_from(out, x_t, abar, sched.config.prediction_type)
             x0_hat = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
             print(f"| {t} | {F.mse_loss(eps, noise):.4f} | {F.mse_loss(x0_hat, x0):.4f} | {x0_hat.std():.3f} |")
     labels = y[: min(64, len(y))].tolist()

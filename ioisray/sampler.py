@@ -78,6 +78,13 @@ def make_scheduler(train_scheduler: DDPMScheduler | DDIMScheduler | None = None,
                                      set_alpha_to_one=True, timestep_spacing="leading")
 
 
+def epsilon_from(output: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The noise estimate from a model's output: itself, or from v = sqrt(abar) eps - sqrt(1-abar) x0."""
+    if prediction_type == "v_prediction":
+        return abar_t.sqrt() * output + (1 - abar_t).sqrt() * x_t
+    return output
+
+
 @dataclass
 class SamplerConfig:
     steps: int = 50
@@ -229,9 +236,8 @@ def sample(
             with torch.no_grad(), _autocast(device, cfg.dtype):
                 eps = unet(x.to(unet_dtype), torch.full((len(seeds),), t_int, device=device),
                            class_labels=labels_dev).sample
-            eps, abar_t = eps.float(), alphas_cumprod[t_int]
-            if prediction_type == "v_prediction":  # v = sqrt(abar) eps - sqrt(1-abar) x0  =>  eps:
-                eps = abar_t.sqrt() * eps + (1 - abar_t).sqrt() * x
+            abar_t = alphas_cumprod[t_int]
+            eps = epsilon_from(eps.float(), x, abar_t, prediction_type)
             if guided:
                 grad = _guidance_gradient(x, eps, abar_t, labels_dev, classifier, transform, cfg, device)
                 eps = eps - cfg.guidance_scale * (1 - abar_t).sqrt() * grad

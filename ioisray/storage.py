@@ -40,11 +40,6 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         raise ValueError(f"output_dir: {uri!r} is not a filesystem URI pyarrow can open: {e}") from None
 
 
-def check_uri(uri: str) -> None:
-    """Fail early, naming the option, on a URI whose filesystem pyarrow cannot open."""
-    _resolve(uri)
-
-
 def exists(uri: str) -> bool:
     fs, path = _resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
