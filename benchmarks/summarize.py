@@ -1,40 +1,31 @@
 """Summarise finished runs: `python benchmarks/summarize.py outputs/*/metrics.json`.
 
 Prints one Markdown row per run (test balanced accuracy, macro-F1, per-class accuracy, seconds per
-epoch) and, where a run name ends in _s<seed>, the mean and std over seeds of each method.
+epoch) and, grouping runs whose names differ only in a trailing _s<seed>, the mean ± std over seeds of
+every test metric (the table `ioisray benchmark` writes).
 """
 import json
 import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+from ioisray.experiments import aggregate, results_markdown
 
 
 def main(paths: list[str]) -> None:
-    runs = {}
-    for p in paths:
-        r = json.loads(Path(p).read_text())
-        runs[Path(p).parent.name] = r
+    runs = {Path(p).parent.name: json.loads(Path(p).read_text()) for p in paths}
     if not runs:
         sys.exit("no metrics.json given")
     names = next(iter(runs.values()))["class_names"]
     print("| run | test BACC | test macro-F1 | " + " | ".join(names) + " | best epoch | s/epoch |")
     print("|---|---|---|" + "---|" * len(names) + "---|---|")
-    groups = defaultdict(list)
     for run, r in sorted(runs.items()):
         t = r["test"]
         pc = " | ".join(f"{t['per_class_accuracy'][n]:.3f}" for n in names)
         print(f"| {run} | {t['balanced_accuracy']:.4f} | {t['macro_f1']:.4f} | {pc} | "
               f"{r['best_epoch'] + 1} | {r.get('mean_epoch_seconds', float('nan')):.1f} |")
-        groups[re.sub(r"_s\d+$", "", run)].append(r)
-    if any(len(v) > 1 for v in groups.values()):
-        print("\n| method | seeds | test BACC | test macro-F1 |\n|---|---|---|---|")
-        for g, rs in sorted(groups.items()):
-            b = [r["test"]["balanced_accuracy"] for r in rs]
-            f = [r["test"]["macro_f1"] for r in rs]
-            print(f"| {g} | {len(rs)} | {np.mean(b):.4f} ± {np.std(b):.4f} | {np.mean(f):.4f} ± {np.std(f):.4f} |")
+    print()
+    print(results_markdown(aggregate(runs, {run: re.sub(r"_s\d+$", "", run) for run in sorted(runs)})), end="")
 
 
 if __name__ == "__main__":

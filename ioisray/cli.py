@@ -10,6 +10,8 @@ COMMANDS = {
     "train": "train a classifier (any baseline of the harness) with Ray Train",
     "pretrain-diffusion": "pretrain the class-conditional diffusion model on the training split",
     "sample": "sample a grid of images per class from diffusion.model_dir (optionally guided)",
+    "tune": "Ray Tune search over the keys of tune.search_space (ASHA on validation); writes best_config.yaml",
+    "benchmark": "methods x seeds of benchmark.* as Ray Tune trials; writes the results table and figures",
 }
 
 
@@ -66,6 +68,24 @@ def main(argv: list[str] | None = None) -> int:
             from ioisray.recipes.sample import sample_grid
 
             print(f"samples: {sample_grid(cfg, args.per_class, args.guide_run)}")
+        elif args.command == "tune":
+            from ioisray.recipes.tune import search
+
+            out = search(cfg)
+            print((cfg.run_dir / "trials.md").read_text(), end="")
+            print(f"\nbest {cfg.tune.metric} {out['best_value']:.4f} (validation): {out['best_params']}")
+            print(f"best config: {out['best_config']}  |  ioisray train {out['best_config']}")
+        elif args.command == "benchmark":
+            from ioisray.recipes.benchmark import benchmark
+
+            out = benchmark(cfg)
+            print(out["table"], end="")
+            print(f"\nresults: {out['run_dir']}/results.md")
+            for figure in out["figures"]:
+                print(f"figure: {figure}")
+            if out["missing"]:
+                print(f"ioisray: error: runs that did not finish: {', '.join(out['missing'])}", file=sys.stderr)
+                return 1
         return 0
     except (ConfigError, ValueError, FileNotFoundError, RunFinishedError) as e:
         # Bad input: one clear line naming the file, key or option, no traceback.

@@ -6,6 +6,7 @@ errors that name the key (pydantic `extra="forbid"`). The resolved config is sav
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -180,6 +181,73 @@ class SynthesisConfig(_Strict):
         return self
 
 
+class SearchDimension(_Strict):
+    """One searched key: exactly one of `grid` (every value, crossed with the other grid keys),
+    `choice` (one value drawn per trial), `uniform` / `loguniform` ([low, high]) or `randint` ([low, high))."""
+
+    grid: Optional[list[Any]] = None
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    randint: Optional[tuple[int, int]] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        set_ = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {set_ or 'none'})")
+        values = getattr(self, set_[0])
+        if set_[0] in ("grid", "choice") and not values:
+            raise ValueError(f"{set_[0]} needs at least one value")
+        if set_[0] in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            raise ValueError(f"{set_[0]} needs low < high, got {list(values)}")
+        if set_[0] == "loguniform" and values[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+    def candidates(self) -> list[Any]:
+        """Values to check against the config: the listed ones, or both ends of a range."""
+        return list(getattr(self, self.kind))
+
+
+class TuneSettings(_Strict):
+    """`ioisray tune`: a Ray Tune search over config keys, ASHA on a validation metric."""
+
+    search_space: dict[str, SearchDimension] = Field(default_factory=dict)  # "aas.temperature": {grid: [...]}
+    num_samples: int = Field(1, ge=1)  # repeats of the grid; each repeat draws the random keys anew
+    metric: Literal["val_balanced_accuracy", "val_macro_f1", "val_accuracy"] = "val_balanced_accuracy"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(2, ge=1)  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = Field(3.0, gt=1.0)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)  # default: as many as the cluster can hold at once
+    max_failures: int = Field(2, ge=0)  # retries of a failed trial (it resumes from its last checkpoint)
+    search_seed: int = 0  # draws of `choice` / ranges
+
+
+class BenchmarkSettings(_Strict):
+    """`ioisray benchmark`: methods x seeds (x datasets), each run an ordinary `ioisray train` run."""
+
+    methods: dict[str, list[str]] = Field(default_factory=dict)  # name -> key=value overrides of this config
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    datasets: dict[str, list[str]] = Field(default_factory=dict)  # name -> overrides; empty: this config's data
+    baseline: Optional[str] = None  # a method name: the per-class change figure compares the others with it
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)  # default: as many as the cluster can hold at once
+    max_failures: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _baseline_is_a_method(self):
+        if self.baseline is not None and self.baseline not in self.methods:
+            raise ValueError(f"benchmark.baseline {self.baseline!r} is not one of benchmark.methods "
+                             f"{sorted(self.methods)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"benchmark.seeds has repeats: {self.seeds}")
+        return self
+
+
 class Config(_Strict):
     name: str = "run"  # run name: outputs go to <output_dir>/<name>; reusing it resumes that run
     seed: int = 0
@@ -197,6 +265,8 @@ class Config(_Strict):
     # What to compare per-class test accuracy with at the end (the per-class change figure): a finished
     # run's folder, or an experiment config (.yaml), whose run is trained first if it has not finished.
     baseline: Optional[str] = None
+    tune: TuneSettings = Field(default_factory=TuneSettings)  # read by `ioisray tune` only
+    benchmark: BenchmarkSettings = Field(default_factory=BenchmarkSettings)  # read by `ioisray benchmark` only
 
     @field_validator("name")
     @classmethod
@@ -204,6 +274,13 @@ class Config(_Strict):
         if not v or any(c in v for c in "/\\") or v.startswith("."):
             raise ValueError("name must be a plain folder name (no '/', not starting with '.')")
         return v
+
+    @model_validator(mode="after")
+    def _searched_keys_exist(self):
+        for key in self.tune.search_space:
+            if not is_config_key(key):
+                raise ValueError(f"tune.search_space: {key!r} is not a config key")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -218,6 +295,20 @@ class Config(_Strict):
         if storage.is_uri(self.output_dir):
             return storage.join(self.output_dir, self.name)
         return str(self.run_dir)
+
+
+def is_config_key(key: str) -> bool:
+    """Whether a dotted key (`aas.temperature`) names a setting of Config (a leaf or a dict-valued one)."""
+    model: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+        if i < len(parts) - 1 and not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +351,9 @@ def _compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML (so `3`, `0.1`, `true`, `[1, 2]` work)."""
-    out = _merge({}, raw)
+    """Apply `a.b.c=value` overrides to a copy of `raw`; values are parsed as YAML (so `3`, `0.1`,
+    `true`, `[1, 2]` work)."""
+    out = copy.deepcopy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

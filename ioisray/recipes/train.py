@@ -226,16 +226,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if "results" not in state.extra:
             if state.best_model is None:
                 raise RuntimeError("no epoch finished: nothing to evaluate")
-            unwrap(model).load_state_dict(state.best_model)
-            y, p = predict(unwrap(model), ray.train.get_dataset_shard("test").iter_torch_batches(
-                batch_size=cfg.train.batch_size * 2, dtypes=None), device)
-            test = classification_metrics(y, p, class_names)
+            test = None  # a search trial never sees the test split (its best config is run afterwards)
+            if loop_config.get("evaluate_test", True):
+                unwrap(model).load_state_dict(state.best_model)
+                y, p = predict(unwrap(model), ray.train.get_dataset_shard("test").iter_torch_batches(
+                    batch_size=cfg.train.batch_size * 2, dtypes=None), device)
+                test = classification_metrics(y, p, class_names)
             history = state.extra.get("history", [])
             state.extra["results"] = {"best_epoch": state.best_epoch, "val": state.best_val, "test": test,
                                       "history": history,
                                       "mean_epoch_seconds": float(np.mean([h["epoch_seconds"]
                                                                            for h in history]))}
-            _tb_scalars(writer, "test", test, state.best_epoch)
+            if test is not None:
+                _tb_scalars(writer, "test", test, state.best_epoch)
         writer.close()
         events.sync()
         ckpt_dir = new_checkpoint_dir()
@@ -251,8 +254,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # Driver side
 
 
-def train(cfg: Config) -> dict:
-    """Run the recipe; returns {"best_epoch", "val", "test", "run_dir", ...}."""
+def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> dict:
+    """Run the recipe; returns {"best_epoch", "val", "test", "run_dir", ...}.
+
+    `evaluate_test=False` (search trials) leaves the test split untouched: "test" is None.
+    `callbacks`: Ray Train callbacks for the run (e.g. the one that reports epochs to Ray Tune).
+    """
     from ioisray.data.ray_dataset import to_ray_dataset
 
     run_dir = open_run(cfg)
@@ -297,8 +304,9 @@ def train(cfg: Config) -> dict:
             ray.kill(pool)
 
     loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
-                   "class_counts": counts.tolist(), **tensorboard_location(cfg)}
-    result = fit(cfg, train_loop_per_worker, loop_config, datasets, services=synthesis_pool if model_dir else None)
+                   "class_counts": counts.tolist(), "evaluate_test": evaluate_test, **tensorboard_location(cfg)}
+    result = fit(cfg, train_loop_per_worker, loop_config, datasets, services=synthesis_pool if model_dir else None,
+                 callbacks=callbacks)
 
     figures_made = []
     with result.checkpoint.as_directory() as d:
@@ -388,7 +396,9 @@ def _real_vs_synthetic(examples_file: Path, train_ds, run_dir: Path) -> Path:
 
 def save_results(results: dict, run_dir: Path) -> None:
     """metrics.md (the table the CLI prints) and metrics.json, both written atomically."""
-    table = format_table({f"val (epoch {results['best_epoch'] + 1})": results["val"],
-                          "test": results["test"]}, results["class_names"])
+    splits = {f"val (epoch {results['best_epoch'] + 1})": results["val"]}
+    if results.get("test") is not None:
+        splits["test"] = results["test"]
+    table = format_table(splits, results["class_names"])
     atomic_write_text(run_dir / "metrics.md", table + "\n")
     atomic_write_text(run_dir / "metrics.json", json.dumps(results, indent=2))

@@ -252,8 +252,11 @@ class EpochStreamDatasource(Datasource):
 def start_pool(make_generator: Callable, size: int, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
                resources: Optional[dict] = None, max_retries: int = 3):
     """A SynthesisPool actor (0 CPU: it only plans) with `size` generator actors, models loaded."""
-    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {})}
-    pool = ray.remote(SynthesisPool).options(num_cpus=0).remote(
+    # "DEFAULT" scheduling: started from a Tune trial, the actors would otherwise be placed in the
+    # trial's own placement group (0.1 CPU), where they do not fit.
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {}),
+               "scheduling_strategy": "DEFAULT"}
+    pool = ray.remote(SynthesisPool).options(num_cpus=0, scheduling_strategy="DEFAULT").remote(
         make_generator, size, options, max_retries)
     ray.get(pool.ready.remote())
     return pool

@@ -1,0 +1,114 @@
+"""Recipe: `ioisray benchmark`, methods x seeds (x datasets) compared on the test split.
+
+    setup    driver: expand `benchmark` into run configs named <name>[_<dataset>]_<method>_s<seed>, each an
+             ordinary `ioisray train` run in output_dir; leave out the runs that have finished (rerunning
+             skips them, and resumes an interrupted one from its checkpoint); pretrain the diffusion models
+             the synthesis methods need, once per dataset and seed, before any trial starts
+    train    the unfinished runs as Ray Tune trials, as many at once as the cluster holds, so a grid spreads
+             over a cluster; a failed run is retried from its last checkpoint
+    save     <output_dir>/<name>/: results.md and results.csv (mean and std over seeds of accuracy, balanced
+             accuracy, macro-F1, MCC, AUC and per-class accuracy), the per-class accuracy change of each
+             method against `benchmark.baseline`, and a real-vs-synthetic grid per synthesis method
+    cleanup  stop the Ray this process started
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ioisray import report as figures, storage
+from ioisray.atomic import atomic_write_bytes, atomic_write_text
+from ioisray.config import Config, save_config
+from ioisray.experiments import aggregate, benchmark_runs, results_csv, results_markdown, trial_resources
+from ioisray.recipes.common import open_run, run_trials, shared_diffusion_model
+
+
+def benchmark_trial(params: dict, *, configs: dict[str, dict]) -> None:
+    """One run of the grid: `ioisray train` of its config (the test split once, at its end)."""
+    from ioisray.config import RunFinishedError
+    from ioisray.recipes.train import train
+
+    try:
+        train(Config.model_validate(configs[params["run"]]))
+    except RunFinishedError:  # a retry of a run that had finished just before its trial failed
+        pass
+
+
+def _finished(cfg: Config) -> dict | None:
+    path = open_run(cfg) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def benchmark(cfg: Config) -> dict:
+    """Run the grid; returns {"table", "figures", "missing", "run_dir"}."""
+    from ray import tune
+
+    runs = benchmark_runs(cfg)
+    todo = [r for r in runs if _finished(r.config) is None]
+    print(f"[ioisray] benchmark {cfg.name}: {len(runs)} runs, {len(runs) - len(todo)} finished already, "
+          f"{len(todo)} to run", flush=True)
+    if todo:
+        configs = {r.name: shared_diffusion_model(r.config) for r in todo}
+        per_trial = {}
+        for c in configs.values():  # the largest need of any run, per resource
+            for k, v in trial_resources(c).items():
+                per_trial[k] = max(per_trial.get(k, 0.0), v)
+        trainable = tune.with_parameters(benchmark_trial, configs={k: c.model_dump(mode="json")
+                                                                   for k, c in configs.items()})
+        run_trials(cfg, trainable, {"run": tune.grid_search(list(configs))}, per_trial, name="benchmark",
+                   limit=cfg.benchmark.max_concurrent_trials, max_failures=cfg.benchmark.max_failures)
+
+    out_dir = open_run(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    results = {r.name: m for r in runs if (m := _finished(r.config)) is not None}
+    missing = [r.name for r in runs if r.name not in results]
+    tables, made = [], []
+    for dataset in dict.fromkeys(r.dataset for r in runs):
+        group_of = {r.name: r.method for r in runs if r.dataset == dataset}
+        rows = aggregate(results, group_of)
+        if not rows:
+            continue
+        prefix = f"{dataset}_" if dataset else ""
+        title = f"### {dataset}" if dataset else ""
+        tables.append((results_markdown(rows, title), results_csv(rows), prefix))
+        made += _figures(cfg, [r for r in runs if r.dataset == dataset], results, out_dir, prefix)
+    if not tables:
+        raise RuntimeError(f"no run of benchmark {cfg.name} finished: {missing}")
+    seeds_note = f"Test split, mean ± std over seeds {cfg.benchmark.seeds}; runs in {cfg.output_dir}.\n\n"
+    atomic_write_text(out_dir / "results.md", seeds_note + "\n".join(t[0] for t in tables))
+    for _, csv_text, prefix in tables:
+        atomic_write_text(out_dir / f"{prefix}results.csv", csv_text)
+    storage.push(out_dir, cfg.run_location)
+    return {"table": (out_dir / "results.md").read_text(), "missing": missing, "run_dir": cfg.run_location,
+            "figures": [storage.join(cfg.run_location, p.name) for p in made]}
+
+
+def _figures(cfg: Config, runs, results: dict, out_dir, prefix: str) -> list:
+    """Per-class accuracy change of every method's mean against the baseline method's mean (the paper's
+    Figure 2), and the real-vs-synthetic grid of the first seed of each synthesis method (Figure 3)."""
+    made = []
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        if r.name in results:
+            by_method.setdefault(r.method, []).append(results[r.name])
+    base = cfg.benchmark.baseline
+    if base in by_method:
+        names = by_method[base][0]["class_names"]
+        mean_acc = {m: np.mean([[x["test"]["per_class_accuracy"][n] for n in names] for x in rs], axis=0)
+                    for m, rs in by_method.items()}
+        bacc = {m: np.mean([x["test"]["balanced_accuracy"] for x in rs]) for m, rs in by_method.items()}
+        for m in by_method:
+            if m != base:
+                title = (f"{m} vs {base}, mean of {len(by_method[m])} vs {len(by_method[base])} seeds: "
+                         f"test BACC {bacc[m]:.3f} vs {bacc[base]:.3f}")
+                made.append(figures.per_class_change(names, mean_acc[m], mean_acc[base],
+                                                     out_dir / f"{prefix}per_class_change_{m}_vs_{base}.png", title))
+    for m in by_method:
+        first = next(r for r in runs if r.method == m and r.name in results)
+        src = first.config.run_dir / figures.REAL_VS_SYNTHETIC_PNG
+        if src.is_file():
+            made.append(out_dir / f"{prefix}real_vs_synthetic_{m}.png")
+            atomic_write_bytes(made[-1], src.read_bytes())
+    return made
