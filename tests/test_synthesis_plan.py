@@ -1,4 +1,6 @@
 """The epoch plan, the chunk-to-actor split and the worker-side tally: plain Python, no Ray."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -17,14 +19,24 @@ def test_plan_holds_exactly_the_quotas_in_a_fixed_number_of_chunks(seed):
     np.testing.assert_array_equal(np.bincount(labels, minlength=len(quotas)), quotas)
     assert len(chunks) == num_chunks(int(quotas.sum()), chunk_size)
     assert [len(c) for c in chunks] == chunk_sizes(int(quotas.sum()), chunk_size)
-    assert all(len(c) == chunk_size for c in chunks[:-1])
+    sizes = [len(c) for c in chunks]
+    assert max(sizes, default=0) <= chunk_size
+    assert len(sizes) <= math.ceil(quotas.sum() / chunk_size) + 3  # the ramp adds at most three chunks
     assert [c.index for c in chunks] == list(range(len(chunks)))
+
+
+def test_the_first_chunks_are_small_so_synthetic_images_arrive_early():
+    assert chunk_sizes(512, 32) == [4, 8, 16] + [32] * 15 + [4]
+    assert chunk_sizes(48, 6) == [1, 3] + [6] * 7 + [2]
+    assert chunk_sizes(20, 1) == [1] * 20 and chunk_sizes(3, 32) == [3] and chunk_sizes(0, 8) == []
+    for budget in range(0, 70):
+        assert sum(chunk_sizes(budget, 16)) == budget
 
 
 def test_chunk_sizes_depend_on_the_budget_only_and_seeds_identify_images():
     a = plan_epoch([90, 5, 5], epoch=0, run_seed=1, chunk_size=16)
     b = plan_epoch([10, 10, 80], epoch=1, run_seed=1, chunk_size=16)
-    assert [len(c) for c in a] == [len(c) for c in b] == [16] * 6 + [4]
+    assert [len(c) for c in a] == [len(c) for c in b] == [2, 4, 8, 16, 16, 16, 16, 16, 6]
     seeds_a = np.concatenate([c.seeds for c in a])
     seeds_b = np.concatenate([c.seeds for c in b])
     assert len(set(seeds_a) | set(seeds_b)) == 200  # unique across epochs

@@ -148,7 +148,7 @@ def test_the_stream_carries_every_real_row_plus_the_padding_and_the_chunks(local
     real_labels = np.arange(37) % 3
     real_images = np.zeros((37, SIZE, SIZE, 3), np.uint8)
     real_images[:, 1, 0, 0] = np.arange(37)  # row id
-    ds = epoch_stream(pool, [4] * 5, (SIZE, SIZE, 3), real_images=real_images, real_labels=real_labels,
+    ds = epoch_stream(pool, chunk_sizes(20, 4), (SIZE, SIZE, 3), real_images=real_images, real_labels=real_labels,
                       extra_real_rows=3, seed=1, concurrency=4)
     chunks = plan_epoch([10, 10], 0, run_seed=2, chunk_size=4)
     ray.get(pool.start_epoch.remote(0, chunks, [None]))

@@ -23,10 +23,10 @@ def unet_dir(tmp_path_factory):
 
 def test_tune_stops_a_weak_trial_early_and_writes_a_best_config_train_accepts(tmp_path, unet_dir):
     # Two trials, one after the other (one fits in 4 logical CPUs): the second learns nothing
-    # (lr 1e-7), so ASHA stops it at its first rung, after epoch 1 of 3.
+    # (lr 1e-7), so ASHA stops it at its first rung, after epoch 1 of 2.
     args = ["tune", "configs/digits.yaml", *TINY, "name=search", f"output_dir={tmp_path}",
             f"diffusion.model_dir={unet_dir}", "ray.num_workers=1", "synthesis.pool_size=2",
-            "train.epochs=3", "train.optimizer=adamw", "train.warmup_epochs=0",
+            "train.epochs=2", "train.optimizer=adamw", "train.warmup_epochs=0",
             "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-7]}, aas.temperature: {choice: [0.5, 2.0]}, "
             "synthesis.budget: {grid: [16]}}", "tune.grace_period=1", "tune.reduction_factor=2"]
     r = run_cli(*args, timeout=900)
@@ -36,7 +36,7 @@ def test_tune_stops_a_weak_trial_early_and_writes_a_best_config_train_accepts(tm
     with open(search / "trials.csv") as f:
         trials = {float(t["train.lr"]): t for t in csv.DictReader(f)}
     assert set(trials) == {3e-3, 1e-7}
-    assert trials[3e-3]["status"] == "completed" and int(trials[3e-3]["epochs"]) == 3
+    assert trials[3e-3]["status"] == "completed" and int(trials[3e-3]["epochs"]) == 2
     assert trials[1e-7]["status"] == "stopped early" and int(trials[1e-7]["epochs"]) == 1
     assert float(trials[3e-3]["best_val_balanced_accuracy"]) > float(trials[1e-7]["best_val_balanced_accuracy"])
     assert {float(t["aas.temperature"]) for t in trials.values()} <= {0.5, 2.0}
@@ -65,6 +65,7 @@ def test_benchmark_writes_the_table_and_figures_and_skips_finished_runs(tmp_path
     r = run_cli(*args, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
+    assert "each trial holds {'CPU': 2.6}; 2 at a time" in r.stdout
     runs = ["bench_ce_s0", "bench_ce_s1", "bench_iois_s0", "bench_iois_s1"]
     metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in runs}
     assert [load_config(tmp_path / n / "config.yaml").seed for n in runs] == [0, 1, 0, 1]

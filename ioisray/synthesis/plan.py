@@ -1,7 +1,7 @@
 """One epoch's synthesis plan: which (label, seed) pairs to generate, in chunks, and which actor makes each.
 
 Pure Python/NumPy, no Ray. The budget N is fixed for a run, so an epoch always has the same number of
-chunks (ceil(N / chunk_size)); only their labels change with the quotas. That is what lets a Ray Data
+chunks (see chunk_sizes); only their labels change with the quotas. That is what lets a Ray Data
 source with a fixed set of read tasks (one per chunk) serve a different plan every epoch.
 """
 from __future__ import annotations
@@ -29,12 +29,24 @@ class Chunk:
 
 
 def num_chunks(budget: int, chunk_size: int) -> int:
-    return math.ceil(budget / chunk_size) if budget > 0 else 0
+    return len(chunk_sizes(budget, chunk_size))
 
 
 def chunk_sizes(budget: int, chunk_size: int) -> list[int]:
-    """Images per chunk of every epoch's plan: full chunks, then the remainder."""
-    return [min(chunk_size, budget - s) for s in range(0, budget, chunk_size)]
+    """Images per chunk of every epoch's plan: a short ramp (chunk_size/8, /4, /2), full chunks, then
+    the remainder.
+
+    The first chunks go one to each actor, so small ones reach the trainer within seconds of the epoch's
+    start instead of after chunk_size / (images/s) seconds; three extra chunks cost next to nothing.
+    """
+    ramp = [c for c in dict.fromkeys((chunk_size // 8, chunk_size // 4, chunk_size // 2)) if 0 < c < chunk_size]
+    sizes, left = [], budget
+    for size in ramp + [chunk_size] * math.ceil(max(budget, 0) / chunk_size):
+        if left <= 0:
+            break
+        sizes.append(min(size, left))
+        left -= sizes[-1]
+    return sizes
 
 
 def image_seeds(run_seed: int, epoch: int, count: int) -> np.ndarray:
@@ -57,8 +69,9 @@ def plan_epoch(quotas: Sequence[int], epoch: int, run_seed: int, chunk_size: int
     labels = np.repeat(np.arange(q.size, dtype=np.int64), q)
     labels = np.random.default_rng([run_seed, epoch]).permutation(labels)
     seeds = image_seeds(run_seed, epoch, len(labels))
-    return [Chunk(i, labels[s:s + chunk_size], seeds[s:s + chunk_size])
-            for i, s in enumerate(range(0, len(labels), chunk_size))]
+    ends = np.cumsum(chunk_sizes(len(labels), chunk_size))
+    return [Chunk(i, labels[e - n:e], seeds[e - n:e])
+            for i, (e, n) in enumerate(zip(ends, chunk_sizes(len(labels), chunk_size)))]
 
 
 def assign_chunks(sizes: Sequence[int], throughputs: Sequence[float]) -> list[int]:
