@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="another config override (may be repeated)")
         s.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
+        if name == "benchmark":
+            s.add_argument("--report-only", action="store_true",
+                           help="start no run: write the table and figures of the runs that have finished")
         if name == "sample":
             s.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
             s.add_argument("--guide-run", help="a finished `ioisray train` run whose best classifier guides "
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "benchmark":
             from ioisray.recipes.benchmark import benchmark
 
-            out = benchmark(cfg)
+            out = benchmark(cfg, report_only=args.report_only)
             print(out["table"], end="")
             print(f"\nresults: {out['run_dir']}/results.md")
             for figure in out["figures"]:

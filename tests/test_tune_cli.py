@@ -89,6 +89,12 @@ def test_benchmark_writes_the_table_and_figures_and_skips_finished_runs(tmp_path
     assert "4 runs, 4 finished already, 0 to run" in r.stdout
     assert before == {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n in runs}
     assert (tmp_path / "bench" / "results.md").read_text() == table
+    # One more method: --report-only starts nothing, tabulates what finished and names what did not.
+    r = run_cli(*args[:-3], "benchmark.methods={ce: [synthesis.mode=none], iois: [], focal: [method.loss=focal]}",
+                *args[-2:], "--report-only", timeout=120)
+    assert r.returncode == 1 and "bench_focal_s0, bench_focal_s1" in r.stderr
+    assert "4 finished already, 2 to run (not now: --report-only)" in r.stdout and not (tmp_path / "bench_focal_s0").exists()
+    assert (tmp_path / "bench" / "results.md").read_text() == table
 
 
 def test_a_search_over_an_unknown_key_is_refused_before_ray_starts(tmp_path):

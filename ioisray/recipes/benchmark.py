@@ -40,15 +40,16 @@ def _finished(cfg: Config) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def benchmark(cfg: Config) -> dict:
-    """Run the grid; returns {"table", "figures", "missing", "run_dir"}."""
-    from ray import tune
-
+def benchmark(cfg: Config, report_only: bool = False) -> dict:
+    """Run the grid (with `report_only`, only tabulate the runs that have finished); returns
+    {"table", "figures", "missing", "run_dir"}."""
     runs = benchmark_runs(cfg)
     todo = [r for r in runs if _finished(r.config) is None]
     print(f"[ioisray] benchmark {cfg.name}: {len(runs)} runs, {len(runs) - len(todo)} finished already, "
-          f"{len(todo)} to run", flush=True)
-    if todo:
+          f"{len(todo)} to run" + (" (not now: --report-only)" if report_only and todo else ""), flush=True)
+    if todo and not report_only:
+        from ray import tune
+
         configs = {r.name: shared_diffusion_model(r.config) for r in todo}
         per_trial = {}
         for c in configs.values():  # the largest need of any run, per resource
