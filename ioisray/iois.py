@@ -72,18 +72,21 @@ def begin_epoch(cfg: Config, pool, state: aas.AASState, classifier: torch.nn.Mod
 
 def end_epoch(pool, tally: SyntheticTally, rank: int) -> dict:
     """Step 4's synthesis side: images received per class (all workers), time to the first synthetic
-    batch at any worker, and, on rank 0, the pool's throughput per actor and time to generate the epoch."""
+    batch (and, to see where that time goes, to the first batch of any kind) at any worker, and, on
+    rank 0, the pool's throughput per actor and times to its first and last chunk."""
     import ray
 
     received = all_reduce_sum(torch.as_tensor(tally.per_class, dtype=torch.float64)).long().tolist()
-    first = torch.tensor(math.inf if tally.seconds_to_first is None else tally.seconds_to_first, dtype=torch.float64)
+    firsts = torch.tensor([math.inf if t is None else t for t in (tally.seconds_to_first, tally.seconds_to_first_batch)],
+                          dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the first worker to get one
-    out = {"synthetic_per_class": received,
-           "seconds_to_first_synthetic": float(first) if math.isfinite(float(first)) else None}
+        dist.all_reduce(firsts, op=dist.ReduceOp.MIN)  # the first worker to get one
+    first, first_batch = (float(t) if math.isfinite(float(t)) else None for t in firsts)
+    out = {"synthetic_per_class": received, "seconds_to_first_synthetic": first, "seconds_to_first_batch": first_batch}
     if rank == 0:
         s = ray.get(pool.epoch_stats.remote())
         out.update(generation_seconds=s["last_chunk_done_at"] - s["epoch_started_at"],
+                   seconds_to_first_chunk=s["first_chunk_done_at"] - s["epoch_started_at"],
                    images_per_second_per_actor=[s["images_per_second"][k] for k in sorted(s["images_per_second"])],
                    actors_started=s["actors_started"], synthesis_node_ids=s["node_ids"])
     return out

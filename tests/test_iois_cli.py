@@ -48,6 +48,8 @@ def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_p
     # Streaming: in some epoch the first synthetic batch reached a worker before generation ended.
     assert any(h["seconds_to_first_synthetic"] < h["generation_seconds"] for h in history), \
         [(h["seconds_to_first_synthetic"], h["generation_seconds"]) for h in history]
+    assert all(h["seconds_to_first_batch"] <= h["seconds_to_first_synthetic"] for h in history)
+    assert all(0 < h["seconds_to_first_chunk"] <= h["generation_seconds"] for h in history)
     assert (run / "real_vs_synthetic.png").stat().st_size > 1000
     assert "figure: " in r.stdout and "balanced_accuracy" in (run / "metrics.md").read_text()
     assert np.isfinite(json.loads((run / "metrics.json").read_text())["test"]["balanced_accuracy"])

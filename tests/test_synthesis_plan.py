@@ -1,5 +1,6 @@
 """The epoch plan, the chunk-to-actor split and the worker-side tally: plain Python, no Ray."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -66,11 +67,16 @@ def test_tally_counts_synthetic_rows_and_refuses_another_epochs_images():
                 "label": torch.tensor(labels), "synthetic": torch.tensor(synthetic, dtype=torch.int8),
                 "plan_epoch": torch.tensor(plan_epochs)}
 
-    seen = list(tally.watch([batch([0, 1, 1], [0, 0, 0], [-1, -1, -1]),
-                             batch([1, 2, 2, 2], [1, 0, 1, 1], [2, -1, 2, 2])]))
+    def slow(batches):  # the real batch arrives, then the synthetic one 0.05 s later
+        for b in batches:
+            yield b
+            time.sleep(0.05)
+
+    seen = list(tally.watch(slow([batch([0, 1, 1], [0, 0, 0], [-1, -1, -1]),
+                                  batch([1, 2, 2, 2], [1, 0, 1, 1], [2, -1, 2, 2])])))
     assert len(seen) == 2
     np.testing.assert_array_equal(tally.per_class, [0, 1, 2])
-    assert tally.seconds_to_first is not None and tally.seconds_to_first > 0
+    assert tally.seconds_to_first - tally.seconds_to_first_batch >= 0.05 > 0 < tally.seconds_to_first_batch
     examples = tally.examples()
     assert [len(e) for e in examples] == [0, 1, 2]
     with pytest.raises(RuntimeError, match="plan epoch 1"):

@@ -100,8 +100,9 @@ def _tb_synthesis(writer, class_names, quotas, synthesis: dict, tally: Synthetic
         writer.add_scalar(f"synthesis_quota/{name}", int(q), epoch)
     for a, rate in enumerate(synthesis["images_per_second_per_actor"]):
         writer.add_scalar(f"synthesis/images_per_second_actor_{a}", rate, epoch)
-    if synthesis["seconds_to_first_synthetic"] is not None:
-        writer.add_scalar("synthesis/seconds_to_first_batch", synthesis["seconds_to_first_synthetic"], epoch)
+    for key in ("seconds_to_first_synthetic", "seconds_to_first_batch", "seconds_to_first_chunk"):
+        if synthesis.get(key) is not None:
+            writer.add_scalar(f"synthesis/{key}", synthesis[key], epoch)
     writer.add_scalar("synthesis/generation_seconds", synthesis["generation_seconds"], epoch)
     rows = [t for t in tally.examples() if len(t)]
     if rows:  # one row per class that received images, up to EXAMPLES_PER_CLASS each
@@ -211,7 +212,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if synthesis:
                 print(f"[ioisray]   synthesis: quotas {[int(q) for q in quotas]}, received "
                       f"{sum(synthesis['synthetic_per_class'])}, first after "
-                      f"{synthesis['seconds_to_first_synthetic'] or float('nan'):.1f}s, all generated after "
+                      f"{synthesis['seconds_to_first_synthetic'] or float('nan'):.1f}s (first batch "
+                      f"{synthesis['seconds_to_first_batch'] or float('nan'):.1f}s, first chunk made "
+                      f"{synthesis['seconds_to_first_chunk']:.1f}s), all generated after "
                       f"{synthesis['generation_seconds']:.1f}s, images/s per actor "
                       f"{[round(r, 1) for r in synthesis['images_per_second_per_actor']]}", flush=True)
             ckpt_dir = new_checkpoint_dir()

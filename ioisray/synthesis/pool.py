@@ -158,8 +158,8 @@ class SynthesisPool:
             self.rates[slot] = _images_per_second(timings)
 
     def epoch_stats(self) -> dict:
-        """This epoch's images/s per actor slot, seconds from start_epoch to its last chunk, and the
-        Ray nodes its chunks were generated on."""
+        """This epoch's images/s per actor slot, when its first and last chunks were done, and the Ray
+        nodes its chunks were generated on."""
         by_slot = self._timings_by_slot(False)
         done = [t["done_at"] for ts in by_slot.values() for t in ts]
         return {
@@ -167,6 +167,7 @@ class SynthesisPool:
             "images_per_second": {s: _images_per_second(ts) for s, ts in sorted(by_slot.items())},
             "images": {s: sum(t["images"] for t in ts) for s, ts in sorted(by_slot.items())},
             "epoch_started_at": self.epoch_started_at,
+            "first_chunk_done_at": min(done, default=self.epoch_started_at),
             "last_chunk_done_at": max(done, default=self.epoch_started_at),
             "actors_started": self.actors_started,
         }

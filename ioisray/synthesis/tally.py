@@ -19,11 +19,14 @@ class SyntheticTally:
         self.per_class = np.zeros(num_classes, dtype=np.int64)
         self.started_at = started_at if started_at is not None else time.time()
         self.first_at: Optional[float] = None  # wall-clock time of the first synthetic batch
+        self.first_batch_at: Optional[float] = None  # and of the epoch's first batch of any kind
         self.keep_per_class = keep_per_class
         self.kept: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
 
     def watch(self, batches: Iterable[dict]) -> Iterator[dict]:
         for batch in batches:
+            if self.first_batch_at is None:
+                self.first_batch_at = time.time()
             if "synthetic" in batch:
                 self._see(batch)
             yield batch
@@ -50,6 +53,10 @@ class SyntheticTally:
     @property
     def seconds_to_first(self) -> Optional[float]:
         return None if self.first_at is None else self.first_at - self.started_at
+
+    @property
+    def seconds_to_first_batch(self) -> Optional[float]:
+        return None if self.first_batch_at is None else self.first_batch_at - self.started_at
 
     def examples(self) -> list[torch.Tensor]:
         """Kept images per class, uint8 (k, H, W, 3) each (k may be 0)."""
