@@ -18,7 +18,7 @@ from pathlib import Path
 from ioisray import storage
 from ioisray.atomic import atomic_write_text
 from ioisray.config import Config, save_config, to_yaml
-from ioisray.experiments import check_search_space, trial_config, trial_resources
+from ioisray.experiments import check_search_space, results_csv, trial_config, trial_resources
 from ioisray.recipes.common import open_run, run_trials, shared_diffusion_model
 
 TRIALS = "trials"  # the trials' run folders, inside the search's folder
@@ -116,14 +116,7 @@ def search(cfg: Config) -> dict:
 
 
 def _save_tables(rows: list[dict], run_dir: Path, metric: str) -> None:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(run_dir / "trials.csv", buf.getvalue())
+    atomic_write_text(run_dir / "trials.csv", results_csv(rows))
     ordered = sorted(rows, key=lambda r: -r[f"best_{metric}"] if not math.isnan(r[f"best_{metric}"]) else math.inf)
     head = list(rows[0])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

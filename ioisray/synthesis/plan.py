@@ -69,9 +69,8 @@ def plan_epoch(quotas: Sequence[int], epoch: int, run_seed: int, chunk_size: int
     labels = np.repeat(np.arange(q.size, dtype=np.int64), q)
     labels = np.random.default_rng([run_seed, epoch]).permutation(labels)
     seeds = image_seeds(run_seed, epoch, len(labels))
-    ends = np.cumsum(chunk_sizes(len(labels), chunk_size))
-    return [Chunk(i, labels[e - n:e], seeds[e - n:e])
-            for i, (e, n) in enumerate(zip(ends, chunk_sizes(len(labels), chunk_size)))]
+    sizes = chunk_sizes(len(labels), chunk_size)
+    return [Chunk(i, labels[e - n:e], seeds[e - n:e]) for i, (e, n) in enumerate(zip(np.cumsum(sizes), sizes))]
 
 
 def assign_chunks(sizes: Sequence[int], throughputs: Sequence[float]) -> list[int]:
