@@ -113,6 +113,13 @@ def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifi
                       resources=sy.resources, max_retries=sy.max_retries)
 
 
+def first_batch_rows(cfg: Config) -> int:
+    """Rows a worker's local shuffle buffer takes in before it yields a batch (Ray Data's
+    ShufflingBatcher waits for 1.5x its minimum size plus a batch). Real rows may run that far ahead of
+    synthesis: training starts at once, and the first chunk enters the buffer right behind them."""
+    return cfg.train.shuffle_buffer * 3 // 2 + cfg.train.batch_size
+
+
 def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: Optional[object],
                      num_workers: int):
     """Every real training image, plus (with synthesis on) the pool's chunks of the current epoch.
@@ -130,4 +137,5 @@ def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: 
     return epoch_stream(pool, chunk_sizes(budget, cfg.synthesis.chunk_size), (size, size, 3),
                         real_images=images, real_labels=labels, sampling=cfg.method.sampling, seed=cfg.seed,
                         extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
+                        real_rows_ahead=first_batch_rows(cfg) * max(num_workers, 1),
                         max_retries=cfg.synthesis.max_retries, concurrency=4 * cfg.synthesis.pool_size)

@@ -3,9 +3,7 @@ import json
 import shutil
 
 import pytest
-from cli_utils import ROOT, interrupt_after, run_cli
-
-from ioisray.checkpoint import TrainingState
+from cli_utils import ROOT, run_cli
 
 from ioisray.cli import main
 from ioisray.config import ConfigError, load_config
@@ -108,23 +106,3 @@ def test_train_end_to_end_with_ray_and_a_storage_uri(tmp_path):
     again = run_cli(*args, env=staging)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
     assert json.loads((run / "metrics.json").read_text()) == results
-
-
-@pytest.mark.ray
-def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
-    args = ["train", "configs/digits_ce.yaml", *TINY, "train.epochs=5", "name=resume", f"output_dir={tmp_path}"]
-    run = tmp_path / "resume"
-    done = interrupt_after(args, run, epochs=2)
-    assert not (run / "metrics.json").exists(), "interrupted too late: the run had finished"
-    assert 2 <= done < 5
-    r = run_cli(*args)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"resumed from epoch {done}" in r.stdout + r.stderr
-    history = json.loads((run / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
-    # AAS state (per-class training accuracy of the last epoch) travels in the checkpoint.
-    final = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
-    state = TrainingState.load(run / "ray_train" / final["latest_checkpoint_result"]["checkpoint_dir_name"])
-    last = history[-1]["train_per_class_accuracy"]
-    for got, want in zip(state.extra["aas"]["accuracy"], last.values()):
-        assert want != want or abs(got - want) < 1e-9  # NaN: class unseen, AAS keeps its previous value

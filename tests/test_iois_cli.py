@@ -8,6 +8,7 @@ import pytest
 from cli_utils import interrupt_after, run_cli
 
 from ioisray.aas import quotas
+from ioisray.checkpoint import TrainingState
 from ioisray.models.diffusion import create_unet
 
 pytestmark = pytest.mark.ray
@@ -26,7 +27,7 @@ def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_p
             f"output_dir={tmp_path}"]
     run = tmp_path / "iois"
     done = interrupt_after(args, run, epochs=1, timeout=480)  # epoch 1 also starts the pool
-    assert 1 <= done < 3
+    assert 1 <= done < 3 and not (run / "metrics.json").exists(), "interrupted too late: the run had finished"
     r = run_cli(*args)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
@@ -44,6 +45,11 @@ def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_p
     for prev, h in zip(history, history[1:]):
         acc = list(prev["train_per_class_accuracy"].values())
         assert h["quotas"] == quotas(acc, BUDGET, 0.1).tolist()
+    # The final checkpoint's AAS state is the last epoch's per-class training accuracy.
+    final = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+    state = TrainingState.load(run / "ray_train" / final["latest_checkpoint_result"]["checkpoint_dir_name"])
+    for got, want in zip(state.extra["aas"]["accuracy"], history[-1]["train_per_class_accuracy"].values()):
+        assert want != want or abs(got - want) < 1e-9  # NaN: class unseen, AAS keeps its previous value
     assert any(h["quotas"] != history[0]["quotas"] for h in history[1:])
     # Streaming: in some epoch the first synthetic batch reached a worker before generation ended.
     assert any(h["seconds_to_first_synthetic"] < h["generation_seconds"] for h in history), \

@@ -36,7 +36,8 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path):
     # Fine-tuning starts from the given model and keeps its schedule: after one 1-batch epoch at a
     # tiny lr it is still close.
     tuned = run_cli(*common, "pretrain.epochs=1", "pretrain.max_batches_per_epoch=1", "pretrain.lr=1e-7",
-                    "pretrain.sample_every=0", f"diffusion.model_dir={run / 'unet'}", "name=ft",
+                    "pretrain.sample_every=0", "ray.num_workers=0",  # in-process: skips Train's worker start-up
+                    f"diffusion.model_dir={run / 'unet'}", "name=ft",
                     f"output_dir={tmp_path}")
     assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
     before, after = unet.state_dict(), load_unet(str(tmp_path / "ft" / "unet"), num_classes=10).state_dict()

@@ -15,8 +15,8 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402
 
-from ioisray.synthesis.plan import chunk_sizes, plan_epoch  # noqa: E402
-from ioisray.synthesis.pool import epoch_stream, start_pool  # noqa: E402
+from ioisray.synthesis.plan import SEED_EPOCH, chunk_sizes, plan_epoch  # noqa: E402
+from ioisray.synthesis.pool import epoch_stream, epoch_stream_source, start_pool  # noqa: E402
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
@@ -25,17 +25,18 @@ SIZE = 6
 
 
 class SeedImages:
-    """Stand-in generator: image = the seed's bytes; `delay` seconds per chunk."""
+    """Stand-in generator: image = the seed's bytes; `delay` seconds per chunk (`first_delay` for the
+    chunk holding an epoch's first image)."""
 
-    def __init__(self, delay: float = 0.0):
-        self.delay = delay
+    def __init__(self, delay: float = 0.0, first_delay: float = 0.0):
+        self.delay, self.first_delay = delay, first_delay
         self.classifier = None
 
     def set_classifier(self, state):
         self.classifier = state
 
     def generate(self, labels, seeds):
-        time.sleep(self.delay)
+        time.sleep(self.first_delay if (np.asarray(seeds) % SEED_EPOCH == 0).any() else self.delay)
         images = np.zeros((len(seeds), SIZE, SIZE, 3), np.uint8)
         s = np.asarray(seeds, dtype=np.int64)
         for b in range(5):
@@ -158,4 +159,21 @@ def test_the_stream_carries_every_real_row_plus_the_padding_and_the_chunks(local
     assert len(ids) == 40 and set(ids) == set(range(37))  # every real row, plus 3 seeded repeats
     np.testing.assert_array_equal(rows["label"][real], real_labels[ids])
     assert sorted(zip(rows["label"][~real].tolist(), rows["seed"][~real].tolist())) == pairs(chunks)
+    ray.get(pool.shutdown.remote())
+
+
+def test_a_real_slice_past_the_head_waits_for_its_chunk(local_ray):
+    # 8 chunks, so 8 real slices of 15 rows; 12 rows may run ahead: slice 0 is read at once, slice 1
+    # only once chunk 0 (2 s to make) is done. Unpaced, both would be read at once.
+    pool = start_pool(lambda: SeedImages(0.0, first_delay=2.0), 1, num_cpus=0.5)
+    source = epoch_stream_source(pool, chunk_sizes(24, 4), (SIZE, SIZE, 3),
+                                 real_images=np.zeros((120, SIZE, SIZE, 3), np.uint8),
+                                 real_labels=np.arange(120) % 2, real_rows_ahead=12)
+    tasks = source.get_read_tasks(1)  # real slice i, then chunk i, for each i
+    ray.get(pool.start_epoch.remote(0, plan_epoch([12, 12], 0, run_seed=0, chunk_size=4), [None]))
+    started = time.time()
+    assert sum(len(b) for b in tasks[0]()) == 15 and time.time() - started < 1.0
+    assert sum(len(b) for b in tasks[2]()) == 15 and time.time() - started > 1.5
+    chunk0_done = ray.get(pool.epoch_stats.remote())["first_chunk_done_at"]
+    assert time.time() >= chunk0_done
     ray.get(pool.shutdown.remote())

@@ -206,7 +206,12 @@ def _real_rows(real: dict, i: int, num_tasks: int) -> dict:
     return rows
 
 
-def _read_real(real: dict, i: int, num_slices: int):
+def _read_real(real: dict, i: int, num_slices: int, pool=None, after_chunk: Optional[int] = None):
+    if after_chunk is not None:
+        # Pacing: wait until chunk `after_chunk` is made (or failed: its own read task regenerates it),
+        # so that real rows cannot queue up in the shards ahead of the synthetic ones.
+        _, (ref,) = ray.get(pool.chunk.remote(after_chunk))
+        ray.wait([ref], fetch_local=False)
     yield BlockAccessor.batch_to_block(_real_rows(real, i, num_slices))
 
 
@@ -220,9 +225,12 @@ class EpochStreamDatasource(Datasource):
     A fixed set of read tasks, for a fixed per-epoch budget: with real rows, task 2i reads the i-th
     slice of them and task 2i+1 waits for chunk i; without, task i waits for chunk i. Ray Data starts
     tasks in index order (a few at a time), so training starts on real images at once, and synthetic
-    chunks join the stream in the order they are made, spread over the epoch instead of queued behind
-    every real image. (Real rows and a chunk are separate tasks because Ray Data merges the blocks
-    one task yields, which would hold the real slice back until its chunk is ready.)
+    chunks join the stream in the order they are made, spread over the epoch. Real reads are paced by
+    synthesis: only the first slices, `real["ahead"]` rows (what fills the workers' shuffle buffers), are
+    read at once; slice i after them waits for chunk i - (those slices). Unpaced, every real row is read
+    in the first second and queues in the shards ahead of the first chunk. (Real rows and a chunk are
+    separate tasks because Ray Data merges the blocks one task yields, which would hold the real slice
+    back until its chunk is ready.)
     """
 
     def __init__(self, pool, chunk_sizes: list[int], image_shape: tuple[int, int, int],
@@ -238,13 +246,20 @@ class EpochStreamDatasource(Datasource):
         return ReadTask(read_fn, BlockMetadata(num_rows=rows, size_bytes=int(rows * np.prod(self._shape)),
                                                input_files=None, exec_stats=None))
 
+    def _head_slices(self, num_slices: int) -> int:
+        """Real slices read at once: enough to hold `real["ahead"]` rows (at least one slice)."""
+        slice_rows = max(1, self._real["rows"] // num_slices) if self._real else 1
+        return max(1, -(-self._real["ahead"] // slice_rows)) if self._real else 0
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         # The same tasks whatever the requested parallelism: chunk i is always read by the same task.
         k = len(self._sizes)
+        head = self._head_slices(k)
         tasks = []
         for i, n in enumerate(self._sizes):
             if self._real and i < self._real["rows"]:
-                tasks.append(self._task(functools.partial(_read_real, self._real, i, k),
+                after_chunk = i - head if i >= head else None
+                tasks.append(self._task(functools.partial(_read_real, self._real, i, k, self._pool, after_chunk),
                                         len(range(i, self._real["rows"], k))))
             tasks.append(self._task(functools.partial(_read_chunk, self._pool, i, self._retries), n))
         return tasks
@@ -263,12 +278,13 @@ def start_pool(make_generator: Callable, size: int, *, num_cpus: float = 1.0, nu
     return pool
 
 
-def epoch_stream(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], *,
-                 real_images: Optional[np.ndarray] = None, real_labels: Optional[np.ndarray] = None,
-                 sampling: str = "natural", seed: int = 0, extra_real_rows: int = 0, max_retries: int = 3,
-                 concurrency: Optional[int] = None) -> "ray.data.Dataset":
-    """The Ray dataset whose every execution streams one epoch: the real rows (if given; `sampling` as in
-    data/ray_dataset.py, plus `extra_real_rows` repeats) and the pool's current chunks.
+def epoch_stream_source(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], *,
+                        real_images: Optional[np.ndarray] = None, real_labels: Optional[np.ndarray] = None,
+                        sampling: str = "natural", seed: int = 0, extra_real_rows: int = 0,
+                        real_rows_ahead: int = 0, max_retries: int = 3) -> EpochStreamDatasource:
+    """The source of one epoch's stream: the real rows (if given; `sampling` as in data/ray_dataset.py,
+    plus `extra_real_rows` repeats) and the pool's current chunks. At most about `real_rows_ahead`
+    real rows (at least one slice) are read before the first chunk is made.
 
     Read tasks ask for no CPU: they only gather rows and wait on the actors, and the Train workers
     hold the CPUs.
@@ -279,7 +295,13 @@ def epoch_stream(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int]
     if real_images is not None:
         n = len(real_labels) + extra_real_rows
         real = {"arrays": [put_arrays(real_images, real_labels)], "rows": n, "sampling": sampling,
-                "order": row_order(len(real_labels), sampling, seed, extra_real_rows)}
-    source = EpochStreamDatasource(pool, chunk_sizes, image_shape, real, max_retries)
+                "order": row_order(len(real_labels), sampling, seed, extra_real_rows), "ahead": real_rows_ahead}
+    return EpochStreamDatasource(pool, chunk_sizes, image_shape, real, max_retries)
+
+
+def epoch_stream(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], *, concurrency: Optional[int] = None,
+                 **source_options) -> "ray.data.Dataset":
+    """The Ray dataset whose every execution streams one epoch (see epoch_stream_source)."""
+    source = epoch_stream_source(pool, chunk_sizes, image_shape, **source_options)
     return ray.data.read_datasource(source, override_num_blocks=len(source.get_read_tasks(1)), num_cpus=0,
                                     concurrency=concurrency)
