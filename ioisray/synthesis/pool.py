@@ -248,13 +248,13 @@ class EpochStreamDatasource(Datasource):
 
     def _head_slices(self, num_slices: int) -> int:
         """Real slices read at once: enough to hold `real["ahead"]` rows (at least one slice)."""
-        slice_rows = max(1, self._real["rows"] // num_slices) if self._real else 1
-        return max(1, -(-self._real["ahead"] // slice_rows)) if self._real else 0
+        slice_rows = max(1, self._real["rows"] // num_slices)
+        return max(1, -(-self._real["ahead"] // slice_rows))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         # The same tasks whatever the requested parallelism: chunk i is always read by the same task.
         k = len(self._sizes)
-        head = self._head_slices(k)
+        head = self._head_slices(k) if self._real else 0
         tasks = []
         for i, n in enumerate(self._sizes):
             if self._real and i < self._real["rows"]:
