@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nbest {cfg.tune.metric} {out['best_value']:.4f} (validation): {out['best_params']}")
             print(f"best config: {out['best_config']}  |  ioisray train {out['best_config']}")
         elif args.command == "benchmark":
-            from ioisray.recipes.benchmark import benchmark
+            from ioisray.recipes.benchmark import NothingFinishedError, benchmark
 
-            out = benchmark(cfg, report_only=args.report_only)
+            try:
+                out = benchmark(cfg, report_only=args.report_only)
+            except NothingFinishedError as e:
+                print(f"ioisray: error: {e}", file=sys.stderr)
+                return 1
             print(out["table"], end="")
             print(f"\nresults: {out['run_dir']}/results.md")
             for figure in out["figures"]:

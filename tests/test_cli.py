@@ -66,6 +66,15 @@ def test_resuming_with_another_config_is_refused(tmp_path):
                                                           "data.test_fraction=0.3"]), cfg.run_dir)
 
 
+def test_a_benchmark_report_with_nothing_finished_says_so(tmp_path, capsys):
+    args = ["benchmark", str(ROOT / "configs/digits.yaml"), f"output_dir={tmp_path}", "--report-only",
+            "benchmark.methods={ce: [synthesis.mode=none]}", "benchmark.seeds=[0, 1]"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "2 runs, 0 finished already, 2 to run (not now: --report-only)" in out
+    assert f"no run of benchmark digits_iois has finished in {tmp_path} (run it without --report-only)" in err
+
+
 def test_print_config_shows_resolved_values(capsys):
     assert main(["train", str(ROOT / "configs/digits_ce.yaml"), "train.epochs=3", "--print-config"]) == 0
     out = capsys.readouterr().out
@@ -73,7 +82,7 @@ def test_print_config_shows_resolved_values(capsys):
 
 
 @pytest.mark.ray
-def test_train_end_to_end_with_ray_and_a_storage_uri(tmp_path):
+def test_train_end_to_end_with_ray_and_a_storage_uri(tmp_path, monkeypatch, capsys):
     # Exercises the re-sampling dataset, mixup and a re-weighted loss inside Ray Train as well. Outputs
     # go to a filesystem URI (as s3://... on a cluster), through a local staging folder.
     staging = {"IOISRAY_STAGING": str(tmp_path / "staging")}
@@ -103,6 +112,9 @@ def test_train_end_to_end_with_ray_and_a_storage_uri(tmp_path):
     # The test split has been used: running the same run again is refused, results untouched, even
     # from a machine that has no local copy of the run (it is read back from the URI).
     shutil.rmtree(tmp_path / "staging")
-    again = run_cli(*args, env=staging)
-    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    monkeypatch.setenv("IOISRAY_STAGING", staging["IOISRAY_STAGING"])
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    assert main(args) == 2  # in-process: refused before Ray starts
+    assert "already holds a finished run" in capsys.readouterr().err
     assert json.loads((run / "metrics.json").read_text()) == results

@@ -1,15 +1,16 @@
 """`ioisray pretrain-diffusion` end to end on Ray: resume after Ctrl-C, a model diffusers reloads."""
 import pytest
 import torch
-from cli_utils import interrupt_after, run_cli
+from cli_utils import ROOT, interrupt_after, run_cli
 
+from ioisray.cli import main
 from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.sampler import SamplerConfig, sample
 
 pytestmark = pytest.mark.ray
 
 
-def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path):
+def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path, capsys, monkeypatch):
     common = ["pretrain-diffusion", "configs/pretrain_digits.yaml", "diffusion.image_size=16", "pretrain.epochs=4",
               "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=2", "pretrain.sample_steps=2",
               "ray.num_workers=2"]
@@ -44,10 +45,14 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path):
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
     assert load_noise_scheduler(tmp_path / "ft" / "unet").config.prediction_type == "v_prediction"
     # Asking to fine-tune it as an epsilon model is refused before Ray starts, naming the key.
-    conflict = run_cli(*common, "diffusion.prediction_type=epsilon", f"diffusion.model_dir={run / 'unet'}",
-                       "name=ft3", f"output_dir={tmp_path}")
-    assert conflict.returncode == 2 and "diffusion.prediction_type='epsilon'" in conflict.stderr
+    # (In-process: both fail before anything starts.)
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    assert main([*common, "diffusion.prediction_type=epsilon", f"diffusion.model_dir={run / 'unet'}",
+                 "name=ft3", f"output_dir={tmp_path}"]) == 2
+    assert "diffusion.prediction_type='epsilon'" in capsys.readouterr().err
     # A model of another image size is refused before Ray starts, naming the key.
-    wrong = run_cli(*common, "diffusion.image_size=32", f"diffusion.model_dir={run / 'unet'}", "name=ft2",
-                    f"output_dir={tmp_path}")
-    assert wrong.returncode == 2 and "diffusion.model_dir" in wrong.stderr and "16px" in wrong.stderr
+    assert main([*common, "diffusion.image_size=32", f"diffusion.model_dir={run / 'unet'}", "name=ft2",
+                 f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion.model_dir" in err and "16px" in err

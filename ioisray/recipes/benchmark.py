@@ -40,6 +40,10 @@ def _finished(cfg: Config) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+class NothingFinishedError(RuntimeError):
+    """No run of the grid has results to tabulate."""
+
+
 def benchmark(cfg: Config, report_only: bool = False) -> dict:
     """Run the grid (with `report_only`, only tabulate the runs that have finished); returns
     {"table", "figures", "missing", "run_dir"}."""
@@ -76,7 +80,8 @@ def benchmark(cfg: Config, report_only: bool = False) -> dict:
         tables.append((results_markdown(rows, title), results_csv(rows), prefix))
         made += _figures(cfg, [r for r in runs if r.dataset == dataset], results, out_dir, prefix)
     if not tables:
-        raise RuntimeError(f"no run of benchmark {cfg.name} finished: {missing}")
+        raise NothingFinishedError(f"no run of benchmark {cfg.name} has finished in {cfg.output_dir}"
+                                   + (" (run it without --report-only)" if report_only else ""))
     seeds_note = f"Test split, mean ± std over seeds {cfg.benchmark.seeds}; runs in {cfg.output_dir}.\n\n"
     atomic_write_text(out_dir / "results.md", seeds_note + "\n".join(t[0] for t in tables))
     for _, csv_text, prefix in tables:
