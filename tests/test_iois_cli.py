@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from cli_utils import interrupt_after, run_cli
+from cli_utils import ROOT, interrupt_after, run_cli
 
 from ioisray.aas import quotas
 from ioisray.checkpoint import TrainingState
@@ -23,8 +23,12 @@ TINY_IOIS = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16"
 def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_path):
     unet_dir = tmp_path / "unet"
     create_unet("tiny", num_classes=10, image_size=16).save_pretrained(unet_dir, safe_serialization=True)
+    # Its CE baseline, a 1-epoch variant of the main job's, is trained first (for the per-class change figure).
+    baseline = tmp_path / "ce_tiny.yaml"
+    baseline.write_text(f"defaults: [{ROOT / 'configs/digits_ce.yaml'}]\nname: ce_tiny\n"
+                        "model: {name: resnet10t}\ntrain: {epochs: 1, batch_size: 16}\n")
     args = ["train", "configs/digits.yaml", *TINY_IOIS, f"diffusion.model_dir={unet_dir}", "name=iois",
-            f"output_dir={tmp_path}"]
+            f"output_dir={tmp_path}", f"baseline={baseline}"]
     run = tmp_path / "iois"
     done = interrupt_after(args, run, epochs=1, timeout=480)  # epoch 1 also starts the pool
     assert 1 <= done < 3 and not (run / "metrics.json").exists(), "interrupted too late: the run had finished"
@@ -32,6 +36,7 @@ def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_p
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert f"resumed from epoch {done}" in out
+    assert (tmp_path / "ce_tiny" / "metrics.json").is_file() and "training it first" not in out  # made once
 
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
@@ -56,6 +61,7 @@ def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_p
         [(h["seconds_to_first_synthetic"], h["generation_seconds"]) for h in history]
     assert all(h["seconds_to_first_batch"] <= h["seconds_to_first_synthetic"] for h in history)
     assert all(0 < h["seconds_to_first_chunk"] <= h["generation_seconds"] for h in history)
-    assert (run / "real_vs_synthetic.png").stat().st_size > 1000
-    assert "figure: " in r.stdout and "balanced_accuracy" in (run / "metrics.md").read_text()
+    for figure in ("real_vs_synthetic.png", "per_class_accuracy_change.png"):
+        assert (run / figure).stat().st_size > 1000 and f"figure: {run / figure}" in r.stdout
+    assert "balanced_accuracy" in (run / "metrics.md").read_text()
     assert np.isfinite(json.loads((run / "metrics.json").read_text())["test"]["balanced_accuracy"])

@@ -3,8 +3,9 @@ import csv
 import json
 
 import pytest
-from cli_utils import run_cli
+from cli_utils import ROOT, run_cli
 
+from ioisray.cli import main
 from ioisray.config import load_config
 from ioisray.models.diffusion import create_unet
 
@@ -54,7 +55,7 @@ def test_tune_stops_a_weak_trial_early_and_writes_a_best_config_train_accepts(tm
     assert json.loads((tmp_path / "search_best" / "metrics.json").read_text())["test"]["balanced_accuracy"] >= 0
 
 
-def test_benchmark_writes_the_table_and_figures_and_skips_finished_runs(tmp_path, unet_dir):
+def test_benchmark_writes_the_table_and_figures_and_skips_finished_runs(tmp_path, unet_dir, monkeypatch, capsys):
     args = ["benchmark", "configs/digits.yaml", *TINY, "name=bench", f"output_dir={tmp_path}",
             # 6 logical CPUs: two runs at a time (2.6 each: a worker, an actor, the trial, Ray Data)
             f"diffusion.model_dir={unet_dir}", "ray.num_workers=1", "ray.local_num_cpus=6", "synthesis.pool_size=1",
@@ -80,22 +81,25 @@ def test_benchmark_writes_the_table_and_figures_and_skips_finished_runs(tmp_path
         assert (tmp_path / "bench" / figure).stat().st_size > 1000
         assert f"figure: {tmp_path / 'bench' / figure}" in r.stdout
 
+    # Rerun (in-process: with nothing to run, Ray is not started): finished runs are skipped.
+    monkeypatch.chdir(ROOT)
     before = {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n in runs}
-    r = run_cli(*args, timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "2 runs, 2 finished already, 0 to run" in r.stdout
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "2 runs, 2 finished already, 0 to run" in capsys.readouterr().out
     assert before == {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n in runs}
     assert (tmp_path / "bench" / "results.md").read_text() == table
     # One more method: --report-only starts nothing, tabulates what finished and names what did not.
-    r = run_cli(*args[:-3], "benchmark.methods={ce: [synthesis.mode=none], iois: [], focal: [method.loss=focal]}",
-                *args[-2:], "--report-only", timeout=120)
-    assert r.returncode == 1 and "did not finish: bench_focal_s0" in r.stderr
-    assert "2 finished already, 1 to run (not now: --report-only)" in r.stdout and not (tmp_path / "bench_focal_s0").exists()
+    assert main([*args[:-3], "benchmark.methods={ce: [synthesis.mode=none], iois: [], focal: [method.loss=focal]}",
+                 *args[-2:], "--report-only"]) == 1
+    out, err = capsys.readouterr()
+    assert "did not finish: bench_focal_s0" in err and not (tmp_path / "bench_focal_s0").exists()
+    assert "2 finished already, 1 to run (not now: --report-only)" in out
     assert (tmp_path / "bench" / "results.md").read_text() == table
 
 
-def test_a_search_over_an_unknown_key_is_refused_before_ray_starts(tmp_path):
-    r = run_cli("tune", "configs/digits.yaml", f"output_dir={tmp_path}",
-                "tune.search_space={aas.temperture: {grid: [1, 2]}}", timeout=60)
-    assert r.returncode == 2 and "'aas.temperture' is not a config key" in r.stderr
+def test_a_search_over_an_unknown_key_is_refused_before_ray_starts(tmp_path, capsys):
+    assert main(["tune", str(ROOT / "configs/digits.yaml"), f"output_dir={tmp_path}",
+                 "tune.search_space={aas.temperture: {grid: [1, 2]}}"]) == 2
+    assert "'aas.temperture' is not a config key" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
