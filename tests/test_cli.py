@@ -73,6 +73,7 @@ def test_a_benchmark_report_with_nothing_finished_says_so(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "2 runs, 0 finished already, 2 to run (not now: --report-only)" in out
     assert f"no run of benchmark digits_iois has finished in {tmp_path} (run it without --report-only)" in err
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_print_config_shows_resolved_values(capsys):

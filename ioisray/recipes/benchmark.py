@@ -64,11 +64,14 @@ def benchmark(cfg: Config, report_only: bool = False) -> dict:
         run_trials(cfg, trainable, {"run": tune.grid_search(list(configs))}, per_trial, name="benchmark",
                    limit=cfg.benchmark.max_concurrent_trials, max_failures=cfg.benchmark.max_failures)
 
+    results = {r.name: m for r in runs if (m := _finished(r.config)) is not None}
+    missing = [r.name for r in runs if r.name not in results]
+    if not results:  # before anything is written: a failed report leaves no folder behind
+        raise NothingFinishedError(f"no run of benchmark {cfg.name} has finished in {cfg.output_dir}"
+                                   + (" (run it without --report-only)" if report_only else ""))
     out_dir = open_run(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    results = {r.name: m for r in runs if (m := _finished(r.config)) is not None}
-    missing = [r.name for r in runs if r.name not in results]
     tables, made = [], []
     for dataset in dict.fromkeys(r.dataset for r in runs):
         group_of = {r.name: r.method for r in runs if r.dataset == dataset}
@@ -79,9 +82,6 @@ def benchmark(cfg: Config, report_only: bool = False) -> dict:
         title = f"### {dataset}" if dataset else ""
         tables.append((results_markdown(rows, title), results_csv(rows), prefix))
         made += _figures(cfg, [r for r in runs if r.dataset == dataset], results, out_dir, prefix)
-    if not tables:
-        raise NothingFinishedError(f"no run of benchmark {cfg.name} has finished in {cfg.output_dir}"
-                                   + (" (run it without --report-only)" if report_only else ""))
     seeds_note = f"Test split, mean ± std over seeds {cfg.benchmark.seeds}; runs in {cfg.output_dir}.\n\n"
     atomic_write_text(out_dir / "results.md", seeds_note + "\n".join(t[0] for t in tables))
     for _, csv_text, prefix in tables:
