@@ -37,6 +37,9 @@ class DataConfig(_Strict):
     imbalance_ratio: float = Field(50.0, ge=1.0)  # digits_lt only: largest / smallest class
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # The seed of the split (and of digits_lt's subsample); None: `seed`. Fix it to vary only the
+    # training seed over one split, e.g. to share one diffusion model across a benchmark's seeds.
+    split_seed: Optional[int] = Field(None, ge=0)
     on_bad_image: Literal["error", "skip"] = "error"
     num_threads: int = Field(4, ge=1)  # image decoding threads
 
@@ -288,6 +291,11 @@ class Config(_Strict):
         if storage.is_uri(self.output_dir):
             return storage.staging_dir(self.output_dir) / self.name
         return Path(self.output_dir).expanduser().resolve() / self.name
+
+    @property
+    def split_seed(self) -> int:
+        """The seed that fixes the data split: `data.split_seed`, or `seed` when that is not set."""
+        return self.seed if self.data.split_seed is None else self.data.split_seed
 
     @property
     def run_location(self) -> str:

@@ -4,7 +4,10 @@ import torch
 from cli_utils import ROOT, interrupt_after, run_cli
 
 from ioisray.cli import main
+from ioisray.config import load_config
+from ioisray.data import provenance
 from ioisray.models.diffusion import load_noise_scheduler, load_unet
+from ioisray.recipes.common import setup_data
 from ioisray.sampler import SamplerConfig, sample
 
 pytestmark = pytest.mark.ray
@@ -30,6 +33,10 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path, capsys, monk
     batch = sample(unet, [0, 9], [1, 2], SamplerConfig(steps=2, output_size=24), scheduler=schedule)
     assert batch.images.shape == (2, 24, 24, 3) and batch.images.dtype == torch.uint8
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # It records the images it trained on: the training split, none of the held-out ones.
+    ds, splits = setup_data(load_config(ROOT / "configs/pretrain_digits.yaml"))
+    trained_on = set(provenance.image_keys(ds, splits["train"], None))
+    assert provenance.training_images(run / "unet") == trained_on
     # A finished pretraining run is not silently redone.
     again = run_cli(*args)
     assert again.returncode == 2 and "already exists" in again.stderr
@@ -44,6 +51,7 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path, capsys, monk
     before, after = unet.state_dict(), load_unet(str(tmp_path / "ft" / "unet"), num_classes=10).state_dict()
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
     assert load_noise_scheduler(tmp_path / "ft" / "unet").config.prediction_type == "v_prediction"
+    assert provenance.training_images(tmp_path / "ft" / "unet") == trained_on  # same split: same images
     # Asking to fine-tune it as an epsilon model is refused before Ray starts, naming the key.
     # (In-process: both fail before anything starts.)
     monkeypatch.chdir(ROOT)

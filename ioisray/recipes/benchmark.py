@@ -54,7 +54,12 @@ def benchmark(cfg: Config, report_only: bool = False) -> dict:
     if todo and not report_only:
         from ray import tune
 
-        configs = {r.name: shared_diffusion_model(r.config) for r in todo}
+        # Grouped by split, so that each split's data is loaded once to check (or pretrain) its model.
+        loaded: dict = {}
+        ready = {r.name: shared_diffusion_model(r.config, loaded)
+                 for r in sorted(todo, key=lambda r: (r.config.data.model_dump_json(), r.config.split_seed))}
+        loaded.clear()
+        configs = {r.name: ready[r.name] for r in todo}
         per_trial = {}
         for c in configs.values():  # the largest need of any run, per resource
             for k, v in trial_resources(c).items():

@@ -18,13 +18,13 @@ from ioisray.data import ImageDataset, load_dataset, split_dataset
 
 
 def setup_data(cfg: Config, image_size: Optional[int] = None) -> tuple[ImageDataset, dict[str, np.ndarray]]:
-    """Load the dataset and split it by `cfg.seed`: every recipe sees the same split."""
+    """Load the dataset and split it by `cfg.split_seed`: every recipe sees the same split."""
     d = cfg.data
     t0 = time.perf_counter()
     ds = load_dataset(d.name, d.root, image_size=image_size or d.image_size, csv=d.csv,
-                      on_bad_image=d.on_bad_image, imbalance_ratio=d.imbalance_ratio, seed=cfg.seed,
+                      on_bad_image=d.on_bad_image, imbalance_ratio=d.imbalance_ratio, seed=cfg.split_seed,
                       num_threads=d.num_threads)
-    splits = split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.seed)
+    splits = split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.split_seed)
     counts = ds.subset(splits["train"]).class_counts()
     if (counts == 0).any():
         empty = [ds.class_names[i] for i in np.flatnonzero(counts == 0)]
@@ -155,15 +155,21 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
     return trainer.fit()
 
 
-def shared_diffusion_model(cfg: Config) -> Config:
+def shared_diffusion_model(cfg: Config, loaded: Optional[dict] = None) -> Config:
     """`cfg` with diffusion.model_dir set when it synthesises: the model every trial of a search or
-    benchmark shares, pretrained here (once, before any trial starts) if it does not exist yet."""
-    if cfg.synthesis.mode == "none" or cfg.diffusion.model_dir:
+    benchmark shares, pretrained here (once, before any trial starts) if it does not exist yet, and
+    checked against the run's validation and test images before any trial starts. `loaded` keeps the
+    last split loaded, so that consecutive runs with the same data and split seed load it once."""
+    if cfg.synthesis.mode == "none":
         return cfg
     from ioisray.recipes.train import diffusion_model
 
-    ds, _ = setup_data(cfg)
-    model_dir = diffusion_model(cfg, ds.num_classes)
+    loaded = {} if loaded is None else loaded
+    key = (cfg.data.model_dump_json(), cfg.split_seed)
+    if key not in loaded:
+        loaded.clear()
+        loaded[key] = setup_data(cfg)
+    model_dir = diffusion_model(cfg, *loaded[key])
     return cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"model_dir": model_dir})})
 
 

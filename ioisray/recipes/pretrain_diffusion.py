@@ -1,6 +1,6 @@
 """Recipe: pretrain the class-conditional diffusion model that IOIS samples from, with Ray Train.
 
-    setup    driver: the same data and split as the classifier (same seed); only the training split
+    setup    driver: the same data and split as the classifier (same split seed); only the training split
              is used, so no validation or test image leaks into the generator
     train    workers: from a fresh UNet of `diffusion.preset`, or fine-tuning `diffusion.model_dir`;
              noise (epsilon) or velocity (v) prediction loss on DDPM-noised images, DDP, an EMA copy of the
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ioisray import storage
+from ioisray.data import provenance
 from ioisray.config import Config, ConfigError, RunFinishedError, save_config
 from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet,
                                      save_diffusion_model)
@@ -182,6 +183,21 @@ def _ema_copy(unet, ema):
     return ema_unet.eval()
 
 
+def record_training_images(cfg: Config, ds, train_rows, model_dir: Path) -> None:
+    """Which images the model has seen (see data/provenance.py): this training split, plus, when
+    fine-tuning, the starting model's. A starting model without a record leaves none: a partial one
+    would vouch for images the model may have seen."""
+    keys = set(provenance.image_keys(ds, train_rows, cfg.data.root))
+    if cfg.diffusion.model_dir:
+        before = provenance.training_images(storage.fetch_dir(cfg.diffusion.model_dir))
+        if before is None:
+            print(f"[ioisray] warning: {cfg.diffusion.model_dir} has no record of its training images, so "
+                  f"neither has the fine-tuned model", flush=True)
+            return
+        keys |= before
+    provenance.write_training_images(model_dir, cfg.data.name, sorted(keys))
+
+
 def pretrain_diffusion(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the saved diffusers UNet."""
     from ioisray.data.ray_dataset import to_ray_dataset
@@ -214,6 +230,7 @@ def pretrain_diffusion(cfg: Config) -> Path:
     with result.checkpoint.as_directory() as d:
         tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".unet-"))
         shutil.copytree(Path(d) / UNET_DIR, tmp, dirs_exist_ok=True)
+    record_training_images(cfg, ds, splits["train"], tmp)
     tmp.rename(final)
     load_unet(str(final), ds.num_classes)  # fail here, not later, if it does not reload
     load_noise_scheduler(final)

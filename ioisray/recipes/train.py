@@ -280,7 +280,7 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
     if cfg.baseline and not storage.is_uri(cfg.baseline) and not Path(cfg.baseline).expanduser().exists():
         raise ConfigError(f"baseline: {cfg.baseline} does not exist")
     # What the run needs first: its diffusion model and its baseline (made here if missing).
-    model_dir = diffusion_model(cfg, ds.num_classes) if iois.is_on(cfg) else None
+    model_dir = diffusion_model(cfg, ds, splits) if iois.is_on(cfg) else None
     baseline = baseline_run(cfg) if cfg.baseline else None
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -353,36 +353,53 @@ def baseline_run(cfg: Config) -> Path:
     return base.run_dir
 
 
-def diffusion_model(cfg: Config, num_classes: int) -> str:
+def diffusion_model(cfg: Config, ds, splits: dict) -> str:
     """The diffusion model IOIS samples from: `diffusion.model_dir`, or, when that is not set, the one
-    pretrained for this data, split seed, preset and size, which is pretrained here first if missing."""
+    pretrained for this data, training split, preset and size, which is pretrained here first if
+    missing. Refused if it was trained on any of this run's validation or test images."""
+    from ioisray.data import provenance
     from ioisray.models.diffusion import load_noise_scheduler, load_unet
     from ioisray.recipes.pretrain_diffusion import UNET_DIR, diffusion_image_size, pretrain_diffusion
 
     if cfg.diffusion.model_dir:
+        model_dir = cfg.diffusion.model_dir
         try:
-            load_unet(cfg.diffusion.model_dir, num_classes)
-            load_noise_scheduler(cfg.diffusion.model_dir)
+            load_unet(model_dir, ds.num_classes)
+            load_noise_scheduler(model_dir)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
-        return cfg.diffusion.model_dir
-    size = diffusion_image_size(cfg)
-    # Only what shapes the diffusion model goes into its run, so IOIS runs that differ in method,
-    # synthesis or training settings share one model (same data and seed: same training split).
-    d = cfg.diffusion
-    tag = (("_v" if d.prediction_type == "v_prediction" else "")
-           + ("_cosine" if d.beta_schedule == "squaredcos_cap_v2" else ""))
-    pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_seed{cfg.seed}",
-                 seed=cfg.seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
-                 pretrain=cfg.pretrain, ray=cfg.ray)
-    # Named by its final location (a URI on a cluster), so that actors on any node can load it.
-    final = storage.join(pre.run_location, UNET_DIR)
-    if storage.exists(final):
-        print(f"[ioisray] diffusion model: {final}", flush=True)
     else:
-        print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({pre.run_location})", flush=True)
-        pretrain_diffusion(pre)
-    return final
+        size = diffusion_image_size(cfg)
+        # Only what shapes the diffusion model goes into its run, so IOIS runs that differ in method,
+        # synthesis, training settings or training seed share one model; another split gets its own.
+        d = cfg.diffusion
+        tag = (("_v" if d.prediction_type == "v_prediction" else "")
+               + ("_cosine" if d.beta_schedule == "squaredcos_cap_v2" else ""))
+        split = provenance.split_id(provenance.image_keys(ds, splits["train"], cfg.data.root))
+        pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_split{split}",
+                     seed=cfg.split_seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
+                     pretrain=cfg.pretrain, ray=cfg.ray)
+        # Named by its final location (a URI on a cluster), so that actors on any node can load it.
+        model_dir = storage.join(pre.run_location, UNET_DIR)
+        if storage.exists(model_dir):
+            print(f"[ioisray] diffusion model: {model_dir}", flush=True)
+        else:
+            print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({pre.run_location})",
+                  flush=True)
+            pretrain_diffusion(pre)
+    held_out = provenance.image_keys(ds, np.concatenate([splits["val"], splits["test"]]), cfg.data.root)
+    seen = provenance.held_out_seen(storage.fetch_dir(model_dir), held_out)
+    if seen is None:
+        print(f"[ioisray] warning: {model_dir} has no {provenance.TRAINING_IMAGES_FILE} (not pretrained by "
+              f"this version of ioisray), so it cannot be checked for this run's validation and test images",
+              flush=True)
+    elif seen:
+        raise ConfigError(
+            f"diffusion.model_dir: {model_dir} was trained on {seen} of this run's {len(held_out)} validation "
+            f"and test images (split seed {cfg.split_seed}), so its samples would leak them into training. Use "
+            f"a model pretrained on this split (leave diffusion.model_dir unset to pretrain one), or keep the "
+            f"model's split with data.split_seed")
+    return model_dir
 
 
 def _real_vs_synthetic(examples_file: Path, train_ds, run_dir: Path) -> Path:
