@@ -1,4 +1,5 @@
 """No run samples from a diffusion model that was trained on its validation or test images."""
+import json
 import shutil
 
 import numpy as np
@@ -11,7 +12,7 @@ from ioisray.config import load_config
 from ioisray.data import load_dataset, provenance, split_dataset
 from ioisray.models.diffusion import create_unet
 from ioisray.recipes.common import setup_data
-from ioisray.recipes.train import diffusion_model
+from ioisray.recipes.train import check_same_test_split, diffusion_model
 
 DIGITS = str(ROOT / "configs/digits.yaml")
 
@@ -77,3 +78,20 @@ def test_a_damaged_record_is_an_error_naming_the_file(tmp_path):
     (tmp_path / provenance.TRAINING_IMAGES_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=provenance.TRAINING_IMAGES_FILE):
         provenance.held_out_seen(tmp_path, ["abc"])
+
+
+def test_a_baseline_tested_on_other_images_is_refused_before_training(tmp_path, capsys):
+    # A finished baseline run of another split (here its recorded test split id): the per-class change
+    # figure would compare accuracies on different test images.
+    base = tmp_path / "digits_ce"
+    base.mkdir()
+    (base / "metrics.json").write_text(json.dumps({"split_ids": {"test": "0123abcd"}}))
+    args = ["train", str(ROOT / "configs/digits_ce.yaml"), f"baseline={base}", f"output_dir={tmp_path}", "name=run"]
+    assert main(args) == 2
+    assert "another test split" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # The same run's own test split id is accepted.
+    cfg = load_config(args[1], args[2:])
+    ds, splits = setup_data(cfg)
+    test_id = provenance.split_id(provenance.image_keys(ds, splits["test"], None))
+    (base / "metrics.json").write_text(json.dumps({"split_ids": {"test": test_id}}))
+    check_same_test_split(base, test_id)

@@ -27,6 +27,7 @@ from ioisray.aas import AASState
 from ioisray.atomic import atomic_save_safetensors, atomic_write_text
 from ioisray.checkpoint import TrainingState
 from ioisray.config import Config, ConfigError, RunFinishedError, load_config, save_config
+from ioisray.data import provenance
 from ioisray.engine import predict, train_one_epoch
 from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
@@ -281,7 +282,10 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
         raise ConfigError(f"baseline: {cfg.baseline} does not exist")
     # What the run needs first: its diffusion model and its baseline (made here if missing).
     model_dir = diffusion_model(cfg, ds, splits) if iois.is_on(cfg) else None
+    split_ids = {k: provenance.split_id(provenance.image_keys(ds, v, cfg.data.root)) for k, v in splits.items()}
     baseline = baseline_run(cfg) if cfg.baseline else None
+    if baseline:
+        check_same_test_split(baseline, split_ids["test"])
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     storage.push(run_dir, cfg.run_location)
@@ -318,7 +322,7 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
         atomic_save_safetensors(TrainingState.load(d).best_model, run_dir / BEST_MODEL_FILE)
         if (Path(d) / SYNTHETIC_EXAMPLES_FILE).is_file():
             figures_made.append(_real_vs_synthetic(Path(d) / SYNTHETIC_EXAMPLES_FILE, train_ds, run_dir))
-    out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()},
+    out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()}, "split_ids": split_ids,
                 "train_class_counts": counts.tolist(), "run_dir": cfg.run_location,
                 "seconds": time.perf_counter() - t0})
     if model_dir:
@@ -353,11 +357,20 @@ def baseline_run(cfg: Config) -> Path:
     return base.run_dir
 
 
+def check_same_test_split(baseline_dir: Path, test_split_id: str) -> None:
+    """The per-class change figure compares test accuracies: only over the same test images. (A
+    baseline finished before split ids were recorded is not checked.)"""
+    recorded = json.loads((Path(baseline_dir) / "metrics.json").read_text()).get("split_ids", {}).get("test")
+    if recorded is not None and recorded != test_split_id:
+        raise ConfigError(f"baseline: {baseline_dir} was tested on another test split than this run's (another "
+                          f"seed, data.split_seed or split setting), so the two cannot be compared class by class; "
+                          f"give a baseline run of this split, or remove that folder to train it again")
+
+
 def diffusion_model(cfg: Config, ds, splits: dict) -> str:
     """The diffusion model IOIS samples from: `diffusion.model_dir`, or, when that is not set, the one
     pretrained for this data, training split, preset and size, which is pretrained here first if
     missing. Refused if it was trained on any of this run's validation or test images."""
-    from ioisray.data import provenance
     from ioisray.models.diffusion import load_noise_scheduler, load_unet
     from ioisray.recipes.pretrain_diffusion import UNET_DIR, diffusion_image_size, pretrain_diffusion
 
