@@ -57,6 +57,16 @@ class ModelConfig(_Strict):
     weights: Optional[str] = None  # local .safetensors/.pth file; never downloaded
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
 
+    @field_validator("name")
+    @classmethod
+    def _no_hub_download(cls, v: str) -> str:
+        # timm fetches an "hf-hub:" model's config from the Hugging Face Hub even without pretrained
+        # weights; runs here stay offline, and weights come from a local file.
+        if v.startswith("hf-hub:"):
+            raise ValueError(f"model.name {v!r} would be downloaded from the Hugging Face Hub; name the timm "
+                             f"architecture (e.g. resnet50) and give its weights as a local file in model.weights")
+        return v
+
 
 class AugmentConfig(_Strict):
     crop_scale: tuple[float, float] = (0.7, 1.0)  # RandomResizedCrop area range; (1, 1) disables

@@ -34,6 +34,8 @@ def test_overrides_are_typed_and_win(tmp_path):
     ("data.name=ham10000", "data.root is required"),
     ("data.val_fraction=0.85", "data.val_fraction + data.test_fraction"),
     ("name=a/b", "name"),
+    ("model.name=hf-hub:timm/resnet18.a1_in1k", "Hugging Face Hub"),  # would be fetched even unpretrained
+    ("data.split_seed=-1", "data.split_seed"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
