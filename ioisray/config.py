@@ -26,7 +26,7 @@ class RunFinishedError(RuntimeError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -73,6 +73,13 @@ class AugmentConfig(_Strict):
     hflip: bool = True
     vflip: bool = False  # natural for dermoscopy and fundus images, not for digits
     color_jitter: float = Field(0.0, ge=0.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _area_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"train.augment.crop_scale {list(v)} must be [low, high] with 0 < low <= high <= 1")
+        return v
 
 
 class TrainConfig(_Strict):
