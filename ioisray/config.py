@@ -193,6 +193,9 @@ class SynthesisConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0.0)  # per actor; fractional shares a GPU between actors
     resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor (cluster placement)
     max_retries: int = Field(3, ge=0)  # regenerations of one chunk after its actor died
+    # Real rows enter the stream as the chunks are made (after a head start that fills the shuffle
+    # buffers), so the chunks are not queued behind every real row; false reads them all at once.
+    pace_real_reads: bool = True
 
     @model_validator(mode="after")
     def _budget_when_on(self):
@@ -361,12 +364,29 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _unknown_keys(data: dict, model: Any = None, prefix: str = "") -> list[str]:
+    """Dotted keys of `data` that are not settings (dict-valued settings are not looked into)."""
+    fields = (model or Config).model_fields
+    out = []
+    for k, v in data.items():
+        if k not in fields:
+            out.append(f"{prefix}{k}")
+            continue
+        sub = fields[k].annotation
+        if isinstance(v, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            out += _unknown_keys(v, sub, f"{prefix}{k}.")
+    return out
+
+
 def _compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: `defaults` include cycle")
     data = _read_yaml(path)
     defaults = data.pop("defaults", []) or []
+    unknown = _unknown_keys(data)
+    if unknown:  # named here, with the file that holds them, rather than after the files are merged
+        raise ConfigError(f"invalid config ({path}):\n" + "\n".join(f"  {k}: unknown key" for k in unknown))
     if not isinstance(defaults, list):
         raise ConfigError(f"{path}: `defaults` must be a list of YAML file paths")
     merged: dict = {}

@@ -5,6 +5,7 @@ from ioisray.config import Config, ConfigError, load_config, save_config
 
 
 def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -49,6 +50,14 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     exp = write(tmp_path / "exp.yaml", {"data": {"image_sise": 32}})
     with pytest.raises(ConfigError, match=r"exp\.yaml.*\n.*data\.image_sise: unknown key"):
         load_config(exp)
+
+
+def test_unknown_key_in_a_defaults_file_names_that_file(tmp_path):
+    write(tmp_path / "parts" / "data.yaml", {"data": {"image_size": 16, "imbalance": 5}})
+    exp = write(tmp_path / "exp.yaml", {"defaults": ["parts/data.yaml"], "train": {"epochs": 1}})
+    with pytest.raises(ConfigError, match=r"parts/data\.yaml.*\n.*data\.imbalance: unknown key"):
+        load_config(exp)
+
 
 
 def test_file_errors(tmp_path):
