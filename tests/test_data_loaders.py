@@ -182,6 +182,29 @@ def test_dermamnist_bad_split_value(tmp_path):
         load_dataset("dermamnist", str(tmp_path), image_size=8)
 
 
+def test_dermamnist_from_medmnist_npz(tmp_path):
+    # MedMNIST's own file: <split>_images (N, 28, 28, 3) uint8, <split>_labels (N, 1).
+    counts = {"train": 14, "val": 7, "test": 7}
+    arrays = {}
+    for split, n in counts.items():
+        labels = np.arange(n) % len(HAM_CLASSES)
+        images = np.zeros((n, 28, 28, 3), np.uint8)
+        images[..., 0] = labels[:, None, None] * 30  # class in the red channel
+        arrays.update({f"{split}_images": images, f"{split}_labels": labels[:, None]})
+    np.savez(tmp_path / "dermamnist.npz", **arrays)
+    for root in (tmp_path, tmp_path / "dermamnist.npz"):  # the folder holding it, or the file itself
+        ds = load_dataset("dermamnist", str(root), image_size=28)
+        check_basic(ds, 28, 28, HAM_CLASSES)
+        assert {s: int((ds.official_split == s).sum()) for s in counts} == counts
+        np.testing.assert_array_equal(ds.images[:, 0, 0, 0], ds.labels * 30)  # image i keeps label i
+    assert load_dataset("dermamnist", str(tmp_path), image_size=16).images.shape[1:] == (16, 16, 3)
+    del arrays["val_labels"]
+    (tmp_path / "broken").mkdir()
+    np.savez(tmp_path / "broken" / "dermamnist.npz", **arrays)
+    with pytest.raises(DataError, match=r"dermamnist\.npz: not a MedMNIST"):
+        load_dataset("dermamnist", str(tmp_path / "broken"), image_size=8)
+
+
 # --- imagefolder -------------------------------------------------------------------------------
 
 def test_imagefolder_modes_formats_and_order(tmp_path):

@@ -163,11 +163,43 @@ def load_aptos(root: str, *, image_size: int, on_bad_image: str = "error",
                          num_threads=num_threads, require_all_classes=True)
 
 
+def _load_medmnist_npz(path: Path, class_names: list[str], image_size: int) -> ImageDataset:
+    """MedMNIST's own file (e.g. `dermamnist.npz`): <split>_images (N, H, W[, 3]) uint8 and
+    <split>_labels (N, 1) for train/val/test. Read without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            parts = {s: (npz[f"{s}_images"], npz[f"{s}_labels"].reshape(-1)) for s in SPLIT_NAMES}
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: not a MedMNIST .npz (<split>_images / <split>_labels for {list(SPLIT_NAMES)}): "
+                        f"{e}") from None
+    images, labels, sources, splits = [], [], [], []
+    for split, (imgs, labs) in parts.items():
+        if len(imgs) != len(labs) or (len(labs) and not 0 <= labs.min() <= labs.max() < len(class_names)):
+            raise DataError(f"{path}: {split}_labels must be one class index in [0, {len(class_names)}) per image")
+        for i, img in enumerate(imgs):
+            rgb = Image.fromarray(img).convert("RGB")
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            images.append(np.asarray(rgb, dtype=np.uint8))
+            sources.append(f"{path.name}[{split}][{i}]")
+        labels.append(labs.astype(np.int64))
+        splits += [split] * len(labs)
+    return ImageDataset(images=np.stack(images), labels=np.concatenate(labels), class_names=list(class_names),
+                        sources=sources, official_split=np.asarray(splits, dtype=str))
+
+
 def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error",
                     num_threads: int = 4) -> ImageDataset:
-    """DermaMNIST: `labels.csv` (path, dx, split) when present, else `<split>/<dx>/*.jpg` folders.
-    Sets official_split."""
+    """DermaMNIST: MedMNIST's `dermamnist*.npz` (root is the file, or a folder holding one), else
+    `labels.csv` (path, dx, split), else `<split>/<dx>/*.jpg` folders. Sets official_split."""
     root_p = Path(root)
+    npz = [root_p] if root_p.suffix == ".npz" else sorted(root_p.glob("dermamnist*.npz"))
+    if root_p.suffix == ".npz" and not root_p.is_file():
+        raise DataError(f"{root}: file not found")
+    if len(npz) > 1:
+        raise DataError(f"{root}: several DermaMNIST files ({', '.join(p.name for p in npz)}); give one as data.root")
+    if npz:
+        return _load_medmnist_npz(npz[0], HAM_CLASSES, image_size)
     label_csv = root_p / "labels.csv"
     paths, labels, splits = [], [], []
     if label_csv.is_file():
