@@ -12,7 +12,8 @@ from diffusers.training_utils import EMAModel
 from ioisray.checkpoint import TrainingState
 from ioisray.config import load_config
 from ioisray.models.diffusion import create_unet, save_diffusion_model
-from ioisray.recipes.pretrain_diffusion import diffusion_image_size, training_noise_scheduler
+from ioisray.recipes.common import setup_data
+from ioisray.recipes.pretrain_diffusion import diffusion_image_size, record_training_images, training_noise_scheduler
 
 
 def main() -> None:
@@ -32,6 +33,9 @@ def main() -> None:
     ema.load_state_dict(state.extra["ema"])
     ema.copy_to(unet.parameters())
     save_diffusion_model(unet, training_noise_scheduler(cfg), args.out)
+    # The run's training split, recorded as pretraining does, so IOIS runs can check the model.
+    ds, splits = setup_data(cfg, image_size=diffusion_image_size(cfg))
+    record_training_images(cfg, ds, splits["train"], args.out)
     print(json.dumps({"checkpoint": str(ckpts[-1]), "epoch": state.epoch, "out": str(args.out)}))
 
 

@@ -12,6 +12,7 @@ from ioisray.config import load_config
 from ioisray.data import load_dataset, provenance, split_dataset
 from ioisray.models.diffusion import create_unet
 from ioisray.recipes.common import setup_data
+from ioisray.recipes.pretrain_diffusion import record_training_images
 from ioisray.recipes.train import check_same_test_split, diffusion_model
 
 DIGITS = str(ROOT / "configs/digits.yaml")
@@ -28,9 +29,27 @@ def test_image_keys_do_not_depend_on_where_the_dataset_folder_is(tmp_path):
     assert len(set(keys)) == len(split["train"]) and not set(keys) & set(held_out)
 
     provenance.write_training_images(tmp_path / "unet", "ham10000", keys)
-    assert provenance.held_out_seen(tmp_path / "unet", held_out) == 0
-    assert provenance.held_out_seen(tmp_path / "unet", held_out[:2] + keys[:3]) == 3
-    assert provenance.held_out_seen(tmp_path / "empty", held_out) is None  # no record: cannot tell
+    assert provenance.check_record(tmp_path / "unet", keys, held_out) is None
+    leaked = provenance.check_record(tmp_path / "unet", keys, held_out[:2] + keys[:3])
+    assert "trained on 3 of this run's 5 validation and test images" in leaked
+    # No record, or a record naming none of the run's images (another layout of the same data?): a warning.
+    assert provenance.check_record(tmp_path / "empty", keys, held_out).startswith("warning: ")
+    assert provenance.check_record(tmp_path / "unet", held_out, held_out[:0]).startswith("warning: ")
+
+
+def test_medmnist_npz_image_keys_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays.update({f"{split}_images": np.zeros((7, 28, 28, 3), np.uint8),
+                       f"{split}_labels": np.arange(7)[:, None]})
+    np.savez(tmp_path / "dermamnist.npz", **arrays)
+    keys = set()
+    for cwd, root in ((tmp_path, "dermamnist.npz"), (tmp_path.parent, tmp_path), (ROOT, tmp_path / "dermamnist.npz")):
+        monkeypatch.chdir(cwd)
+        cfg = load_config(None, ["data.name=dermamnist", f"data.root={root}", "data.image_size=8"])
+        ds, splits = setup_data(cfg)
+        keys.add(tuple(provenance.image_keys(ds, splits["test"], provenance.data_folder(cfg.data))))
+    assert len(keys) == 1 and len(next(iter(keys))) == 7
 
 
 def test_the_split_seed_fixes_the_split_whatever_the_training_seed():
@@ -77,7 +96,20 @@ def test_a_model_without_a_record_is_used_with_a_warning(tmp_path, capsys):
 def test_a_damaged_record_is_an_error_naming_the_file(tmp_path):
     (tmp_path / provenance.TRAINING_IMAGES_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=provenance.TRAINING_IMAGES_FILE):
-        provenance.held_out_seen(tmp_path, ["abc"])
+        provenance.training_images(tmp_path)
+
+
+def test_fine_tuning_records_the_starting_models_images_too(tmp_path):
+    cfg = load_config(DIGITS, [f"diffusion.model_dir={tmp_path / 'start'}"])
+    ds, splits = setup_data(cfg)
+    provenance.write_training_images(tmp_path / "start", "elsewhere", ["00000000000000aa"])
+    record_training_images(cfg, ds, splits["train"], tmp_path / "tuned")
+    ours = set(provenance.image_keys(ds, splits["train"], None))
+    assert provenance.training_images(tmp_path / "tuned") == ours | {"00000000000000aa"}
+    # A starting model without a record: the fine-tuned one gets none (a partial one would vouch wrongly).
+    (tmp_path / "start" / provenance.TRAINING_IMAGES_FILE).unlink()
+    record_training_images(cfg, ds, splits["train"], tmp_path / "tuned2")
+    assert provenance.training_images(tmp_path / "tuned2") is None
 
 
 def test_a_baseline_tested_on_other_images_is_refused_before_training(tmp_path, capsys):

@@ -165,27 +165,35 @@ def load_aptos(root: str, *, image_size: int, on_bad_image: str = "error",
 
 def _load_medmnist_npz(path: Path, class_names: list[str], image_size: int) -> ImageDataset:
     """MedMNIST's own file (e.g. `dermamnist.npz`): <split>_images (N, H, W[, 3]) uint8 and
-    <split>_labels (N, 1) for train/val/test. Read without pickle."""
+    <split>_labels (N, 1) for train/val/test. Read without pickle, one split at a time."""
+    def bad(why) -> DataError:
+        return DataError(f"{path}: not a MedMNIST .npz (<split>_images / <split>_labels for {list(SPLIT_NAMES)}): {why}")
+
     try:
         with np.load(path, allow_pickle=False) as npz:
-            parts = {s: (npz[f"{s}_images"], npz[f"{s}_labels"].reshape(-1)) for s in SPLIT_NAMES}
+            labels = {s: npz[f"{s}_labels"].reshape(-1).astype(np.int64) for s in SPLIT_NAMES}
+            total = sum(len(v) for v in labels.values())
+            images = np.empty((total, image_size, image_size, 3), dtype=np.uint8)
+            sources, splits, row = [], [], 0
+            for split in SPLIT_NAMES:
+                imgs, labs = npz[f"{split}_images"], labels[split]
+                if len(imgs) != len(labs) or (len(labs) and not 0 <= labs.min() <= labs.max() < len(class_names)):
+                    raise bad(f"{split}_labels must be one class index in [0, {len(class_names)}) per image")
+                for i, img in enumerate(imgs):
+                    rgb = Image.fromarray(img).convert("RGB")
+                    if rgb.size != (image_size, image_size):
+                        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+                    images[row] = np.asarray(rgb, dtype=np.uint8)
+                    row += 1
+                # Named like files inside the .npz, so that they are paths relative to its folder.
+                sources += [f"{path}[{split}][{i}]" for i in range(len(labs))]
+                splits += [split] * len(labs)
+    except DataError:
+        raise
     except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: not a MedMNIST .npz (<split>_images / <split>_labels for {list(SPLIT_NAMES)}): "
-                        f"{e}") from None
-    images, labels, sources, splits = [], [], [], []
-    for split, (imgs, labs) in parts.items():
-        if len(imgs) != len(labs) or (len(labs) and not 0 <= labs.min() <= labs.max() < len(class_names)):
-            raise DataError(f"{path}: {split}_labels must be one class index in [0, {len(class_names)}) per image")
-        for i, img in enumerate(imgs):
-            rgb = Image.fromarray(img).convert("RGB")
-            if rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-            images.append(np.asarray(rgb, dtype=np.uint8))
-            sources.append(f"{path.name}[{split}][{i}]")
-        labels.append(labs.astype(np.int64))
-        splits += [split] * len(labs)
-    return ImageDataset(images=np.stack(images), labels=np.concatenate(labels), class_names=list(class_names),
-                        sources=sources, official_split=np.asarray(splits, dtype=str))
+        raise bad(e) from None
+    return ImageDataset(images=images, labels=np.concatenate([labels[s] for s in SPLIT_NAMES]),
+                        class_names=list(class_names), sources=sources, official_split=np.asarray(splits, dtype=str))
 
 
 def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error",

@@ -23,9 +23,17 @@ from ioisray.data.base import ImageDataset
 TRAINING_IMAGES_FILE = "training_images.json"
 
 
-def image_keys(ds: ImageDataset, rows: np.ndarray, root: Optional[str]) -> list[str]:
-    """Sorted ids of `rows`: 16 hex digits of the SHA-1 of each source path (relative to `root`)."""
-    base = os.path.abspath(root) if root else None
+def data_folder(data) -> Optional[str]:
+    """The folder image paths are taken relative to, for a DataConfig: `data.root` (the folder of a
+    root that is a file, such as a MedMNIST .npz), else the folder of `data.csv`; None for digits."""
+    path = data.root or (os.path.dirname(os.path.abspath(data.csv)) if data.csv else None)
+    return os.path.dirname(os.path.abspath(path)) if path and os.path.isfile(path) else path
+
+
+def image_keys(ds: ImageDataset, rows: np.ndarray, folder: Optional[str]) -> list[str]:
+    """Sorted ids of `rows`: 16 hex digits of the SHA-1 of each source path relative to `folder`
+    (see data_folder), so that they do not change with the working directory or a moved dataset."""
+    base = os.path.abspath(folder) if folder else None
 
     def rel(src: str) -> str:
         return os.path.relpath(os.path.abspath(src), base).replace(os.sep, "/") if base else src
@@ -55,7 +63,18 @@ def training_images(model_dir: str | os.PathLike) -> Optional[set[str]]:
         raise ValueError(f"{path} is not a training-image record: {e}") from None
 
 
-def held_out_seen(model_dir: str | os.PathLike, held_out_keys: list[str]) -> Optional[int]:
-    """How many of `held_out_keys` the model in `model_dir` was trained on; None without a record."""
+def check_record(model_dir: str | os.PathLike, train_keys: list[str], held_out_keys: list[str]) -> Optional[str]:
+    """Whether the model in `model_dir` (a local folder) may serve a run with these training and
+    held-out images: None if so; otherwise why not, or (prefixed "warning: ") why it cannot be told."""
     seen = training_images(model_dir)
-    return None if seen is None else sum(k in seen for k in held_out_keys)
+    if seen is None:
+        return (f"warning: {model_dir} has no {TRAINING_IMAGES_FILE} (not pretrained by this version of "
+                f"ioisray), so it cannot be checked for this run's validation and test images")
+    leaked = sum(k in seen for k in held_out_keys)
+    if leaked:
+        return f"{model_dir} was trained on {leaked} of this run's {len(held_out_keys)} validation and test images"
+    if not any(k in seen for k in train_keys):
+        return (f"warning: {model_dir} was trained on none of this run's images as they are named here (another "
+                f"dataset, or the same images in another layout or folder?), so its record cannot vouch that "
+                f"it has not seen this run's validation and test images")
+    return None

@@ -187,7 +187,7 @@ def record_training_images(cfg: Config, ds, train_rows, model_dir: Path) -> None
     """Which images the model has seen (see data/provenance.py): this training split, plus, when
     fine-tuning, the starting model's. A starting model without a record leaves none: a partial one
     would vouch for images the model may have seen."""
-    keys = set(provenance.image_keys(ds, train_rows, cfg.data.root))
+    keys = set(provenance.image_keys(ds, train_rows, provenance.data_folder(cfg.data)))
     if cfg.diffusion.model_dir:
         before = provenance.training_images(storage.fetch_dir(cfg.diffusion.model_dir))
         if before is None:

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -281,8 +282,11 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
     if cfg.baseline and not storage.is_uri(cfg.baseline) and not Path(cfg.baseline).expanduser().exists():
         raise ConfigError(f"baseline: {cfg.baseline} does not exist")
     # What the run needs first: its diffusion model and its baseline (made here if missing).
+    split_ids = {k: provenance.split_id(provenance.image_keys(ds, v, provenance.data_folder(cfg.data)))
+                 for k, v in splits.items()}
+    if cfg.baseline and (finished := baseline_run(cfg, train_if_missing=False)):
+        check_same_test_split(finished, split_ids["test"])  # before a diffusion model may be pretrained
     model_dir = diffusion_model(cfg, ds, splits) if iois.is_on(cfg) else None
-    split_ids = {k: provenance.split_id(provenance.image_keys(ds, v, cfg.data.root)) for k, v in splits.items()}
     baseline = baseline_run(cfg) if cfg.baseline else None
     if baseline:
         check_same_test_split(baseline, split_ids["test"])
@@ -335,9 +339,10 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
     return out
 
 
-def baseline_run(cfg: Config) -> Path:
+def baseline_run(cfg: Config, train_if_missing: bool = True) -> Optional[Path]:
     """The finished run `cfg.baseline` names; an experiment config is trained first (same output_dir,
-    seed and Ray settings) unless its run has finished already."""
+    seed and Ray settings) unless its run has finished already (or, with `train_if_missing` false,
+    None is returned)."""
     if storage.is_uri(cfg.baseline):
         cfg = cfg.model_copy(update={"baseline": storage.fetch_dir(cfg.baseline)})
     path = Path(cfg.baseline).expanduser()
@@ -352,6 +357,8 @@ def baseline_run(cfg: Config) -> Path:
     if base.baseline or base.synthesis.mode != "none":
         raise ConfigError(f"baseline: {path} must be a plain baseline (no synthesis, no baseline of its own)")
     if not (open_run(base) / "metrics.json").is_file():
+        if not train_if_missing:
+            return None
         print(f"[ioisray] baseline {base.name}: training it first ({base.run_dir})", flush=True)
         train(base)
     return base.run_dir
@@ -388,7 +395,7 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
         d = cfg.diffusion
         tag = (("_v" if d.prediction_type == "v_prediction" else "")
                + ("_cosine" if d.beta_schedule == "squaredcos_cap_v2" else ""))
-        split = provenance.split_id(provenance.image_keys(ds, splits["train"], cfg.data.root))
+        split = provenance.split_id(provenance.image_keys(ds, splits["train"], provenance.data_folder(cfg.data)))
         pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_split{split}",
                      seed=cfg.split_seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
                      pretrain=cfg.pretrain, ray=cfg.ray)
@@ -400,18 +407,16 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
             print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({pre.run_location})",
                   flush=True)
             pretrain_diffusion(pre)
-    held_out = provenance.image_keys(ds, np.concatenate([splits["val"], splits["test"]]), cfg.data.root)
-    seen = provenance.held_out_seen(storage.fetch_dir(model_dir), held_out)
-    if seen is None:
-        print(f"[ioisray] warning: {model_dir} has no {provenance.TRAINING_IMAGES_FILE} (not pretrained by "
-              f"this version of ioisray), so it cannot be checked for this run's validation and test images",
-              flush=True)
-    elif seen:
+    folder = provenance.data_folder(cfg.data)
+    problem = provenance.check_record(storage.fetch_dir(model_dir), provenance.image_keys(ds, splits["train"], folder),
+                                      provenance.image_keys(ds, np.concatenate([splits["val"], splits["test"]]), folder))
+    if problem and problem.startswith("warning: "):
+        print(f"[ioisray] {problem}", flush=True)
+    elif problem:
         raise ConfigError(
-            f"diffusion.model_dir: {model_dir} was trained on {seen} of this run's {len(held_out)} validation "
-            f"and test images (split seed {cfg.split_seed}), so its samples would leak them into training. Use "
-            f"a model pretrained on this split (leave diffusion.model_dir unset to pretrain one), or keep the "
-            f"model's split with data.split_seed")
+            f"diffusion.model_dir: {problem} (split seed {cfg.split_seed}), so its samples would leak them into "
+            f"training. Use a model pretrained on this split (leave diffusion.model_dir unset to pretrain one), or "
+            f"keep the model's split with data.split_seed")
     return model_dir
 
 
