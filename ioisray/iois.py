@@ -137,5 +137,6 @@ def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: 
     return epoch_stream(pool, chunk_sizes(budget, cfg.synthesis.chunk_size), (size, size, 3),
                         real_images=images, real_labels=labels, sampling=cfg.method.sampling, seed=cfg.seed,
                         extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
-                        real_rows_ahead=first_batch_rows(cfg) * max(num_workers, 1),
+                        real_rows_ahead=(first_batch_rows(cfg) * max(num_workers, 1)
+                                         if cfg.synthesis.pace_real_reads else None),
                         max_retries=cfg.synthesis.max_retries, concurrency=4 * cfg.synthesis.pool_size)

@@ -164,16 +164,20 @@ def test_the_stream_carries_every_real_row_plus_the_padding_and_the_chunks(local
 
 def test_a_real_slice_past_the_head_waits_for_its_chunk(local_ray):
     # 8 chunks, so 8 real slices of 15 rows; 12 rows may run ahead: slice 0 is read at once, slice 1
-    # only once chunk 0 (2 s to make) is done. Unpaced, both would be read at once.
+    # only once chunk 0 (2 s to make) is done. Unpaced (real_rows_ahead=None), both are read at once.
     pool = start_pool(lambda: SeedImages(0.0, first_delay=2.0), 1, num_cpus=0.5)
-    source = epoch_stream_source(pool, chunk_sizes(24, 4), (SIZE, SIZE, 3),
-                                 real_images=np.zeros((120, SIZE, SIZE, 3), np.uint8),
-                                 real_labels=np.arange(120) % 2, real_rows_ahead=12)
-    tasks = source.get_read_tasks(1)  # real slice i, then chunk i, for each i
+
+    def read_tasks(ahead):  # real slice i, then chunk i, for each i
+        return epoch_stream_source(pool, chunk_sizes(24, 4), (SIZE, SIZE, 3),
+                                   real_images=np.zeros((120, SIZE, SIZE, 3), np.uint8),
+                                   real_labels=np.arange(120) % 2, real_rows_ahead=ahead).get_read_tasks(1)
+
+    paced, unpaced = read_tasks(12), read_tasks(None)
     ray.get(pool.start_epoch.remote(0, plan_epoch([12, 12], 0, run_seed=0, chunk_size=4), [None]))
     started = time.time()
-    assert sum(len(b) for b in tasks[0]()) == 15 and time.time() - started < 1.0
-    assert sum(len(b) for b in tasks[2]()) == 15 and time.time() - started > 1.5
+    assert sum(len(b) for b in unpaced[2]()) == 15 and time.time() - started < 1.0
+    assert sum(len(b) for b in paced[0]()) == 15 and time.time() - started < 1.0
+    assert sum(len(b) for b in paced[2]()) == 15 and time.time() - started > 1.5
     chunk0_done = ray.get(pool.epoch_stats.remote())["first_chunk_done_at"]
     assert time.time() >= chunk0_done
     ray.get(pool.shutdown.remote())

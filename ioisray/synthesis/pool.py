@@ -247,7 +247,9 @@ class EpochStreamDatasource(Datasource):
                                                input_files=None, exec_stats=None))
 
     def _head_slices(self, num_slices: int) -> int:
-        """Real slices read at once: enough to hold `real["ahead"]` rows (at least one slice)."""
+        """Real slices read at once: enough to hold `real["ahead"]` rows (at least one; None: all)."""
+        if self._real["ahead"] is None:
+            return num_slices
         slice_rows = max(1, self._real["rows"] // num_slices)
         return max(1, -(-self._real["ahead"] // slice_rows))
 
@@ -281,10 +283,10 @@ def start_pool(make_generator: Callable, size: int, *, num_cpus: float = 1.0, nu
 def epoch_stream_source(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], *,
                         real_images: Optional[np.ndarray] = None, real_labels: Optional[np.ndarray] = None,
                         sampling: str = "natural", seed: int = 0, extra_real_rows: int = 0,
-                        real_rows_ahead: int = 0, max_retries: int = 3) -> EpochStreamDatasource:
+                        real_rows_ahead: Optional[int] = 0, max_retries: int = 3) -> EpochStreamDatasource:
     """The source of one epoch's stream: the real rows (if given; `sampling` as in data/ray_dataset.py,
     plus `extra_real_rows` repeats) and the pool's current chunks. At most about `real_rows_ahead`
-    real rows (at least one slice) are read before the first chunk is made.
+    real rows (at least one slice) are read before the first chunk is made; None reads them all at once.
 
     Read tasks ask for no CPU: they only gather rows and wait on the actors, and the Train workers
     hold the CPUs.
