@@ -92,7 +92,6 @@ def init_ray(cfg: Config) -> bool:
         return True
     # A private local Ray. Logical CPUs beyond the physical ones leave room for Ray Data's read tasks
     # beside the training workers, which otherwise wait for a free CPU forever on a small machine.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # At least what one run holds: its workers, its synthesis actors, and room for Ray Data's reads.
     from ioisray.experiments import trial_resources
 
