@@ -2,8 +2,8 @@
 its validation or test images.
 
 Pretraining records its training split in the model folder (`training_images.json`: one short hash
-per image of the source path relative to `data.root`, so the record survives moving the dataset
-folder). A run that uses the model checks its own validation and test images against that record.
+per image of the source path relative to the data folder, so the record survives moving the
+dataset folder). A run that uses the model checks its own validation and test images against that record.
 Another seed, split fraction, CSV or data folder changes the split, and a generator shared across
 such runs would otherwise hand the classifier near-copies of its held-out images.
 """

@@ -381,6 +381,8 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
     from ioisray.models.diffusion import load_noise_scheduler, load_unet
     from ioisray.recipes.pretrain_diffusion import UNET_DIR, diffusion_image_size, pretrain_diffusion
 
+    folder = provenance.data_folder(cfg.data)
+    train_keys = provenance.image_keys(ds, splits["train"], folder)
     if cfg.diffusion.model_dir:
         model_dir = cfg.diffusion.model_dir
         try:
@@ -395,8 +397,7 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
         d = cfg.diffusion
         tag = (("_v" if d.prediction_type == "v_prediction" else "")
                + ("_cosine" if d.beta_schedule == "squaredcos_cap_v2" else ""))
-        split = provenance.split_id(provenance.image_keys(ds, splits["train"], provenance.data_folder(cfg.data)))
-        pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_split{split}",
+        pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_split{provenance.split_id(train_keys)}",
                      seed=cfg.split_seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
                      pretrain=cfg.pretrain, ray=cfg.ray)
         # Named by its final location (a URI on a cluster), so that actors on any node can load it.
@@ -407,8 +408,7 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
             print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({pre.run_location})",
                   flush=True)
             pretrain_diffusion(pre)
-    folder = provenance.data_folder(cfg.data)
-    problem = provenance.check_record(storage.fetch_dir(model_dir), provenance.image_keys(ds, splits["train"], folder),
+    problem = provenance.check_record(storage.fetch_dir(model_dir), train_keys,
                                       provenance.image_keys(ds, np.concatenate([splits["val"], splits["test"]]), folder))
     if problem and problem.startswith("warning: "):
         print(f"[ioisray] {problem}", flush=True)
