@@ -114,15 +114,16 @@ def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifi
 
 
 def first_batch_rows(cfg: Config) -> int:
-    """Rows a worker's local shuffle buffer takes in before it yields a batch (Ray Data's
-    ShufflingBatcher waits for 1.5x its minimum size plus a batch). Real rows may run that far ahead of
-    synthesis: training starts at once, and the first chunk enters the buffer right behind them."""
+    """Rows a worker takes in before it yields its first batch: one batch, or with a local shuffle
+    buffer 1.5x its size plus a batch (Ray Data's ShufflingBatcher). Real rows may run that far ahead
+    of synthesis: training starts at once, and the first chunk comes right behind them."""
     return cfg.train.shuffle_buffer * 3 // 2 + cfg.train.batch_size
 
 
 def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: Optional[object],
-                     num_workers: int):
-    """Every real training image, plus (with synthesis on) the pool's chunks of the current epoch.
+                     num_workers: int, epoch_counter=None):
+    """Every real training image, in a new order each epoch (the epoch `epoch_counter` holds), plus
+    (with synthesis on) the pool's chunks of the current epoch.
 
     Ray Train gives each worker an equal share by dropping the remainder, so the real part gets a few
     repeated real images until the total divides evenly: no synthetic image is dropped.
@@ -131,11 +132,13 @@ def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: 
     from ioisray.synthesis.pool import epoch_stream
 
     if pool is None:
-        return to_ray_dataset(images, labels, sampling=cfg.method.sampling, seed=cfg.seed)
+        return to_ray_dataset(images, labels, sampling=cfg.method.sampling, seed=cfg.seed,
+                              epoch_counter=epoch_counter)
     budget = cfg.synthesis.budget
     size = cfg.data.image_size
     return epoch_stream(pool, chunk_sizes(budget, cfg.synthesis.chunk_size), (size, size, 3),
                         real_images=images, real_labels=labels, sampling=cfg.method.sampling, seed=cfg.seed,
+                        epoch_counter=epoch_counter,
                         extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
                         real_rows_ahead=(first_batch_rows(cfg) * max(num_workers, 1)
                                          if cfg.synthesis.pace_real_reads else None),

@@ -31,6 +31,24 @@ def test_ordered_and_natural_yield_every_row_once(local_ray):
     assert np.array_equal(natural["label"], labels[ids])  # labels travel with their images
 
 
+def test_natural_order_is_new_each_epoch_and_replays_for_the_same_epoch(local_ray):
+    from ioisray.data.ray_dataset import start_epoch_counter, to_ray_dataset
+
+    images, labels = data()
+    counter = start_epoch_counter()
+    ds = to_ray_dataset(images, labels, sampling="natural", seed=0, epoch_counter=counter)
+
+    def order(epoch):
+        ray.get(counter.set.remote(epoch))
+        return row_ids(ds.take_batch(10_000))
+
+    first, second, first_again = order(0), order(1), order(0)
+    assert sorted(second) == list(range(len(labels)))  # still every row once
+    assert not np.array_equal(first, second)
+    assert np.array_equal(first, first_again)  # a resumed run reads its epoch's order again
+    ray.kill(counter)
+
+
 def test_class_balanced_draws_classes_evenly_and_anew_each_epoch(local_ray):
     from ioisray.data.ray_dataset import to_ray_dataset
 

@@ -14,6 +14,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402
+from ray.data.block import BlockAccessor  # noqa: E402
 
 from ioisray.synthesis.plan import SEED_EPOCH, chunk_sizes, plan_epoch  # noqa: E402
 from ioisray.synthesis.pool import epoch_stream, epoch_stream_source, start_pool  # noqa: E402
@@ -160,6 +161,28 @@ def test_the_stream_carries_every_real_row_plus_the_padding_and_the_chunks(local
     np.testing.assert_array_equal(rows["label"][real], real_labels[ids])
     assert sorted(zip(rows["label"][~real].tolist(), rows["seed"][~real].tolist())) == pairs(chunks)
     ray.get(pool.shutdown.remote())
+
+
+def test_real_slices_follow_the_epochs_order(local_ray):
+    from ioisray.data.ray_dataset import start_epoch_counter
+
+    pool, counter = start_pool(lambda: SeedImages(0.0), 1, num_cpus=0.5), start_epoch_counter()
+    real_images = np.zeros((60, SIZE, SIZE, 3), np.uint8)
+    real_images[:, 1, 0, 0] = np.arange(60)  # row id
+    tasks = epoch_stream_source(pool, chunk_sizes(8, 4), (SIZE, SIZE, 3), real_images=real_images,
+                                real_labels=np.arange(60) % 2, seed=3, epoch_counter=counter,
+                                real_rows_ahead=None).get_read_tasks(1)
+
+    def slice0(epoch):
+        ray.get(counter.set.remote(epoch))
+        return np.concatenate([BlockAccessor.for_block(b).to_batch_format("numpy")["image"][:, 1, 0, 0]
+                               for b in tasks[0]()]).tolist()
+
+    first, second, first_again = slice0(0), slice0(1), slice0(0)
+    assert len(first) == len(second) == 15 and first != second  # 4 chunks, so 4 slices
+    assert first == first_again
+    ray.get(pool.shutdown.remote())
+    ray.kill(counter)
 
 
 def test_a_real_slice_past_the_head_waits_for_its_chunk(local_ray):

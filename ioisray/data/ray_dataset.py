@@ -1,9 +1,10 @@
 """The one place that turns in-memory image arrays into Ray Data datasets.
 
 The arrays go to the object store once; the dataset is a lazy `range` of row numbers mapped to rows,
-so Ray Train re-executes it every epoch. That re-execution is what class-balanced re-sampling uses to
-draw a fresh sample each epoch. The IOIS stream (ioisray/synthesis/pool.py) reads real rows with the
-same `put_arrays` / `row_order` / `gather_rows`.
+so Ray Train re-executes it every epoch. That re-execution is what lets each epoch read the training
+rows in a new order (seeded by run and epoch, which an EpochCounter actor tells the read tasks) and
+class-balanced re-sampling draw a fresh sample. The IOIS stream (ioisray/synthesis/pool.py) reads real
+rows with the same `put_arrays` / `row_order` / `gather_rows`.
 """
 from __future__ import annotations
 
@@ -25,12 +26,35 @@ def put_arrays(images: np.ndarray, labels: np.ndarray) -> "ray.ObjectRef":
     return ray.put((np.ascontiguousarray(images), labels, [ix for ix in by_class if len(ix)]))
 
 
-def row_order(n: int, sampling: Sampling, seed: int, extra_rows: int = 0) -> np.ndarray | None:
-    """The row ids an epoch reads (None: ids as they come). "natural" fixes one seeded permutation
-    so that every block mixes classes; `extra_rows` seeded repeats are appended to it."""
+class EpochCounter:
+    """The training epoch, for read tasks (a 0-CPU actor): rank 0 sets it before the epoch's stream
+    starts (Ray Data starts an epoch only once every worker asks for it), read tasks ask for it."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def start_epoch_counter():
+    return ray.remote(EpochCounter).options(num_cpus=0, scheduling_strategy="DEFAULT").remote()
+
+
+def current_epoch(counter) -> int:
+    return 0 if counter is None else ray.get(counter.get.remote())
+
+
+def row_order(n: int, sampling: Sampling, seed: int, extra_rows: int = 0, epoch: int = 0) -> np.ndarray | None:
+    """The row ids an epoch reads (None: ids as they come). "natural" draws a permutation seeded by
+    run and epoch, as a shuffling DataLoader does, so no local shuffle buffer is needed and every block
+    mixes classes; `extra_rows` seeded repeats are appended to it."""
     if sampling != "natural":
         return None
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, epoch])
     return np.concatenate([rng.permutation(n), rng.integers(n, size=extra_rows)])
 
 
@@ -50,20 +74,24 @@ def _gather_batch(batch: dict, arrays: list, sampling: str) -> dict:
     return gather_rows(ray.get(arrays[0]), batch["id"], sampling)
 
 
+def _epoch_ids(batch: dict, n: int, seed: int, counter) -> dict:
+    return {"id": row_order(n, "natural", seed, epoch=current_epoch(counter))[batch["id"]]}
+
+
 def to_ray_dataset(images: np.ndarray, labels: np.ndarray, *, sampling: Sampling = "ordered",
-                   seed: int = 0, num_cpus: float = 0.25) -> "ray.data.Dataset":
+                   seed: int = 0, epoch_counter=None, num_cpus: float = 0.25) -> "ray.data.Dataset":
     """A dataset of {"image": uint8 (H, W, 3), "label": int64} rows.
 
-    "ordered" keeps row order (evaluation); "natural" reads a seeded permutation (the training loop
-    adds a local shuffle buffer on top); "class_balanced" re-samples each epoch. Small `num_cpus` per
-    read task: Ray Train's workers hold the rest, and a task waiting for a whole CPU would deadlock a
-    small machine.
+    "ordered" keeps row order (evaluation); "natural" reads a permutation seeded by `seed` and the
+    epoch `epoch_counter` holds (epoch 0 without one); "class_balanced" re-samples each epoch. Small
+    `num_cpus` per read task: Ray Train's workers hold the rest, and a task waiting for a whole CPU
+    would deadlock a small machine.
     """
     ref = put_arrays(images, labels)
     n = len(labels)
     ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // ROWS_PER_BLOCK)))
-    order = row_order(n, sampling, seed)
-    if order is not None:
-        ds = ds.map_batches(lambda b: {"id": order[b["id"]]}, num_cpus=num_cpus, batch_format="numpy")
+    if sampling == "natural":
+        ds = ds.map_batches(_epoch_ids, fn_kwargs={"n": n, "seed": seed, "counter": epoch_counter},
+                            num_cpus=num_cpus, batch_format="numpy")
     return ds.map_batches(_gather_batch, fn_kwargs={"arrays": [ref], "sampling": sampling},
                           num_cpus=num_cpus, batch_format="numpy")

@@ -163,6 +163,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # unseeded, see data/ray_dataset.py).
         gen = epoch_generator(cfg, rank, epoch)
         epoch_started = time.time()
+        if rank == 0:  # this epoch's order of the real rows (see data/ray_dataset.py)
+            ray.get(loop_config["epoch_counter"].set.remote(epoch))
         if pool is not None:  # IOIS steps 1-2: quotas from AAS, the pool starts this epoch's images
             plan_epoch, quotas = iois.begin_epoch(cfg, pool, aas, unwrap(model), epoch, rank)
             tally = SyntheticTally(num_classes, plan_epoch, EXAMPLES_PER_CLASS if rank == 0 else 0,
@@ -265,7 +267,7 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
     `evaluate_test=False` (search trials) leaves the test split untouched: "test" is None.
     `callbacks`: Ray Train callbacks for the run (e.g. the one that reports epochs to Ray Tune).
     """
-    from ioisray.data.ray_dataset import to_ray_dataset
+    from ioisray.data.ray_dataset import start_epoch_counter, to_ray_dataset
 
     run_dir = open_run(cfg)
     if (run_dir / "metrics.json").exists():
@@ -297,26 +299,30 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
     counts = train_ds.class_counts()
     datasets = lambda handles: {  # noqa: E731 - built once Ray is up
         "train": iois.training_dataset(cfg, train_ds.images, train_ds.labels, handles.get("synthesis_pool"),
-                                       cfg.ray.num_workers),
+                                       cfg.ray.num_workers, handles["epoch_counter"]),
         "val": to_ray_dataset(ds.images[splits["val"]], ds.labels[splits["val"]]),
         "test": to_ray_dataset(ds.images[splits["test"]], ds.labels[splits["test"]]),
     }
 
     @contextlib.contextmanager
-    def synthesis_pool():
+    def services():
         import ray
 
-        pool = iois.start_synthesis(cfg, model_dir, ds.num_classes,
-                                    functools.partial(build_classifier, cfg, ds.num_classes))
+        handles = {"epoch_counter": start_epoch_counter()}
+        if model_dir:
+            handles["synthesis_pool"] = iois.start_synthesis(cfg, model_dir, ds.num_classes,
+                                                             functools.partial(build_classifier, cfg, ds.num_classes))
         try:
-            yield {"synthesis_pool": pool}
+            yield handles
         finally:
-            ray.get(pool.shutdown.remote())
-            ray.kill(pool)
+            if model_dir:
+                ray.get(handles["synthesis_pool"].shutdown.remote())
+            for handle in handles.values():
+                ray.kill(handle)
 
     loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
                    "class_counts": counts.tolist(), "evaluate_test": evaluate_test, **tensorboard_location(cfg)}
-    result = fit(cfg, train_loop_per_worker, loop_config, datasets, services=synthesis_pool if model_dir else None,
+    result = fit(cfg, train_loop_per_worker, loop_config, datasets, services=services,
                  callbacks=callbacks)
 
     figures_made = []

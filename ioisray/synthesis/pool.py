@@ -195,11 +195,13 @@ def _synthetic_rows(pool, i: int, max_retries: int) -> dict:
 
 
 def _real_rows(real: dict, i: int, num_tasks: int) -> dict:
-    from ioisray.data.ray_dataset import gather_rows
+    from ioisray.data.ray_dataset import current_epoch, gather_rows, row_order
 
     ids = np.arange(i, real["rows"], num_tasks)  # task i reads every num_tasks-th row of the order
-    if real["order"] is not None:
-        ids = real["order"][ids]
+    order = row_order(real["images"], real["sampling"], real["seed"], real["rows"] - real["images"],
+                      current_epoch(real["epoch_counter"]))  # this epoch's
+    if order is not None:
+        ids = order[ids]
     rows = gather_rows(ray.get(real["arrays"][0]), ids, real["sampling"])
     n = len(ids)  # the columns synthetic rows carry, so that both share one stream
     rows.update(seed=np.full(n, -1, np.int64), synthetic=np.zeros(n, np.int8), plan_epoch=np.full(n, -1, np.int64))
@@ -226,7 +228,7 @@ class EpochStreamDatasource(Datasource):
     slice of them and task 2i+1 waits for chunk i; without, task i waits for chunk i. Ray Data starts
     tasks in index order (a few at a time), so training starts on real images at once, and synthetic
     chunks join the stream in the order they are made, spread over the epoch. Real reads are paced by
-    synthesis: only the first slices, `real["ahead"]` rows (what fills the workers' shuffle buffers), are
+    synthesis: only the first slices, `real["ahead"]` rows (what the workers take in before their first batch), are
     read at once; slice i after them waits for chunk i - (those slices). Unpaced, every real row is read
     in the first second and queues in the shards ahead of the first chunk. (Real rows and a chunk are
     separate tasks because Ray Data merges the blocks one task yields, which would hold the real slice
@@ -282,22 +284,23 @@ def start_pool(make_generator: Callable, size: int, *, num_cpus: float = 1.0, nu
 
 def epoch_stream_source(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], *,
                         real_images: Optional[np.ndarray] = None, real_labels: Optional[np.ndarray] = None,
-                        sampling: str = "natural", seed: int = 0, extra_real_rows: int = 0,
+                        sampling: str = "natural", seed: int = 0, epoch_counter=None, extra_real_rows: int = 0,
                         real_rows_ahead: Optional[int] = 0, max_retries: int = 3) -> EpochStreamDatasource:
-    """The source of one epoch's stream: the real rows (if given; `sampling` as in data/ray_dataset.py,
-    plus `extra_real_rows` repeats) and the pool's current chunks. At most about `real_rows_ahead`
-    real rows (at least one slice) are read before the first chunk is made; None reads them all at once.
+    """The source of one epoch's stream: the real rows (if given; `sampling`, `seed` and `epoch_counter`
+    as in data/ray_dataset.py's to_ray_dataset, plus `extra_real_rows` repeats) and the pool's current
+    chunks. At most about `real_rows_ahead` real rows (at least one slice) are read before the first
+    chunk is made; None reads them all at once.
 
     Read tasks ask for no CPU: they only gather rows and wait on the actors, and the Train workers
     hold the CPUs.
     """
-    from ioisray.data.ray_dataset import put_arrays, row_order
+    from ioisray.data.ray_dataset import put_arrays
 
     real = None
     if real_images is not None:
-        n = len(real_labels) + extra_real_rows
-        real = {"arrays": [put_arrays(real_images, real_labels)], "rows": n, "sampling": sampling,
-                "order": row_order(len(real_labels), sampling, seed, extra_real_rows), "ahead": real_rows_ahead}
+        real = {"arrays": [put_arrays(real_images, real_labels)], "images": len(real_labels),
+                "rows": len(real_labels) + extra_real_rows, "sampling": sampling, "seed": seed,
+                "epoch_counter": epoch_counter, "ahead": real_rows_ahead}
     return EpochStreamDatasource(pool, chunk_sizes, image_shape, real, max_retries)
 
 
