@@ -94,9 +94,10 @@ class TrainConfig(_Strict):
     gamma: float = Field(0.1, gt=0.0)
     warmup_epochs: int = Field(0, ge=0)
     max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
-    # Rows each worker mixes before batching. Batches start only once it is full, so a smaller one
-    # lets training (and the first synthetic images) start sooner; real rows arrive pre-shuffled.
-    shuffle_buffer: int = Field(512, ge=0)
+    # Rows each worker mixes before batching (Ray Data's local shuffle). Off by default: real rows
+    # already arrive in a new random order every epoch, and a buffer holds back the synthetic images,
+    # which join it behind the rows it holds (see benchmarks/RESULTS.md, issue 7).
+    shuffle_buffer: int = Field(0, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 
 BUDGET = 48
 TINY_IOIS = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2",
-             "train.epochs=3", "train.shuffle_buffer=32", "synthesis.mode=online", f"synthesis.budget={BUDGET}",
+             "train.epochs=3", "synthesis.mode=online", f"synthesis.budget={BUDGET}",
              "synthesis.chunk_size=4", "synthesis.pool_size=2", "synthesis.num_cpus=0.5", "sampler.steps=12",
              "aas.temperature=0.1"]
 

@@ -11,7 +11,7 @@ from ioisray.models.diffusion import create_unet
 
 pytestmark = pytest.mark.ray
 
-TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "train.shuffle_buffer=32",
+TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16",
         "synthesis.chunk_size=4", "synthesis.num_cpus=0.5", "sampler.steps=4", "baseline=null"]
 
 
