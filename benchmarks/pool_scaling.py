@@ -6,6 +6,13 @@ epoch's quota, how the quota was split, and the time from the epoch's start to i
 Epoch 0 splits the chunks evenly (no throughput known yet); epoch 1 splits them by the images/s each
 actor measured in epoch 0, as in training. The UNet (`tiny`, 28x28, 7 classes) and the guiding
 ResNet-18 have random weights: speed does not depend on them.
+
+More actors than cores, simulated: `--simulate 4` replaces each generator by one that sleeps 1/4 s per
+image (no CPU), so the pool's planning and streaming are measured with 8 or 16 actors on a laptop;
+`--slow 0.5` makes the last actor half as fast, to show the throughput split keeping it from holding
+the epoch back:
+
+    python benchmarks/pool_scaling.py --simulate 4 --slow 0.5 --actors 1,2,4,8,16 --budget 512 --chunk 8
 """
 from __future__ import annotations
 
@@ -28,15 +35,47 @@ from ioisray.synthesis.pool import start_pool
 CLASSES, SIZE = 7, 28
 
 
+class RateBook:
+    """Hands each simulated actor its images/s, in the order the actors start."""
+
+    def __init__(self, rates: list[float]):
+        self.rates = list(rates)
+
+    def take(self) -> float:
+        return self.rates.pop(0)
+
+
+class SleepGenerator:
+    """Stands in for DiffusionGenerator: makes blank images at a fixed rate by sleeping."""
+
+    def __init__(self, rate_book):
+        self.rate = ray.get(rate_book.take.remote())
+
+    def set_classifier(self, state) -> None:
+        pass
+
+    def generate(self, labels: np.ndarray, seeds: np.ndarray) -> dict:
+        start = time.perf_counter()
+        time.sleep(len(labels) / self.rate)
+        return {"image": np.zeros((len(labels), SIZE, SIZE, 3), np.uint8), "label": np.asarray(labels, np.int64),
+                "seed": np.asarray(seeds, np.int64), "seconds": time.perf_counter() - start}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--actors", default="1,2")
     ap.add_argument("--budget", type=int, default=96)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--simulate", type=float, default=None, metavar="IMAGES_PER_S",
+                    help="sleeping stand-in generators at this rate instead of the diffusion model")
+    ap.add_argument("--slow", type=float, default=1.0, help="with --simulate: the last actor's speed factor")
     args = ap.parse_args()
     sizes = [int(a) for a in args.actors.split(",")]
     ray.init(num_cpus=max(sizes) + 1, include_dashboard=False, logging_level="ERROR")
+    if args.simulate:
+        simulate(args, sizes)
+        return
     unet_dir = tempfile.mkdtemp(prefix="pool-bench-unet-")
     create_unet("tiny", CLASSES, image_size=SIZE).save_pretrained(unet_dir, safe_serialization=True)
     make_classifier = functools.partial(timm.create_model, "resnet18", pretrained=False, num_classes=CLASSES)
@@ -73,6 +112,37 @@ def main() -> None:
                   f"{first:.1f} |", flush=True)
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
+    ray.shutdown()
+
+
+def simulate(args, sizes: list[int]) -> None:
+    quotas = np.full(CLASSES, args.budget // CLASSES)
+    quotas[: args.budget - quotas.sum()] += 1
+    print(f"budget {args.budget} images per epoch, chunks of {args.chunk}; simulated actors at {args.simulate} "
+          f"images/s each, the last one at {args.slow}x")
+    print("| actors | epoch | wall s | images/s | of the actors' summed rate | images per actor | first chunk after s |")
+    print("|---|---|---|---|---|---|---|")
+    for n in sizes:
+        rates = [args.simulate] * n
+        rates[-1] *= args.slow
+        book = ray.remote(RateBook).remote(rates)
+        pool = start_pool(functools.partial(SleepGenerator, book), n, num_cpus=0)
+        for epoch in range(2):
+            chunks = plan_epoch(quotas, epoch, 0, args.chunk)
+            start = time.time()
+            ray.get(pool.start_epoch.remote(epoch, chunks, [None]))
+            refs = [ray.get(pool.chunk.remote(i))[1][0] for i in range(len(chunks))]
+            ray.wait(refs, num_returns=1)
+            first = time.time() - start
+            ray.get(refs)
+            wall = time.time() - start
+            stats = ray.get(pool.epoch_stats.remote())
+            rate = args.budget / wall
+            print(f"| {n} | {epoch} | {wall:.1f} | {rate:.1f} | {rate / sum(rates):.0%} | "
+                  f"{[stats['images'].get(slot, 0) for slot in range(n)]} | {first:.2f} |", flush=True)
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+        ray.kill(book)
     ray.shutdown()
 
 
