@@ -194,8 +194,8 @@ class SynthesisConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0.0)  # per actor; fractional shares a GPU between actors
     resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor (cluster placement)
     max_retries: int = Field(3, ge=0)  # regenerations of one chunk after its actor died
-    # Real rows enter the stream as the chunks are made (after a head start that fills the shuffle
-    # buffers), so the chunks are not queued behind every real row; false reads them all at once.
+    # Real rows enter the stream as the chunks are made (after a head start: one slice, or what fills
+    # the shuffle buffers), so the chunks are not queued behind every real row; false reads them all at once.
     pace_real_reads: bool = True
 
     @model_validator(mode="after")

@@ -113,11 +113,15 @@ def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifi
                       resources=sy.resources, max_retries=sy.max_retries)
 
 
-def first_batch_rows(cfg: Config) -> int:
-    """Rows a worker takes in before it yields its first batch: one batch, or with a local shuffle
-    buffer 1.5x its size plus a batch (Ray Data's ShufflingBatcher). Real rows may run that far ahead
-    of synthesis: training starts at once, and the first chunk comes right behind them."""
-    return cfg.train.shuffle_buffer * 3 // 2 + cfg.train.batch_size
+def real_rows_ahead(cfg: Config, num_workers: int) -> int:
+    """Real rows read before the first chunk is made (about; at least one slice is). With a local
+    shuffle buffer, a worker yields its first batch only once the buffer holds 1.5x its size plus a
+    batch (Ray Data's ShufflingBatcher), so that many per worker go ahead and training starts at once.
+    Without one, none need to: a worker's first batch waits for its second block anyway (Ray Data's
+    iterator looks a block ahead), which comes with the first chunk, so that batch can carry it."""
+    if not cfg.train.shuffle_buffer:
+        return 0
+    return (cfg.train.shuffle_buffer * 3 // 2 + cfg.train.batch_size) * max(num_workers, 1)
 
 
 def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: Optional[object],
@@ -140,6 +144,6 @@ def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: 
                         real_images=images, real_labels=labels, sampling=cfg.method.sampling, seed=cfg.seed,
                         epoch_counter=epoch_counter,
                         extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
-                        real_rows_ahead=(first_batch_rows(cfg) * max(num_workers, 1)
-                                         if cfg.synthesis.pace_real_reads else None),
+                        real_rows_ahead=real_rows_ahead(cfg, num_workers) if cfg.synthesis.pace_real_reads else None,
+                        real_slice_rows=cfg.train.batch_size,
                         max_retries=cfg.synthesis.max_retries, concurrency=4 * cfg.synthesis.pool_size)

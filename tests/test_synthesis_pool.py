@@ -17,7 +17,7 @@ from ray import cloudpickle  # noqa: E402
 from ray.data.block import BlockAccessor  # noqa: E402
 
 from ioisray.synthesis.plan import SEED_EPOCH, chunk_sizes, plan_epoch  # noqa: E402
-from ioisray.synthesis.pool import epoch_stream, epoch_stream_source, start_pool  # noqa: E402
+from ioisray.synthesis.pool import epoch_stream, epoch_stream_source, start_pool, stream_order  # noqa: E402
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
@@ -163,6 +163,19 @@ def test_the_stream_carries_every_real_row_plus_the_padding_and_the_chunks(local
     ray.get(pool.shutdown.remote())
 
 
+def test_stream_order_reads_the_head_at_once_and_the_rest_as_chunks_are_made():
+    order = stream_order(num_chunks=4, num_slices=8, head=2)
+    assert order[:2] == [("real", 0, None), ("real", 1, None)]
+    assert [o for o in order if o[0] == "chunk"] == [("chunk", i, i) for i in range(4)]
+    assert sorted(j for kind, j, _ in order if kind == "real") == list(range(8))  # each slice once
+    for pos, (kind, j, after) in enumerate(order[2:], start=2):
+        if kind == "real":  # a paced slice comes right after the chunk it waits for
+            assert ("chunk", after, after) in order[:pos]
+    assert [after for kind, _, after in order if kind == "real"] == [None, None, 0, 0, 1, 1, 2, 2]  # none on the last
+    assert stream_order(3, 3, 3) == [("real", 0, None), ("real", 1, None), ("real", 2, None),
+                                     ("chunk", 0, 0), ("chunk", 1, 1), ("chunk", 2, 2)]  # unpaced
+
+
 def test_real_slices_follow_the_epochs_order(local_ray):
     from ioisray.data.ray_dataset import start_epoch_counter
 
@@ -181,6 +194,11 @@ def test_real_slices_follow_the_epochs_order(local_ray):
     first, second, first_again = slice0(0), slice0(1), slice0(0)
     assert len(first) == len(second) == 15 and first != second  # 4 chunks, so 4 slices
     assert first == first_again
+    # Slices of about a batch (6 rows): 10 slices, the first 2 (12 rows ahead) read at once.
+    small = epoch_stream_source(pool, chunk_sizes(8, 4), (SIZE, SIZE, 3), real_images=real_images,
+                                real_labels=np.arange(60) % 2, real_rows_ahead=12, real_slice_rows=6).get_read_tasks(1)
+    assert len(small) == 10 + 4 and [t.metadata.num_rows for t in small[:3]] == [6, 6, 1]  # then chunk 0
+    assert sum(t.metadata.num_rows for t in small) == 60 + 8
     ray.get(pool.shutdown.remote())
     ray.kill(counter)
 

@@ -221,18 +221,32 @@ def _read_chunk(pool, i: int, max_retries: int):
     yield BlockAccessor.batch_to_block(_synthetic_rows(pool, i, max_retries))
 
 
+def stream_order(num_chunks: int, num_slices: int, head: int) -> list[tuple[str, int, Optional[int]]]:
+    """The read tasks of one epoch, in the order Ray Data starts them: ("real", slice, chunk it waits
+    for, or None) and ("chunk", i, i). The first `head` real slices wait for nothing; each chunk is
+    followed by its even share of the other slices, which wait for it. The last of several chunks
+    releases none, so the real rows are all out before synthesis ends."""
+    paced, releasing = num_slices - head, max(num_chunks - 1, 1)
+    order: list[tuple[str, int, Optional[int]]] = [("real", j, None) for j in range(head)]
+    for i in range(num_chunks):
+        order.append(("chunk", i, i))
+        order += [("real", j, i) for j in range(head, num_slices) if (j - head) * releasing // max(paced, 1) == i]
+    return order
+
+
 class EpochStreamDatasource(Datasource):
     """One epoch of training data: the real training rows and the pool's current chunks, interleaved.
 
-    A fixed set of read tasks, for a fixed per-epoch budget: with real rows, task 2i reads the i-th
-    slice of them and task 2i+1 waits for chunk i; without, task i waits for chunk i. Ray Data starts
-    tasks in index order (a few at a time), so training starts on real images at once, and synthetic
-    chunks join the stream in the order they are made, spread over the epoch. Real reads are paced by
-    synthesis: only the first slices, `real["ahead"]` rows (what the workers take in before their first batch), are
-    read at once; slice i after them waits for chunk i - (those slices). Unpaced, every real row is read
-    in the first second and queues in the shards ahead of the first chunk. (Real rows and a chunk are
-    separate tasks because Ray Data merges the blocks one task yields, which would hold the real slice
-    back until its chunk is ready.)
+    A fixed set of read tasks for a fixed per-epoch budget: one per chunk (it waits for the chunk) and,
+    with real rows, one per slice of them (`real["slice_rows"]` rows, or one slice per chunk). Ray Data
+    starts tasks in order (a few at a time), so synthetic chunks join the stream as they are made,
+    spread over the epoch. Real reads are paced by synthesis (see stream_order): only the first
+    slices, `real["ahead"]` rows (what the workers take in before their first batch), are read at once,
+    and the others as the chunks are made. Unpaced, every real row would be read in the first second
+    and queue in the shards ahead of the first chunk. Slices of about a batch keep each worker's queue
+    of real rows short, and Ray's equal split, which holds a block back until later ones cover it,
+    holds back little. (Real rows and a chunk are separate tasks because Ray Data merges the blocks one
+    task yields, which would hold the real slice back until its chunk is ready.)
     """
 
     def __init__(self, pool, chunk_sizes: list[int], image_shape: tuple[int, int, int],
@@ -248,24 +262,25 @@ class EpochStreamDatasource(Datasource):
         return ReadTask(read_fn, BlockMetadata(num_rows=rows, size_bytes=int(rows * np.prod(self._shape)),
                                                input_files=None, exec_stats=None))
 
-    def _head_slices(self, num_slices: int) -> int:
-        """Real slices read at once: enough to hold `real["ahead"]` rows (at least one; None: all)."""
+    def _slices(self) -> tuple[int, int]:
+        """(real slices, how many of them are read at once: enough to hold `real["ahead"]` rows, at least
+        one; None: all)."""
+        rows, k, per_slice = self._real["rows"], len(self._sizes), self._real["slice_rows"]
+        num = min(rows, max(k, -(-rows // per_slice)) if per_slice else k)
         if self._real["ahead"] is None:
-            return num_slices
-        slice_rows = max(1, self._real["rows"] // num_slices)
-        return max(1, -(-self._real["ahead"] // slice_rows))
+            return num, num
+        return num, min(num, max(1, -(-self._real["ahead"] // max(1, rows // num))))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         # The same tasks whatever the requested parallelism: chunk i is always read by the same task.
-        k = len(self._sizes)
-        head = self._head_slices(k) if self._real else 0
+        num, head = self._slices() if self._real else (0, 0)
         tasks = []
-        for i, n in enumerate(self._sizes):
-            if self._real and i < self._real["rows"]:
-                after_chunk = i - head if i >= head else None
-                tasks.append(self._task(functools.partial(_read_real, self._real, i, k, self._pool, after_chunk),
-                                        len(range(i, self._real["rows"], k))))
-            tasks.append(self._task(functools.partial(_read_chunk, self._pool, i, self._retries), n))
+        for kind, i, after in stream_order(len(self._sizes), num, head):
+            if kind == "chunk":
+                tasks.append(self._task(functools.partial(_read_chunk, self._pool, i, self._retries), self._sizes[i]))
+            else:
+                tasks.append(self._task(functools.partial(_read_real, self._real, i, num, self._pool, after),
+                                        len(range(i, self._real["rows"], num))))
         return tasks
 
 
@@ -285,11 +300,13 @@ def start_pool(make_generator: Callable, size: int, *, num_cpus: float = 1.0, nu
 def epoch_stream_source(pool, chunk_sizes: list[int], image_shape: tuple[int, int, int], *,
                         real_images: Optional[np.ndarray] = None, real_labels: Optional[np.ndarray] = None,
                         sampling: str = "natural", seed: int = 0, epoch_counter=None, extra_real_rows: int = 0,
-                        real_rows_ahead: Optional[int] = 0, max_retries: int = 3) -> EpochStreamDatasource:
+                        real_rows_ahead: Optional[int] = 0, real_slice_rows: Optional[int] = None,
+                        max_retries: int = 3) -> EpochStreamDatasource:
     """The source of one epoch's stream: the real rows (if given; `sampling`, `seed` and `epoch_counter`
     as in data/ray_dataset.py's to_ray_dataset, plus `extra_real_rows` repeats) and the pool's current
     chunks. At most about `real_rows_ahead` real rows (at least one slice) are read before the first
-    chunk is made; None reads them all at once.
+    chunk is made; None reads them all at once. Real rows are read in slices of about
+    `real_slice_rows` (None: one slice per chunk).
 
     Read tasks ask for no CPU: they only gather rows and wait on the actors, and the Train workers
     hold the CPUs.
@@ -300,7 +317,7 @@ def epoch_stream_source(pool, chunk_sizes: list[int], image_shape: tuple[int, in
     if real_images is not None:
         real = {"arrays": [put_arrays(real_images, real_labels)], "images": len(real_labels),
                 "rows": len(real_labels) + extra_real_rows, "sampling": sampling, "seed": seed,
-                "epoch_counter": epoch_counter, "ahead": real_rows_ahead}
+                "epoch_counter": epoch_counter, "ahead": real_rows_ahead, "slice_rows": real_slice_rows}
     return EpochStreamDatasource(pool, chunk_sizes, image_shape, real, max_retries)
 
 
