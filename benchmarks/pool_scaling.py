@@ -80,8 +80,7 @@ def main() -> None:
     create_unet("tiny", CLASSES, image_size=SIZE).save_pretrained(unet_dir, safe_serialization=True)
     make_classifier = functools.partial(timm.create_model, "resnet18", pretrained=False, num_classes=CLASSES)
     weights = ray.put(cpu_state_dict(make_classifier()))
-    quotas = np.full(CLASSES, args.budget // CLASSES)
-    quotas[: args.budget - quotas.sum()] += 1
+    quotas = even_quotas(args.budget)
     print(f"budget {args.budget} images per epoch, chunks of {args.chunk}, guided DDIM-{args.steps}, "
           f"tiny {SIZE}x{SIZE}, 1 CPU thread per actor")
     print("| actors | epoch | wall s | images/s | vs 1 actor | images per actor | images/s per actor | first chunk after s |")
@@ -93,15 +92,7 @@ def main() -> None:
             make_classifier=make_classifier, num_threads=1)
         pool = start_pool(make_generator, n, num_cpus=1)
         for epoch in range(2):
-            chunks = plan_epoch(quotas, epoch, 0, args.chunk)
-            start = time.time()
-            ray.get(pool.start_epoch.remote(epoch, chunks, [weights]))
-            refs = [ray.get(pool.chunk.remote(i))[1][0] for i in range(len(chunks))]
-            ray.wait(refs, num_returns=1)
-            first = time.time() - start
-            ray.get(refs)
-            wall = time.time() - start
-            stats = ray.get(pool.epoch_stats.remote())
+            wall, first, stats = run_epoch(pool, quotas, epoch, args.chunk, weights)
             per_actor = [stats["images"].get(slot, 0) for slot in range(n)]
             rate = args.budget / wall
             if n == 1 and epoch == 1:
@@ -115,9 +106,26 @@ def main() -> None:
     ray.shutdown()
 
 
+def even_quotas(budget: int) -> np.ndarray:
+    quotas = np.full(CLASSES, budget // CLASSES)
+    quotas[: budget - quotas.sum()] += 1
+    return quotas
+
+
+def run_epoch(pool, quotas: np.ndarray, epoch: int, chunk: int, weights) -> tuple[float, float, dict]:
+    """One epoch of the pool: (wall s, s to its first finished chunk, the pool's epoch stats)."""
+    chunks = plan_epoch(quotas, epoch, 0, chunk)
+    start = time.time()
+    ray.get(pool.start_epoch.remote(epoch, chunks, [weights]))
+    refs = [ray.get(pool.chunk.remote(i))[1][0] for i in range(len(chunks))]
+    ray.wait(refs, num_returns=1)
+    first = time.time() - start
+    ray.get(refs)
+    return time.time() - start, first, ray.get(pool.epoch_stats.remote())
+
+
 def simulate(args, sizes: list[int]) -> None:
-    quotas = np.full(CLASSES, args.budget // CLASSES)
-    quotas[: args.budget - quotas.sum()] += 1
+    quotas = even_quotas(args.budget)
     print(f"budget {args.budget} images per epoch, chunks of {args.chunk}; simulated actors at {args.simulate} "
           f"images/s each, the last one at {args.slow}x")
     print("| actors | epoch | wall s | images/s | of the actors' summed rate | images per actor | first chunk after s |")
@@ -128,15 +136,7 @@ def simulate(args, sizes: list[int]) -> None:
         book = ray.remote(RateBook).remote(rates)
         pool = start_pool(functools.partial(SleepGenerator, book), n, num_cpus=0)
         for epoch in range(2):
-            chunks = plan_epoch(quotas, epoch, 0, args.chunk)
-            start = time.time()
-            ray.get(pool.start_epoch.remote(epoch, chunks, [None]))
-            refs = [ray.get(pool.chunk.remote(i))[1][0] for i in range(len(chunks))]
-            ray.wait(refs, num_returns=1)
-            first = time.time() - start
-            ray.get(refs)
-            wall = time.time() - start
-            stats = ray.get(pool.epoch_stats.remote())
+            wall, first, stats = run_epoch(pool, quotas, epoch, args.chunk, None)
             rate = args.budget / wall
             print(f"| {n} | {epoch} | {wall:.1f} | {rate:.1f} | {rate / sum(rates):.0%} | "
                   f"{[stats['images'].get(slot, 0) for slot in range(n)]} | {first:.2f} |", flush=True)
