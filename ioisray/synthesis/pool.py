@@ -226,11 +226,13 @@ def stream_order(num_chunks: int, num_slices: int, head: int) -> list[tuple[str,
     for, or None) and ("chunk", i, i). The first `head` real slices wait for nothing; each chunk is
     followed by its even share of the other slices, which wait for it. The last of several chunks
     releases none, so the real rows are all out before synthesis ends."""
-    paced, releasing = num_slices - head, max(num_chunks - 1, 1)
+    paced, releasing = max(num_slices - head, 1), max(num_chunks - 1, 1)
+    released: list[list[int]] = [[] for _ in range(num_chunks)]
+    for j in range(head, num_slices):
+        released[(j - head) * releasing // paced].append(j)
     order: list[tuple[str, int, Optional[int]]] = [("real", j, None) for j in range(head)]
     for i in range(num_chunks):
-        order.append(("chunk", i, i))
-        order += [("real", j, i) for j in range(head, num_slices) if (j - head) * releasing // max(paced, 1) == i]
+        order += [("chunk", i, i)] + [("real", j, i) for j in released[i]]
     return order
 
 
