@@ -113,6 +113,11 @@ def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifi
                       resources=sy.resources, max_retries=sy.max_retries)
 
 
+def read_concurrency(cfg: Config) -> int:
+    """Read tasks of the training stream at once: most wait on a chunk, a few per actor keep it busy."""
+    return 4 * cfg.synthesis.pool_size
+
+
 def real_rows_ahead(cfg: Config, num_workers: int) -> int:
     """Real rows read before the first chunk is made (about; at least one slice is). With a local
     shuffle buffer, a worker yields its first batch only once the buffer holds 1.5x its size plus a
@@ -146,4 +151,4 @@ def training_dataset(cfg: Config, images: np.ndarray, labels: np.ndarray, pool: 
                         extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
                         real_rows_ahead=real_rows_ahead(cfg, num_workers) if cfg.synthesis.pace_real_reads else None,
                         real_slice_rows=cfg.train.batch_size,
-                        max_retries=cfg.synthesis.max_retries, concurrency=4 * cfg.synthesis.pool_size)
+                        max_retries=cfg.synthesis.max_retries, concurrency=read_concurrency(cfg))

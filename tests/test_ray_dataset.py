@@ -1,4 +1,6 @@
 """The Ray Data adapter: every row once in order for evaluation, fresh balanced samples for training."""
+import json
+
 import numpy as np
 import pytest
 
@@ -60,3 +62,31 @@ def test_class_balanced_draws_classes_evenly_and_anew_each_epoch(local_ray):
     assert np.allclose(share, 1 / 3, atol=0.06)  # natural shares are 0.86 / 0.11 / 0.03
     assert np.array_equal(first["label"], labels[row_ids(first)])
     assert not np.array_equal(row_ids(first), row_ids(second))  # a fresh sample per execution
+
+
+
+def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_path):
+    # They do only if the prestarted workers have the runtime environment Ray Train gives those reads.
+    import os
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ioisray.recipes.common import prestart_workers
+
+    def reader_pid(batch):  # nested: pickled by value (this test module is not importable in workers)
+        return {"pid": np.full(len(batch["id"]), os.getpid())}
+
+    out = tmp_path / "pids.json"
+
+    def train_loop(_):
+        shard = ray.train.get_dataset_shard("train")
+        out.write_text(json.dumps([int(p) for b in shard.iter_batches(batch_size=None) for p in b["pid"]]))
+
+    prestarted = set(ray.get(prestart_workers(2)))
+    assert len(prestarted) == 2
+    ds = ray.data.range(2, override_num_blocks=2).map_batches(reader_pid, num_cpus=0, batch_size=None)
+    TorchTrainer(train_loop, datasets={"train": ds}, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                 run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="prestart")).fit()
+    pids = json.loads(out.read_text())
+    assert len(pids) == 2 and set(pids) <= prestarted, (pids, prestarted)

@@ -34,8 +34,8 @@ from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
 from ioisray.recipes.common import (check_resumable, cpu_state_dict, epoch_generator, fit, new_checkpoint_dir,
-                                    open_run, report, restore_or_start, setup_data, tensorboard_location, unwrap,
-                                    worker_setup)
+                                    open_run, prestart_workers, report, restore_or_start, setup_data,
+                                    tensorboard_location, unwrap, worker_setup)
 from ioisray.synthesis.tally import SyntheticTally
 from ioisray.transforms import TrainTransform
 
@@ -123,6 +123,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     counts = loop_config["class_counts"]
     num_classes = len(class_names)
     rank, world, device = worker_setup(cfg)
+    # First: Ray Data's split coordinator (an actor) then starts while the model is built.
+    train_shard = ray.train.get_dataset_shard("train")
 
     # setup
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -145,7 +147,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     pool = loop_config.get("synthesis_pool")  # None unless synthesis.mode is on
     tally = None
-    train_shard = ray.train.get_dataset_shard("train")
     n_train = sum(counts) + (cfg.synthesis.budget if pool else 0)
     batches_per_epoch = math.ceil(n_train / world / cfg.train.batch_size)
     if cfg.train.max_batches_per_epoch:
@@ -309,7 +310,8 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
         import ray
 
         handles = {"epoch_counter": start_epoch_counter()}
-        if model_dir:
+        if model_dir:  # the stream's read workers start while the actors load the model
+            prestart_workers(iois.read_concurrency(cfg), modules=("ioisray.synthesis.pool",))
             handles["synthesis_pool"] = iois.start_synthesis(cfg, model_dir, ds.num_classes,
                                                              functools.partial(build_classifier, cfg, ds.num_classes))
         try:
