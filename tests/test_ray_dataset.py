@@ -72,7 +72,7 @@ def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_p
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ioisray.recipes.common import prestart_workers
+    from ioisray.data.ray_dataset import prestart_read_workers
 
     def reader_pid(batch):  # nested: pickled by value (this test module is not importable in workers)
         return {"pid": np.full(len(batch["id"]), os.getpid())}
@@ -83,7 +83,7 @@ def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_p
         shard = ray.train.get_dataset_shard("train")
         out.write_text(json.dumps([int(p) for b in shard.iter_batches(batch_size=None) for p in b["pid"]]))
 
-    prestarted = set(ray.get(prestart_workers(2)))
+    prestarted = set(ray.get(prestart_read_workers(2)))
     assert len(prestarted) == 2
     ds = ray.data.range(2, override_num_blocks=2).map_batches(reader_pid, num_cpus=0, batch_size=None)
     TorchTrainer(train_loop, datasets={"train": ds}, scaling_config=ray.train.ScalingConfig(num_workers=1),

@@ -105,43 +105,6 @@ def init_ray(cfg: Config) -> bool:
     return True
 
 
-def train_data_runtime_env() -> dict:
-    """The runtime environment of the tasks Ray Data starts for Ray Train's datasets: Ray Train (V2)
-    gives its controller these environment variables (ray/train/v2/api/data_parallel_trainer.py), and
-    the split coordinator and its read tasks inherit them."""
-    try:
-        from ray.train.v2._internal.constants import get_env_vars_to_propagate
-        env_vars = get_env_vars_to_propagate()
-    except ImportError:  # another Ray: prestarted workers may then go unused, nothing worse
-        env_vars = {}
-    env_vars.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
-    return {"env_vars": env_vars}
-
-
-def _import_and_wait(modules: tuple[str, ...], seconds: float) -> int:
-    import importlib
-
-    for module in ("ray.data", *modules):
-        importlib.import_module(module)
-    time.sleep(seconds)  # held, so that the other prestart tasks get processes of their own
-    return os.getpid()
-
-
-def prestart_workers(count: int, modules: tuple[str, ...] = ()) -> list:
-    """Start `count` idle worker processes for Ray Train's dataset read tasks, Ray Data and `modules`
-    imported, without waiting for them (returns their tasks' refs, each giving a pid).
-
-    Why: the first epoch's stream otherwise starts its read tasks' processes itself, two at a time,
-    each importing Ray Data while the others do, on the same CPUs the epoch uses: on 2 cores, 8 read
-    tasks started about 13 s after the stream did. Ray gives a task an idle worker only of the same
-    runtime environment, hence `train_data_runtime_env`."""
-    import ray
-
-    task = ray.remote(_import_and_wait).options(num_cpus=0, runtime_env=train_data_runtime_env(),
-                                                scheduling_strategy="SPREAD", max_retries=0)
-    return [task.remote(tuple(modules), 1.0) for _ in range(count)]
-
-
 def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
         make_datasets: Callable[[dict], dict], split: tuple[str, ...] = ("train",),
         services: Optional[Callable[[], contextlib.AbstractContextManager]] = None, callbacks: tuple = ()):

@@ -34,8 +34,8 @@ from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
 from ioisray.recipes.common import (check_resumable, cpu_state_dict, epoch_generator, fit, new_checkpoint_dir,
-                                    open_run, prestart_workers, report, restore_or_start, setup_data,
-                                    tensorboard_location, unwrap, worker_setup)
+                                    open_run, report, restore_or_start, setup_data, tensorboard_location, unwrap,
+                                    worker_setup)
 from ioisray.synthesis.tally import SyntheticTally
 from ioisray.transforms import TrainTransform
 
@@ -268,7 +268,7 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
     `evaluate_test=False` (search trials) leaves the test split untouched: "test" is None.
     `callbacks`: Ray Train callbacks for the run (e.g. the one that reports epochs to Ray Tune).
     """
-    from ioisray.data.ray_dataset import start_epoch_counter, to_ray_dataset
+    from ioisray.data.ray_dataset import prestart_read_workers, start_epoch_counter, to_ray_dataset
 
     run_dir = open_run(cfg)
     if (run_dir / "metrics.json").exists():
@@ -311,7 +311,7 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
 
         handles = {"epoch_counter": start_epoch_counter()}
         if model_dir:  # the stream's read workers start while the actors load the model
-            prestart_workers(iois.read_concurrency(cfg), modules=("ioisray.synthesis.pool",))
+            prestart_read_workers(iois.read_concurrency(cfg), modules=("ioisray.synthesis.pool",))
             handles["synthesis_pool"] = iois.start_synthesis(cfg, model_dir, ds.num_classes,
                                                              functools.partial(build_classifier, cfg, ds.num_classes))
         try:
