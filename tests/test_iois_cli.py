@@ -23,10 +23,11 @@ TINY_IOIS = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16"
 def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_path):
     unet_dir = tmp_path / "unet"
     create_unet("tiny", num_classes=10, image_size=16).save_pretrained(unet_dir, safe_serialization=True)
-    # Its CE baseline, a 1-epoch variant of the main job's, is trained first (for the per-class change figure).
+    # Its CE baseline, a 1-epoch variant of the main job's, is trained first (for the per-class change
+    # figure); in-process (`ray.num_workers: 0`), which skips Train's worker start-up.
     baseline = tmp_path / "ce_tiny.yaml"
     baseline.write_text(f"defaults: [{ROOT / 'configs/digits_ce.yaml'}]\nname: ce_tiny\n"
-                        "model: {name: resnet10t}\ntrain: {epochs: 1, batch_size: 16}\n")
+                        "model: {name: resnet10t}\ntrain: {epochs: 1, batch_size: 16}\nray: {num_workers: 0}\n")
     args = ["train", "configs/digits.yaml", *TINY_IOIS, f"diffusion.model_dir={unet_dir}", "name=iois",
             f"output_dir={tmp_path}", f"baseline={baseline}"]
     run = tmp_path / "iois"

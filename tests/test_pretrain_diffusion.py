@@ -37,9 +37,6 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path, capsys, monk
     ds, splits = setup_data(load_config(ROOT / "configs/pretrain_digits.yaml"))
     trained_on = set(provenance.image_keys(ds, splits["train"], None))
     assert provenance.training_images(run / "unet") == trained_on
-    # A finished pretraining run is not silently redone.
-    again = run_cli(*args)
-    assert again.returncode == 2 and "already exists" in again.stderr
 
     # Fine-tuning starts from the given model and keeps its schedule: after one 1-batch epoch at a
     # tiny lr it is still close.
@@ -52,10 +49,12 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path, capsys, monk
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
     assert load_noise_scheduler(tmp_path / "ft" / "unet").config.prediction_type == "v_prediction"
     assert provenance.training_images(tmp_path / "ft" / "unet") == trained_on  # same split: same images
-    # Asking to fine-tune it as an epsilon model is refused before Ray starts, naming the key.
-    # (In-process: both fail before anything starts.)
+    # In-process from here: each is refused before anything starts.
     monkeypatch.chdir(ROOT)
     capsys.readouterr()
+    # A finished pretraining run is not silently redone.
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    # Asking to fine-tune it as an epsilon model is refused, naming the key.
     assert main([*common, "diffusion.prediction_type=epsilon", f"diffusion.model_dir={run / 'unet'}",
                  "name=ft3", f"output_dir={tmp_path}"]) == 2
     assert "diffusion.prediction_type='epsilon'" in capsys.readouterr().err
