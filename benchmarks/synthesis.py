@@ -70,8 +70,10 @@ def gflop_per_image(unet, classifier, cfg: SamplerConfig, batch: int, device) ->
 
 
 def run(unet, classifier, cfg, labels, seeds, device, schedule=None, repeats: int = 1):
-    sample(unet, labels[:2], seeds[:2], SamplerConfig(**{**cfg.__dict__, "steps": 2}), classifier=classifier,
-           scheduler=schedule, device=device)  # warm-up (and compilation)
+    # Warm-up (and compilation): the full batch, so a compiled UNet is not compiled again for its shape
+    # inside the timed run.
+    sample(unet, labels, seeds, SamplerConfig(**{**cfg.__dict__, "steps": 2}), classifier=classifier,
+           scheduler=schedule, device=device)
     _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
