@@ -310,8 +310,10 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
         import ray
 
         handles = {"epoch_counter": start_epoch_counter()}
-        if model_dir:  # the stream's read workers start while the actors load the model
-            prestart_read_workers(iois.read_concurrency(cfg), modules=("ioisray.synthesis.pool",))
+        if model_dir:
+            if cfg.ray.num_workers > 0:  # the stream's read workers start while the actors load the model
+                # (not in-process: the driver then starts the reads, in its own runtime environment)
+                prestart_read_workers(iois.read_concurrency(cfg), modules=("ioisray.synthesis.pool",))
             handles["synthesis_pool"] = iois.start_synthesis(cfg, model_dir, ds.num_classes,
                                                              functools.partial(build_classifier, cfg, ds.num_classes))
         try:
