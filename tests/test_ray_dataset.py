@@ -1,5 +1,6 @@
 """The Ray Data adapter: every row once in order for evaluation, fresh balanced samples for training."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -64,11 +65,8 @@ def test_class_balanced_draws_classes_evenly_and_anew_each_epoch(local_ray):
     assert not np.array_equal(row_ids(first), row_ids(second))  # a fresh sample per execution
 
 
-
 def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_path):
     # They do only if the prestarted workers have the runtime environment Ray Train gives those reads.
-    import os
-
     import ray.train
     from ray.train.torch import TorchTrainer
 

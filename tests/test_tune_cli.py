@@ -22,7 +22,7 @@ def unet_dir(tmp_path_factory):
     return path
 
 
-def test_tune_stops_a_weak_trial_early_and_writes_a_best_config_train_accepts(tmp_path, unet_dir, monkeypatch):
+def test_tune_stops_a_weak_trial_early_and_writes_a_best_config_train_accepts(tmp_path, unet_dir):
     # Two trials, one after the other (one fits in 4 logical CPUs): the second learns nothing
     # (lr 1e-7), so ASHA stops it at its first rung, after epoch 1 of 2.
     args = ["tune", "configs/digits.yaml", *TINY, "name=search", f"output_dir={tmp_path}",
@@ -50,10 +50,8 @@ def test_tune_stops_a_weak_trial_early_and_writes_a_best_config_train_accepts(tm
     assert cfg.train.lr == 3e-3 and cfg.aas.temperature == float(trials[3e-3]["aas.temperature"])
     assert cfg.name == "search_best" and cfg.tune.search_space == {}
     assert "best config: " in r.stdout and "stopped early" in (search / "trials.md").read_text()
-    # In-process (no Train workers, no second interpreter): the search above ran the real entry point.
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert main(["train", str(best), "train.epochs=1", "ray.num_workers=0"]) == 0
+    r = run_cli("train", str(best), "train.epochs=1", "ray.num_workers=0", timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert json.loads((tmp_path / "search_best" / "metrics.json").read_text())["test"]["balanced_accuracy"] >= 0
 
 

@@ -54,13 +54,16 @@ def current_epoch(counter) -> int:
 def train_read_runtime_env() -> dict:
     """The runtime environment of the tasks Ray Data starts for Ray Train's datasets: Ray Train (V2)
     gives its controller these environment variables (ray/train/v2/api/data_parallel_trainer.py), and
-    the split coordinator and its read tasks inherit them."""
+    what the controller starts inherits them: its DatasetManager, the split coordinator that actor
+    makes, and the coordinator's read tasks."""
     try:
-        from ray.train.v2._internal.constants import get_env_vars_to_propagate
-        env_vars = get_env_vars_to_propagate()
+        from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                                                      RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                                                      get_env_vars_to_propagate)
     except ImportError:  # another Ray: prestarted workers may then go unused, nothing worse
-        env_vars = {}
-    env_vars.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
+        return {}
+    env_vars = get_env_vars_to_propagate()
+    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
     return {"env_vars": env_vars}
 
 
@@ -79,7 +82,8 @@ def prestart_read_workers(count: int, modules: tuple[str, ...] = ()) -> list:
     time, each importing Ray Data while the others do, on the CPUs the epoch uses: on 2 cores, the 8
     read tasks of the IOIS stream began about 13 s after it did. Ray gives a task an idle worker only
     of the same runtime environment, hence `train_read_runtime_env`. (This module is light: the
-    workers do not import torch.)"""
+    workers do not import torch.) A Ray that reaps idle workers sooner than the one ioisray starts
+    (recipes/common.init_ray keeps them 60 s), as a cluster may, can kill them first: wasted, no harm."""
     task = ray.remote(_import_and_wait).options(num_cpus=0, runtime_env=train_read_runtime_env(),
                                                 scheduling_strategy="SPREAD", max_retries=0)
     return [task.remote(tuple(modules), 1.0) for _ in range(count)]
