@@ -82,8 +82,8 @@ def prestart_read_workers(count: int, modules: tuple[str, ...] = ()) -> list:
     time, each importing Ray Data while the others do, on the CPUs the epoch uses: on 2 cores, the 8
     read tasks of the IOIS stream began about 13 s after it did. Ray gives a task an idle worker only
     of the same runtime environment, hence `train_read_runtime_env`. (This module is light: the
-    workers do not import torch.) A Ray that reaps idle workers sooner than the one ioisray starts
-    (recipes/common.init_ray keeps them 60 s), as a cluster may, can kill them first: wasted, no harm."""
+    workers do not import torch.) Meant for a Ray that keeps idle workers, as the one ioisray starts
+    does (recipes/common.init_ray: 60 s); with Ray's defaults they may be reaped before they are used."""
     task = ray.remote(_import_and_wait).options(num_cpus=0, runtime_env=train_read_runtime_env(),
                                                 scheduling_strategy="SPREAD", max_retries=0)
     return [task.remote(tuple(modules), 1.0) for _ in range(count)]

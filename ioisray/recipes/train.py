@@ -311,8 +311,10 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
 
         handles = {"epoch_counter": start_epoch_counter()}
         if model_dir:
-            if cfg.ray.num_workers > 0:  # the stream's read workers start while the actors load the model
-                # (not in-process: the driver then starts the reads, in its own runtime environment)
+            # The stream's read workers start while the actors load the model. Only in the Ray ioisray
+            # starts, which keeps idle workers (a cluster's may reap them first), and not in-process,
+            # where the driver starts the reads in its own runtime environment.
+            if not cfg.ray.address and cfg.ray.num_workers > 0:
                 prestart_read_workers(iois.read_concurrency(cfg), modules=("ioisray.synthesis.pool",))
             handles["synthesis_pool"] = iois.start_synthesis(cfg, model_dir, ds.num_classes,
                                                              functools.partial(build_classifier, cfg, ds.num_classes))
