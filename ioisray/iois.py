@@ -24,11 +24,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ioisray import aas
 from ioisray.config import Config
-from ioisray.engine import all_reduce_sum
+from ioisray.distributed import all_reduce_min, all_reduce_sum, barrier
 from ioisray.recipes.common import cpu_state_dict
 from ioisray.synthesis.plan import Chunk, chunk_sizes, plan_epoch
 from ioisray.synthesis.tally import SyntheticTally
@@ -65,8 +64,7 @@ def begin_epoch(cfg: Config, pool, state: aas.AASState, classifier: torch.nn.Mod
         guided = cfg.synthesis.mode == "online" and cfg.synthesis.guidance and epoch > 0
         weights = ray.put(cpu_state_dict(classifier)) if guided else None
         ray.get(pool.start_epoch.remote(plan_epoch_, chunks, [weights], reuse=cfg.synthesis.mode == "offline"))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     return plan_epoch_, quotas
 
 
@@ -77,10 +75,9 @@ def end_epoch(pool, tally: SyntheticTally, rank: int) -> dict:
     import ray
 
     received = all_reduce_sum(torch.as_tensor(tally.per_class, dtype=torch.float64)).long().tolist()
-    firsts = torch.tensor([math.inf if t is None else t for t in (tally.seconds_to_first, tally.seconds_to_first_batch)],
-                          dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(firsts, op=dist.ReduceOp.MIN)  # the first worker to get one
+    firsts = all_reduce_min(torch.tensor([math.inf if t is None else t  # the first worker to get one
+                                          for t in (tally.seconds_to_first, tally.seconds_to_first_batch)],
+                                         dtype=torch.float64))
     first, first_batch = (float(t) if math.isfinite(float(t)) else None for t in firsts)
     out = {"synthetic_per_class": received, "seconds_to_first_synthetic": first, "seconds_to_first_batch": first_batch}
     if rank == 0:
@@ -97,7 +94,8 @@ def end_epoch(pool, tally: SyntheticTally, rank: int) -> dict:
 
 
 def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifier):
-    """The SynthesisPool for this run (its actors load the diffusion model once, here)."""
+    """The SynthesisPool for this run (its actors load the diffusion model once, here).
+    `make_classifier` builds the guide's architecture only (its weights come each epoch)."""
     from ioisray.sampler import SamplerConfig
     from ioisray.synthesis.generator import DiffusionGenerator
     from ioisray.synthesis.pool import start_pool
@@ -108,7 +106,8 @@ def start_synthesis(cfg: Config, model_dir: str, num_classes: int, make_classifi
                                           output_size=cfg.data.image_size)
     make_generator = functools.partial(
         DiffusionGenerator, model_dir, num_classes, sampler, make_classifier=make_classifier if guided else None,
-        device="cuda" if sy.num_gpus > 0 else "cpu", num_threads=max(1, int(sy.num_cpus)) if sy.num_gpus == 0 else None)
+        device="cuda" if sy.num_gpus > 0 else "cpu", num_threads=max(1, int(sy.num_cpus)) if sy.num_gpus == 0 else None,
+        gpu_share=min(sy.num_gpus, 1.0) if sy.num_gpus > 0 else 1.0)
     return start_pool(make_generator, sy.pool_size, num_cpus=sy.num_cpus, num_gpus=sy.num_gpus,
                       resources=sy.resources, max_retries=sy.max_retries)
 
