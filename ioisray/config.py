@@ -98,6 +98,10 @@ class TrainConfig(_Strict):
     # already arrive in a new random order every epoch, and a buffer holds back the synthetic images,
     # which join it behind the rows it holds (see benchmarks/RESULTS.md, issue 7).
     shuffle_buffer: int = Field(0, ge=0)
+    # Autocast precision of classifier training and diffusion pretraining; None: bf16 where the device
+    # computes in bf16 natively (CUDA from Ampere on), else fp32 (ioisray/precision.py). fp16: CUDA only.
+    precision: Optional[Literal["bf16", "fp16", "fp32"]] = None
+    channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @model_validator(mode="after")
@@ -164,7 +168,11 @@ class SamplerSettings(_Strict):
     guidance_scale: float = Field(1.0, ge=0.0)  # s; 0 disables classifier guidance
     guidance_form: Literal["x_t", "x0"] = "x_t"  # classifier sees the noisy x_t (paper) or predicted x0
     eta: float = Field(0.0, ge=0.0, le=1.0)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Networks under bf16 autocast (guidance maths stays float32); None: bfloat16 where the device
+    # computes in bf16 natively, else float32 (ioisray/precision.py).
+    dtype: Optional[Literal["float32", "bfloat16"]] = None
+    # torch.compile the UNet once per synthesis actor; None: on for CUDA, off on the CPU (no gain there).
+    compile: Optional[bool] = None
     solver: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"  # the multistep ones are for 10-25 steps
 
     @model_validator(mode="after")

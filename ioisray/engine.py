@@ -12,9 +12,10 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from ioisray.distributed import all_reduce_sum
 from ioisray.mixup import mixup_batch, mixup_loss
+from ioisray.precision import autocast, grad_scaler
 from ioisray.transforms import eval_transform
 
 
@@ -36,25 +37,27 @@ class EpochStats:
         return float(self.correct.sum() / max(self.total.sum(), 1))
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over training workers (no-op outside a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, transform: Callable, num_classes: int,
                     device: torch.device, *, mixup_alpha: float = 0.0,
                     generator: Optional[torch.Generator] = None, max_batches: Optional[int] = None,
-                    log: Optional[Callable[[int, float], None]] = None) -> EpochStats:
+                    log: Optional[Callable[[int, torch.Tensor], None]] = None, precision: str = "fp32",
+                    scaler: Optional[torch.amp.GradScaler] = None, channels_last: bool = False) -> EpochStats:
     """Train one pass; per-class training accuracy is summed over all workers.
 
     The accuracy counts real images only (rows whose "synthetic" flag is 0, or all rows without the
     column): it feeds AAS, which asks how well the classifier does on the real training split.
     With mixup a prediction counts as correct for the label with the larger mixing weight.
+
+    Batches may live on the CPU (pinned, ideally): images and labels move to `device` without
+    blocking, augmentation runs there, and nothing waits for the device until the epoch's counts
+    are reduced, except what `log` asks for (it gets the loss as a tensor; `.item()` syncs).
+    `precision` is "bf16", "fp16" (with `scaler`) or "fp32" (see ioisray/precision.py).
+    A batch of a single image is skipped: BatchNorm cannot train on it (it is at most one image an
+    epoch, the last one of an uneven split) and the epoch's count does not include it.
     """
     model.train()
+    scaler = scaler or grad_scaler(device, precision)
     start = time.perf_counter()
     correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)
@@ -63,30 +66,37 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        x = transform(batch["image"]).to(device, non_blocking=True)
+        if len(batch["label"]) < 2:
+            continue
+        x = transform(batch["image"].to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device, dtype=torch.long, non_blocking=True)
-        if mixup_alpha > 0:
-            x, y_a, y_b, lam = mixup_batch(x, y, mixup_alpha, generator=generator)
-            logits = model(x)
-            loss = mixup_loss(loss_fn, logits, y_a, y_b, lam)
-            y_counted = y_a if lam >= 0.5 else y_b
-        else:
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            y_counted = y
+        with autocast(device, precision):
+            if mixup_alpha > 0:
+                x, y_a, y_b, lam = mixup_batch(x, y, mixup_alpha, generator=generator)
+                logits = model(x)
+                loss = mixup_loss(loss_fn, logits, y_a, y_b, lam)
+                y_counted = y_a if lam >= 0.5 else y_b
+            else:
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                y_counted = y
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         with torch.no_grad():
             hit = (logits.argmax(dim=1) == y_counted).double()
-            real = ((batch["synthetic"] == 0).to(device) if "synthetic" in batch
-                    else torch.ones_like(hit, dtype=torch.bool))
-            correct.index_add_(0, y_counted[real], hit[real])
-            total.index_add_(0, y_counted[real], torch.ones_like(hit[real]))
+            # Weights, not a boolean mask: masking needs the count of selected rows, a host sync.
+            real = ((batch["synthetic"] == 0).to(device, non_blocking=True).double() if "synthetic" in batch
+                    else torch.ones_like(hit))
+            correct.index_add_(0, y_counted, hit * real)
+            total.index_add_(0, y_counted, real)
             loss_sum += loss.detach().double() * len(y)
             rows += len(y)
         if log is not None:
-            log(i + 1, loss.item())
+            log(i + 1, loss.detach())
     stats = all_reduce_sum(torch.cat([correct, total, loss_sum.view(1), rows.view(1)])).cpu().numpy()
     n = stats[num_classes:2 * num_classes]
     return EpochStats(loss=float(stats[-2] / max(stats[-1], 1)), correct=stats[:num_classes].astype(np.int64),
@@ -95,12 +105,13 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
-            transform: Callable = eval_transform) -> tuple[np.ndarray, np.ndarray]:
+            transform: Callable = eval_transform, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """Labels and softmax probabilities of every image, none dropped, deterministic transform."""
     model.eval()
     labels, probs = [], []
     for batch in batches:
-        logits = model(transform(batch["image"]).to(device))
+        with autocast(device, precision):
+            logits = model(transform(batch["image"].to(device, non_blocking=True)))
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         labels.append(batch["label"].cpu().numpy())
     if not labels:

@@ -210,17 +210,30 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
 
 
 def worker_setup(cfg: Config):
-    """Per-worker basics: (rank, world size, device); quiet Ray Train's per-report INFO lines."""
+    """Per-worker basics: (rank, world size, device); quiet Ray Train's per-report INFO lines; CUDA
+    settings, with this worker's memory capped to its share of a GPU it shares (ray.resources_per_worker)."""
     import logging
 
     import ray.train
     import ray.train.torch
     import torch
 
+    from ioisray.precision import configure_device
+
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    device = ray.train.torch.get_device()
+    configure_device(device, cfg.ray.resources_per_worker.get("GPU", 1.0) if cfg.ray.use_gpu else 1.0)
+    return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
+def cpu_batches(device) -> dict:
+    """iter_torch_batches options: batches stay on the CPU (pinned when training on a GPU, so they move
+    without blocking) with two prefetched, and the training loop moves what it needs. Ray's default,
+    device="auto", would put them on the GPU, and every look at a metadata column (is it synthetic?
+    which epoch?) would then wait for the GPU."""
+    return {"device": "cpu", "pin_memory": getattr(device, "type", "cpu") == "cuda", "prefetch_batches": 2}
 
 
 def restore_or_start(cfg: Config, model, optimizer, scheduler) -> tuple[TrainingState, bool]:

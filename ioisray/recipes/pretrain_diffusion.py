@@ -25,8 +25,9 @@ from ioisray.data import provenance
 from ioisray.config import Config, ConfigError, RunFinishedError, save_config
 from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet,
                                      save_diffusion_model)
-from ioisray.recipes.common import (check_resumable, epoch_generator, fit, new_checkpoint_dir, open_run, report,
-                                    restore_or_start, setup_data, tensorboard_location, unwrap, worker_setup)
+from ioisray.precision import autocast, grad_scaler, resolve_precision
+from ioisray.recipes.common import (check_resumable, cpu_batches, epoch_generator, fit, new_checkpoint_dir, open_run,
+                                    report, restore_or_start, setup_data, tensorboard_location, unwrap, worker_setup)
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
 
 UNET_DIR = "unet"  # in the final checkpoint and in the run folder
@@ -112,6 +113,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"[ioisray] resumed diffusion pretraining from epoch {state.epoch}", flush=True)
     ema.to(device)
+    precision = resolve_precision(cfg.train.precision, device)
+    scaler = grad_scaler(device, precision)
     unet = ray.train.torch.prepare_model(unet)
     writer = None
     if rank == 0:
@@ -126,18 +129,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch_generator(cfg, rank, epoch)  # noise and timesteps replay on resume
         start, loss_sum, n_seen = time.perf_counter(), torch.zeros((), device=device), 0
         for i, batch in enumerate(shard.iter_torch_batches(batch_size=p.batch_size, dtypes=None,
-                                                           local_shuffle_buffer_size=2048)):
+                                                           local_shuffle_buffer_size=2048, **cpu_batches(device))):
             if p.max_batches_per_epoch and i >= p.max_batches_per_epoch:
                 break
-            x0 = to_model_space(batch["image"].to(device), p.hflip, p.vflip)
-            y = batch["label"].to(device, dtype=torch.long)
+            x0 = to_model_space(batch["image"].to(device, non_blocking=True), p.hflip, p.vflip)
+            y = batch["label"].to(device, dtype=torch.long, non_blocking=True)
             noise = torch.randn_like(x0)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
             x_t = noise_scheduler.add_noise(x0, noise, t)
-            loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, denoising_target(noise_scheduler, x0, noise, t))
+            with autocast(device, precision):
+                prediction = unet(x_t, t, class_labels=y).sample
+            # The loss in float32, whatever the autocast dtype of the UNet's output.
+            loss = F.mse_loss(prediction.float(), denoising_target(noise_scheduler, x0, noise, t))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             lr_schedule.step()
             ema.step(unwrap(unet).parameters())
             loss_sum += loss.detach() * len(y)

@@ -1,0 +1,72 @@
+"""Mixed precision on the CPU: what each device gets by default, and that a bf16 training step gives
+the same picture as fp32 on the same batch."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ioisray import precision
+from ioisray.config import ModelConfig, load_config
+from ioisray.engine import numpy_batches, predict, train_one_epoch
+from ioisray.losses import create_loss
+from ioisray.models import create_classifier
+from ioisray.transforms import eval_transform
+from test_engine import toy_data
+
+CPU = torch.device("cpu")
+
+
+def test_defaults_follow_native_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve_precision(None, CPU) == "bf16"
+    assert precision.sampler_dtype(None, CPU) == "bfloat16"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.resolve_precision(None, CPU) == "fp32"
+    assert precision.sampler_dtype(None, CPU) == "float32"
+    assert precision.resolve_precision("bf16", CPU) == "bf16"  # asked for: given, even if emulated
+    assert precision.sampler_dtype("bfloat16", CPU) == "bfloat16"
+
+
+def test_fp16_needs_cuda_and_only_fp16_scales_gradients():
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        precision.resolve_precision("fp16", CPU)
+    with pytest.raises(ValueError, match="train.precision"):
+        precision.resolve_precision("fp8", CPU)
+    assert not precision.grad_scaler(CPU, "bf16").is_enabled()
+    assert precision.grad_scaler(torch.device("cuda"), "fp16").is_enabled() == torch.cuda.is_available()
+
+
+def test_config_keys_default_to_the_device():
+    cfg = load_config(None, ["train.precision=bf16", "sampler.compile=true", "train.channels_last=true"])
+    assert (cfg.train.precision, cfg.sampler.compile, cfg.train.channels_last) == ("bf16", True, True)
+    default = load_config(None)
+    assert default.train.precision is None and default.sampler.dtype is None and default.sampler.compile is None
+
+
+def test_a_bf16_step_gives_finite_loss_and_metrics_close_to_fp32(one_torch_thread):
+    images, labels = toy_data((16, 16, 16))
+    torch.manual_seed(0)
+    model = create_classifier(ModelConfig(name="resnet10t"), 3)
+    results = {}
+    for p in ("fp32", "bf16"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        stats = train_one_epoch(m, numpy_batches(images, labels, 48), create_loss("ce", [16, 16, 16]), opt,
+                                eval_transform, 3, CPU, precision=p)
+        _, probs = predict(m, numpy_batches(images, labels, 48), CPU, precision=p)
+        results[p] = (stats, probs)
+    (s32, p32), (s16, p16) = results["fp32"], results["bf16"]
+    assert np.isfinite(s16.loss) and abs(s16.loss - s32.loss) < 0.05 * s32.loss
+    assert s16.total.tolist() == s32.total.tolist() == [16, 16, 16]
+    assert abs(int(s16.correct.sum()) - int(s32.correct.sum())) <= 4  # of 48 images
+    assert np.abs(p16 - p32).max() < 0.05  # probabilities after the same step
+
+
+def test_a_last_batch_of_one_image_is_skipped_not_a_batchnorm_crash():
+    images, labels = toy_data((5, 2, 2))  # 9 images in batches of 4: the last holds one
+    model = create_classifier(ModelConfig(name="resnet10t"), 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    stats = train_one_epoch(model, numpy_batches(images, labels, 4), create_loss("ce", [5, 2, 2]), opt,
+                            eval_transform, 3, CPU)
+    assert stats.total.sum() == 8 and np.isfinite(stats.loss)
