@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+from ioisray.precision import sampler_dtype
 from ioisray.transforms import MEAN, STD
 
 # Linear betas 1e-4..0.02 over 1000 steps: DDPM's schedule, and the one guided-diffusion used for its
@@ -92,8 +93,9 @@ class SamplerConfig:
     guidance_form: Literal["x_t", "x0"] = "x_t"
     eta: float = 0.0
     output_size: int | None = None  # classifier input size and size of the returned images; None = UNet size
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] | None = None  # None: bfloat16 where the device has it natively
     solver: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"
+    compile: bool | None = None  # the caller compiled the UNet: its batch dimension is marked dynamic
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> "SamplerConfig":
@@ -115,7 +117,7 @@ class SamplerConfig:
             raise ValueError(f"sampler.solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.eta > 0 and self.solver != "ddim":
             raise ValueError("sampler.eta applies to the ddim solver only")
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"sampler.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
 
@@ -145,9 +147,9 @@ def default_classifier_transform(output_size: int | None) -> Callable[[torch.Ten
     return transform
 
 
-def _autocast(device: torch.device, dtype: str):
+def _autocast(device: torch.device, dtype: str | None):
     """bf16 autocast where the device supports it; a no-op context otherwise."""
-    if dtype != "bfloat16":
+    if sampler_dtype(dtype, device) != "bfloat16":
         return contextlib.nullcontext()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -211,6 +213,12 @@ def sample(
     out_size = cfg.output_size or size
     if not seeds:
         return SampleBatch(torch.zeros((0, out_size, out_size, 3), dtype=torch.uint8), labels, seeds)
+    if cfg.compile and len(seeds) == 1:
+        # A compiled UNet specialises batch size 1 (it cannot be dynamic): sample the image twice, in a
+        # batch of two, and keep one, rather than compile a second graph for a lone image.
+        twice = sample(unet, labels.repeat(2), seeds * 2, cfg, classifier=classifier,
+                       classifier_transform=classifier_transform, scheduler=scheduler, device=device)
+        return SampleBatch(twice.images[:1], labels, seeds)
     prediction_type = scheduler.config.prediction_type if scheduler is not None else "epsilon"
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"the sampler needs an epsilon or v_prediction model, got {prediction_type!r}")
@@ -230,12 +238,18 @@ def sample(
     x = x.to(device)
     labels_dev = labels.to(device)
     unet_dtype = next(unet.parameters()).dtype
+    # A compiled UNet sees chunks of several sizes (the ramp, the remainder): one graph for every
+    # batch size rather than a recompilation per size.
+    dynamic = bool(cfg.compile)
     try:
         for t in scheduler.timesteps:
             t_int = int(t)
+            x_in, t_in = x.to(unet_dtype), torch.full((len(seeds),), t_int, device=device)
+            if dynamic:
+                for tensor in (x_in, t_in, labels_dev):
+                    torch._dynamo.mark_dynamic(tensor, 0)
             with torch.no_grad(), _autocast(device, cfg.dtype):
-                eps = unet(x.to(unet_dtype), torch.full((len(seeds),), t_int, device=device),
-                           class_labels=labels_dev).sample
+                eps = unet(x_in, t_in, class_labels=labels_dev).sample
             abar_t = alphas_cumprod[t_int]
             eps = epsilon_from(eps.float(), x, abar_t, prediction_type)
             if guided:

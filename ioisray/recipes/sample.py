@@ -35,7 +35,7 @@ def load_classifier_run(run: str | Path):
         raise FileNotFoundError(f"{run} is not a finished `ioisray train` run: missing {missing}")
     cfg = load_config(run / "config.yaml")
     results = json.loads((run / "metrics.json").read_text())
-    model = build_classifier(cfg, len(results["class_names"]))
+    model = build_classifier(cfg, len(results["class_names"]), pretrained=False)
     model.load_state_dict(load_state_dict_file(run / BEST_MODEL_FILE))
     return model.eval(), cfg, results["class_names"]
 

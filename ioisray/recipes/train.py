@@ -33,7 +33,9 @@ from ioisray.engine import predict, train_one_epoch
 from ioisray.losses import create_loss
 from ioisray.metrics import classification_metrics, format_table
 from ioisray.models import create_classifier
-from ioisray.recipes.common import (check_resumable, cpu_state_dict, epoch_generator, fit, new_checkpoint_dir,
+from ioisray.precision import grad_scaler, resolve_precision
+from ioisray.recipes.common import (check_resumable, cpu_batches, cpu_state_dict, epoch_generator, fit,
+                                    new_checkpoint_dir,
                                     open_run, report, restore_or_start, setup_data, tensorboard_location, unwrap,
                                     worker_setup)
 from ioisray.synthesis.tally import SyntheticTally
@@ -80,9 +82,13 @@ def build_loss(cfg: Config, class_counts) -> torch.nn.Module:
                        la_tau=m.la_tau)
 
 
-def build_classifier(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The timm classifier of this config; LDAM-DRW gets the cosine head its margins assume."""
-    return create_classifier(cfg.model, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
+def build_classifier(cfg: Config, num_classes: int, *, pretrained: bool = True) -> torch.nn.Module:
+    """The timm classifier of this config; LDAM-DRW gets the cosine head its margins assume.
+    `pretrained=False` builds the architecture only, without reading `model.weights`: for copies
+    whose weights come from elsewhere (the synthesis actors' guide, a finished run's best model),
+    possibly on a node that does not have that file."""
+    model_cfg = cfg.model if pretrained else cfg.model.model_copy(update={"weights": None})
+    return create_classifier(model_cfg, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
 
 
 def _tb_scalars(writer, prefix: str, metrics: dict, epoch: int) -> None:
@@ -136,8 +142,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     aas = AASState.from_dict(state.extra["aas"]) if resumed else AASState(num_classes)
     if resumed and rank == 0:
         print(f"[ioisray] resumed from epoch {state.epoch}", flush=True)
+    precision = resolve_precision(cfg.train.precision, device)
+    scaler = grad_scaler(device, precision)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     transform = TrainTransform(cfg.data.image_size, cfg.train.augment)
+    batch_options = cpu_batches(device)
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -153,9 +164,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches_per_epoch = min(batches_per_epoch, cfg.train.max_batches_per_epoch)
     log_every = max(1, batches_per_epoch // 4)
 
-    def log(i: int, loss: float) -> None:
-        if rank == 0 and batches_per_epoch >= 20 and i % log_every == 0:
-            print(f"[ioisray]   batch {i}/~{batches_per_epoch} loss {loss:.4f}", flush=True)
+    def log(i: int, loss: torch.Tensor) -> None:
+        if rank == 0 and batches_per_epoch >= 20 and i % log_every == 0:  # .item() waits for the device
+            print(f"[ioisray]   batch {i}/~{batches_per_epoch} loss {loss.item():.4f}", flush=True)
 
     # train
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -172,12 +183,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                    epoch_started)
         shuffle = ({"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
                     "local_shuffle_seed": int(gen.initial_seed() % 2**31)} if cfg.train.shuffle_buffer else {})
-        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=None, **shuffle)
+        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, dtypes=None, **batch_options,
+                                                 **shuffle)
         if tally is not None:
             batches = tally.watch(batches)
         stats = train_one_epoch(model, batches, loss_fn, optimizer, transform, num_classes, device,
                                 mixup_alpha=cfg.method.mixup_alpha, generator=gen,
-                                max_batches=cfg.train.max_batches_per_epoch, log=log)
+                                max_batches=cfg.train.max_batches_per_epoch, log=log, precision=precision,
+                                scaler=scaler, channels_last=cfg.train.channels_last)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         aas.update(stats.correct, stats.total)  # the same all-reduced counts on every rank
@@ -188,7 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             # Validation on rank 0 over the whole split (no image dropped), deterministic transform.
             y, p = predict(unwrap(model), ray.train.get_dataset_shard("val").iter_torch_batches(
-                batch_size=cfg.train.batch_size * 2, dtypes=None), device)
+                batch_size=cfg.train.batch_size * 2, dtypes=None, **batch_options), device, precision=precision)
             val = classification_metrics(y, p, class_names)
             train_pc = {n: float(a) for n, a in zip(class_names, stats.per_class_accuracy)}
             metrics.update({f"val_{k}": val[k] for k in ("balanced_accuracy", "macro_f1", "accuracy")})
@@ -238,7 +251,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if loop_config.get("evaluate_test", True):
                 unwrap(model).load_state_dict(state.best_model)
                 y, p = predict(unwrap(model), ray.train.get_dataset_shard("test").iter_torch_batches(
-                    batch_size=cfg.train.batch_size * 2, dtypes=None), device)
+                    batch_size=cfg.train.batch_size * 2, dtypes=None, **batch_options), device,
+                    precision=precision)
                 test = classification_metrics(y, p, class_names)
             history = state.extra.get("history", [])
             state.extra["results"] = {"best_epoch": state.best_epoch, "val": state.best_val, "test": test,
@@ -317,7 +331,8 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = ()) -> 
             if not cfg.ray.address and cfg.ray.num_workers > 0:
                 prestart_read_workers(iois.read_concurrency(cfg), modules=("ioisray.synthesis.pool",))
             handles["synthesis_pool"] = iois.start_synthesis(cfg, model_dir, ds.num_classes,
-                                                             functools.partial(build_classifier, cfg, ds.num_classes))
+                                                             functools.partial(build_classifier, cfg, ds.num_classes,
+                                                                               pretrained=False))
         try:
             yield handles
         finally:

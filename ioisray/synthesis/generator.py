@@ -3,6 +3,7 @@ for the epoch, turn (labels, seeds) into images. Benchmarks and tests use it dir
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Optional
 
@@ -10,21 +11,34 @@ import numpy as np
 import torch
 
 from ioisray.models.diffusion import load_noise_scheduler, load_unet
+from ioisray.precision import configure_device, sampler_dtype
 from ioisray.sampler import SamplerConfig, sample
 
 
 class DiffusionGenerator:
-    """A class-conditional diffusion model (loaded once) plus a guiding classifier (reloaded per epoch)."""
+    """A class-conditional diffusion model (loaded once) plus a guiding classifier (reloaded per epoch).
+
+    `make_classifier` builds the guide's architecture only: its weights arrive with each epoch
+    (`set_classifier`), so no weights file of the driver's disk is needed on a synthesis node.
+    `sampler.dtype` / `sampler.compile` left at None are resolved for `device` here: bf16 where it is
+    native; the UNet compiled once (CUDA), with a dynamic batch dimension, so chunks of every size of
+    a run share one compiled graph. `gpu_share` caps this process's memory on a shared GPU.
+    """
 
     def __init__(self, model_dir: str, num_classes: int, sampler: SamplerConfig,
                  make_classifier: Optional[Callable[[], torch.nn.Module]] = None,
-                 device: str | torch.device = "cpu", num_threads: Optional[int] = None):
+                 device: str | torch.device = "cpu", num_threads: Optional[int] = None,
+                 gpu_share: float = 1.0, compile_backend: str | Callable = "inductor"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
+        configure_device(self.device, gpu_share)
+        compile_ = self.device.type == "cuda" if sampler.compile is None else sampler.compile
+        self.sampler = dataclasses.replace(sampler, dtype=sampler_dtype(sampler.dtype, self.device), compile=compile_)
         self.unet = load_unet(model_dir, num_classes).to(self.device).eval()
+        if compile_:
+            self.unet = torch.compile(self.unet, backend=compile_backend)
         self.noise_scheduler = load_noise_scheduler(model_dir)
-        self.sampler = sampler
         self.classifier = make_classifier().to(self.device).eval() if make_classifier else None
         self.guided = False
 
