@@ -1,4 +1,5 @@
-"""`ioisray <command> <config.yaml> [key=value ...]`: parse, load the config, call a recipe."""
+"""`ioisray <command> <config.yaml> [key=value ...]`: parse, load the config, call a recipe.
+`ioisray evaluate|predict <run folder> ...`: use a finished run's best model."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,12 @@ COMMANDS = {
     "sample": "sample a grid of images per class from diffusion.model_dir (optionally guided)",
     "tune": "Ray Tune search over the keys of tune.search_space (ASHA on validation); writes best_config.yaml",
     "benchmark": "methods x seeds of benchmark.* as Ray Tune trials; writes the results table and figures",
+}
+# Commands on a finished `ioisray train` run: they take its folder instead of a config.
+RUN_COMMANDS = {
+    "evaluate": "test a finished run's best model on any labelled dataset (data.* overrides); "
+                "writes RUN/eval/<name>/",
+    "predict": "predict the classes of unlabelled images with a finished run's best model; writes a CSV",
 }
 
 
@@ -35,18 +42,56 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
             s.add_argument("--guide-run", help="a finished `ioisray train` run whose best classifier guides "
                            "sampling (sampler.guidance_scale, sampler.guidance_form)")
+    _add_run_commands(sub)
     return p
+
+
+def _add_run_commands(sub) -> None:
+    e = sub.add_parser("evaluate", help=RUN_COMMANDS["evaluate"], description=RUN_COMMANDS["evaluate"])
+    e.add_argument("run", metavar="RUN", help="a finished `ioisray train` run folder, e.g. outputs/digits_ce")
+    e.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="data.* (the run's own data when none is given; images are resized to the run's "
+                        "data.image_size), ray.use_gpu, train.batch_size; e.g. data.name=imagefolder data.root=/x")
+    e.add_argument("--set", dest="set_", action="append", default=[], metavar="key=value",
+                   help="another override (may be repeated)")
+    e.add_argument("--split", choices=["test", "val", "train"],
+                   help="only this split of the data (by its data.split_seed); default: every image")
+    e.add_argument("--name", help="the results folder RUN/eval/NAME (default: the dataset's folder name, "
+                                  "plus _SPLIT)")
+    r = sub.add_parser("predict", help=RUN_COMMANDS["predict"], description=RUN_COMMANDS["predict"])
+    r.add_argument("run", metavar="RUN", help="a finished `ioisray train` run folder")
+    r.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders searched recursively")
+    r.add_argument("--out", help="the CSV to write (default RUN/predictions/<date>-<time>.csv)")
+
+
+def _run_command(args) -> int:
+    """evaluate / predict: no config file, no Ray."""
+    from ioisray.recipes.evaluate import evaluate_run, predict_images
+
+    if args.command == "predict":
+        print(f"predictions: {predict_images(args.run, args.images, args.out)}")
+        return 0
+    out = evaluate_run(args.run, [*args.overrides, *args.set_], split=args.split, name=args.name)
+    for warning in out["warnings"]:
+        print(f"ioisray: warning: {warning}", file=sys.stderr)
+    print(out["table"])
+    print(f"\nresults: {out['out_dir']}/metrics.json  |  predictions: {out['out_dir']}/predictions.csv")
+    print(f"figure: {out['out_dir']}/confusion_matrix.png")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may also follow options (`--per-class 4 sampler.steps=5`): argparse leaves them over.
     args, rest = parser.parse_known_args(argv)
-    bad = [r for r in rest if r.startswith("-") or "=" not in r]
+    bad = [r for r in rest if r.startswith("-") or "=" not in r or args.command == "predict"]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = [*args.overrides, *rest]
+    if args.command != "predict":
+        args.overrides = [*args.overrides, *rest]
     try:
+        if args.command in RUN_COMMANDS:
+            return _run_command(args)
         cfg = load_config(args.config, [*args.overrides, *args.set_])
         if args.print_config:
             from ioisray.config import to_yaml

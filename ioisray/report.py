@@ -1,5 +1,6 @@
 """Figures of a finished run, as PNG (written atomically): the paper's Figure 2 (per-class accuracy
-change against a baseline run) and Figure 3 (real vs synthetic images per class)."""
+change against a baseline run), Figure 3 (real vs synthetic images per class), and the confusion
+matrix of an evaluation."""
 from __future__ import annotations
 
 import io
@@ -13,6 +14,7 @@ from ioisray.atomic import atomic_write_bytes
 
 PER_CLASS_CHANGE_PNG = "per_class_accuracy_change.png"
 REAL_VS_SYNTHETIC_PNG = "real_vs_synthetic.png"
+CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 
 
 def _save(fig, path: Path) -> Path:
@@ -83,4 +85,31 @@ def real_vs_synthetic(class_names: Sequence[str], real: Sequence[np.ndarray], sy
         axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     axes[0, 0].set_title("real", fontsize=8, loc="left")
     axes[0, k].set_title("synthetic (last epoch)", fontsize=8, loc="left")
+    return _save(fig, path)
+
+
+def confusion_matrix(class_names: Sequence[str], matrix: Sequence[Sequence[int]], path: Path, title: str) -> Path:
+    """Rows: true class, columns: predicted class. Colours are row-normalised (each class's recall
+    pattern stays visible however rare the class); the cells show the counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = counts / np.maximum(rows, 1)  # a class without images stays a white row
+    side = max(3.0, 0.55 * len(class_names) + 1.5)
+    fig, ax = plt.subplots(figsize=(side + 0.8, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45 if len(class_names) > 4 else 0, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    for (i, j), n in np.ndenumerate(counts):
+        ax.annotate(str(n), (j, i), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
     return _save(fig, path)

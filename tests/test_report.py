@@ -31,3 +31,10 @@ def test_real_vs_synthetic_grid_handles_classes_without_synthetic_images(tmp_pat
     synthetic = [rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8), np.zeros((0,), np.uint8)]
     png = report.real_vs_synthetic(["a", "b"], real, synthetic, tmp_path / "grid.png")
     assert Image.open(png).size[0] > 100 and not list(tmp_path.glob(".*"))  # no temp file left
+
+
+def test_confusion_matrix_figure_takes_a_class_without_images(tmp_path):
+    png = report.confusion_matrix(["a", "b", "c"], [[3, 1, 0], [0, 0, 0], [2, 0, 5]],
+                                  tmp_path / "eval" / report.CONFUSION_MATRIX_PNG, "test")
+    assert png.is_file() and Image.open(png).size[0] > 100
+    assert [p.name for p in png.parent.iterdir()] == [report.CONFUSION_MATRIX_PNG]  # no temporary left

@@ -34,10 +34,18 @@ def load_classifier_run(run: str | Path):
     if missing:
         raise FileNotFoundError(f"{run} is not a finished `ioisray train` run: missing {missing}")
     cfg = load_config(run / "config.yaml")
-    results = json.loads((run / "metrics.json").read_text())
-    model = build_classifier(cfg, len(results["class_names"]), pretrained=False)
-    model.load_state_dict(load_state_dict_file(run / BEST_MODEL_FILE))
-    return model.eval(), cfg, results["class_names"]
+    class_names = json.loads((run / "metrics.json").read_text()).get("class_names")
+    if not class_names:
+        raise ValueError(f"{run / 'metrics.json'} has no class_names: not a finished `ioisray train` run")
+    # The best weights replace every tensor, so the file training started from (model.weights) is not
+    # read: it may not exist where the run is used.
+    model = build_classifier(cfg, len(class_names), pretrained=False)
+    try:
+        model.load_state_dict(load_state_dict_file(run / BEST_MODEL_FILE))
+    except RuntimeError as e:  # torch's missing / unexpected keys or shapes
+        raise ValueError(f"{run / BEST_MODEL_FILE} does not fit the model of {run / 'config.yaml'} "
+                         f"({cfg.model.name}, {len(class_names)} classes): {str(e).splitlines()[0]}") from None
+    return model.eval(), cfg, class_names
 
 
 def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None) -> Path:
