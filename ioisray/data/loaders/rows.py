@@ -1,0 +1,56 @@
+"""What the loaders share: reading a CSV into numbered rows, checking its cells, finding image files."""
+from __future__ import annotations
+
+import csv as csvlib
+import os
+from pathlib import Path
+
+from ..base import SPLIT_NAMES, DataError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def read_csv(path: str | Path, required: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """Read a CSV into (line number, row) pairs; line numbers count the header as line 1.
+
+    Keys and values are stripped; a missing required column is a DataError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: CSV file not found")
+    # utf-8-sig: tolerate the BOM that spreadsheet exports put before the header.
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csvlib.DictReader(fh)
+        found = [(name or "").strip() for name in (reader.fieldnames or [])]
+        for col in required:
+            if col not in found:
+                raise DataError(f"{path}: missing column {col!r}; columns found: {found}")
+        rows = []
+        for raw in reader:
+            row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
+            rows.append((reader.line_num, row))  # physical line of the row's end
+    return rows
+
+
+def where(path: Path, line: int) -> str:
+    return f"{path}, line {line} (header is line 1)"
+
+
+def class_index(path: Path, line: int, field: str, value: str, class_names: list[str]) -> int:
+    if value not in class_names:
+        raise DataError(f"{where(path, line)}: unknown {field} {value!r}; expected one of {class_names}")
+    return class_names.index(value)
+
+
+def split_value(path: Path, line: int, value: str) -> str:
+    if value not in SPLIT_NAMES:
+        raise DataError(f"{where(path, line)}: split {value!r} is not one of {list(SPLIT_NAMES)}")
+    return value
+
+
+def resolve(base: Path, rel: str) -> str:
+    return rel if os.path.isabs(rel) else str(base / rel)
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
