@@ -303,6 +303,19 @@ def test_csv_errors(tmp_path, edit, match):
     assert "labels.csv" in str(exc.value)
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_csv_with_a_non_utf8_byte_names_file_line_and_byte(tmp_path, bom):
+    fx = make_csv(tmp_path)
+    lines = fx["csv"].read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"imgs/img", b"imgs/caf\xe9_img")  # Latin-1 e-acute on line 4
+    fx["csv"].write_bytes(bom + b"".join(lines))
+    with pytest.raises(DataError) as exc:
+        load_dataset("csv", csv=str(fx["csv"]), image_size=4)
+    msg = str(exc.value)
+    assert str(fx["csv"]) in msg and "line 4" in msg and "0xe9" in msg and "UTF-8" in msg
+    assert "\n" not in msg
+
+
 # --- decoding ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,suffix,expected", [

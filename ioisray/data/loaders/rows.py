@@ -1,7 +1,9 @@
 """What the loaders share: reading a CSV into numbered rows, checking its cells, finding image files."""
 from __future__ import annotations
 
+import codecs
 import csv as csvlib
+import io
 import os
 from pathlib import Path
 
@@ -18,18 +20,31 @@ def read_csv(path: str | Path, required: list[str]) -> list[tuple[int, dict[str,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found")
-    # utf-8-sig: tolerate the BOM that spreadsheet exports put before the header.
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csvlib.DictReader(fh)
-        found = [(name or "").strip() for name in (reader.fieldnames or [])]
-        for col in required:
-            if col not in found:
-                raise DataError(f"{path}: missing column {col!r}; columns found: {found}")
-        rows = []
-        for raw in reader:
-            row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
-            rows.append((reader.line_num, row))  # physical line of the row's end
+    reader = csvlib.DictReader(io.StringIO(_utf8_text(path), newline=""))
+    found = [(name or "").strip() for name in (reader.fieldnames or [])]
+    for col in required:
+        if col not in found:
+            raise DataError(f"{path}: missing column {col!r}; columns found: {found}")
+    rows = []
+    for raw in reader:
+        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
+        rows.append((reader.line_num, row))  # physical line of the row's end
     return rows
+
+
+def _utf8_text(path: Path) -> str:
+    """The CSV's text. Decoded whole rather than streamed, so that a byte that is not UTF-8 can be
+    named with its line (a streaming decoder fails on a chunk, and does not say which line)."""
+    raw = path.read_bytes()
+    # Spreadsheet exports put a BOM before the header: skip it, keeping offsets those of the file.
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(f"{where(path, line)}: byte 0x{raw[offset]:02x} at offset {offset} is not UTF-8; "
+                        f"save the CSV as UTF-8") from None
 
 
 def where(path: Path, line: int) -> str:
