@@ -1,5 +1,7 @@
 """Loaders on tiny fixtures in each real layout (see data_fixtures.py)."""
 import math
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -155,6 +157,65 @@ def test_bad_on_bad_image_option(tmp_path, name):
     make_imagefolder(tmp_path)
     with pytest.raises(DataError, match="on_bad_image"):
         load_dataset(name, str(tmp_path), image_size=8, on_bad_image="ignore")
+
+
+def load_within(seconds: float, fifo, **kwargs) -> dict:
+    """load_dataset(**kwargs) in a thread: {"ds": ...} or {"error": ...}. A load still running after
+    `seconds` fails the test, once a writer has come and gone on `fifo` to release a reader blocked on it."""
+    out = {}
+
+    def run():
+        try:
+            out["ds"] = load_dataset(**kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        try:  # a reader blocked in open() returns (and reads EOF) once a writer has opened and closed
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        thread.join(10)
+        pytest.fail(f"loading did not finish within {seconds}s: it blocked reading the FIFO {fifo}")
+    return out
+
+
+def csv_with_extra_row(tmp_path, rel_path: str) -> dict:
+    fx = make_csv(tmp_path, with_group=False, with_split=False)
+    with open(fx["csv"], "a") as fh:
+        fh.write(f"{rel_path},2\n")
+    return {"name": "csv", "csv": str(fx["csv"])}
+
+
+def imagefolder_with(tmp_path, rel_path: str) -> dict:
+    make_imagefolder(tmp_path)
+    return {"name": "imagefolder", "root": str(tmp_path)}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("layout,where", [(csv_with_extra_row, "meta/imgs"), (imagefolder_with, "normal")])
+def test_a_fifo_is_refused_not_read(tmp_path, layout, where):
+    # Opening a FIFO for reading waits for a writer: forever, for a loader. Only regular files are read.
+    options = layout(tmp_path, "imgs/pipe.png")
+    fifo = tmp_path / where / "pipe.png"
+    os.mkfifo(fifo)
+    out = load_within(15, fifo, image_size=4, **options)
+    assert isinstance(out.get("error"), DataError), out
+    msg = str(out["error"])
+    assert str(fifo) in msg and "not a regular file" in msg and "FIFO" in msg and "\n" not in msg
+    out = load_within(15, fifo, image_size=4, on_bad_image="skip", **options)
+    assert [s for s, _ in out["ds"].skipped] == [str(fifo)] and "not a regular file" in out["ds"].skipped[0][1]
+    assert str(fifo) not in out["ds"].sources
+
+
+def test_a_directory_listed_as_an_image_is_refused(tmp_path):
+    options = csv_with_extra_row(tmp_path, "imgs/folder.png")
+    (tmp_path / "meta" / "imgs" / "folder.png").mkdir()
+    with pytest.raises(DataError, match=r"folder\.png: not a regular file \(a directory\)"):
+        load_dataset(image_size=4, **options)
 
 
 # --- APTOS -------------------------------------------------------------------------------------

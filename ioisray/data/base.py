@@ -1,6 +1,9 @@
 """In-memory dataset container and the shared image decoding helper."""
 from __future__ import annotations
 
+import io
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -76,19 +79,56 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(path: str, image_size: int) -> np.ndarray:
-    """Decode `path` to a uint8 (image_size, image_size, 3) RGB array.
+class NotARegularFile(OSError):
+    """A path that is a FIFO, device, socket or folder: nothing to decode, and perhaps no end to read."""
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((kind for test, kind in kinds if test(mode)), "not a file")
+
+
+def read_file_bytes(path: str) -> bytes:
+    """The bytes of `path`, which must be a regular file (NotARegularFile otherwise).
+
+    Opening a FIFO for reading waits for a writer, forever for a loader, and a device may never
+    end; so the kind is checked before opening, and again on the opened descriptor (the path may
+    have changed in between). O_NONBLOCK only makes opening a FIFO return at once; reads from a
+    regular file do not block either way.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"not a regular file ({_file_kind(mode)})")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"not a regular file ({_file_kind(mode)})")
+        with open(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
+def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
+    """Decode an image file's bytes to a uint8 (image_size, image_size, 3) RGB array.
 
     The image is resized straight to a square with BICUBIC: the aspect ratio is NOT kept
     (no crop, no padding), so non-square images are stretched.
     """
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
         img.load()  # force full decode so truncated files fail here, not later
         img = ImageOps.exif_transpose(img)  # honour camera orientation tags
         rgb = to_rgb(img)
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_image(path: str, image_size: int) -> np.ndarray:
+    """Decode the regular file `path` as decode_image_bytes does."""
+    return decode_image_bytes(read_file_bytes(path), image_size)
 
 
 def build_dataset(
@@ -122,6 +162,8 @@ def build_dataset(
             return None
         except FileNotFoundError:
             return "file not found"
+        except NotARegularFile as exc:
+            return str(exc)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             return f"cannot decode image ({type(exc).__name__}: {exc})"
 

@@ -37,7 +37,7 @@ def load_ham10000(root: str, *, image_size: int, on_bad_image: str = "error",
         # of each part) resolve to the same file every time.
         found: dict[str, Path] = {}
         for p in sorted(root_p.rglob("*")):
-            if p.suffix.lower() == ".jpg" and p.is_file():
+            if p.suffix.lower() == ".jpg" and is_image(p):
                 found.setdefault(p.stem, p)
         for line, row in rows:
             image_id = row["image_id"]
@@ -89,6 +89,8 @@ def _load_medmnist_npz(path: Path, class_names: list[str], image_size: int) -> I
     def bad(why) -> DataError:
         return DataError(f"{path}: not a MedMNIST .npz (<split>_images / <split>_labels for {list(SPLIT_NAMES)}): {why}")
 
+    if not path.is_file():  # np.load would wait forever on a FIFO
+        raise DataError(f"{path}: not a regular file")
     try:
         with np.load(path, allow_pickle=False) as npz:
             labels = {s: npz[f"{s}_labels"].reshape(-1).astype(np.int64) for s in SPLIT_NAMES}
@@ -123,7 +125,7 @@ def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error",
     `labels.csv` (path, dx, split), else `<split>/<dx>/*.jpg` folders. Sets official_split."""
     root_p = Path(root)
     npz = [root_p] if root_p.suffix == ".npz" else sorted(root_p.glob("dermamnist*.npz"))
-    if root_p.suffix == ".npz" and not root_p.is_file():
+    if root_p.suffix == ".npz" and not root_p.exists():
         raise DataError(f"{root}: file not found")
     if len(npz) > 1:
         raise DataError(f"{root}: several DermaMNIST files ({', '.join(p.name for p in npz)}); give one as data.root")

@@ -19,7 +19,7 @@ def read_csv(path: str | Path, required: list[str]) -> list[tuple[int, dict[str,
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: CSV file not found")
+        raise DataError(f"{path}: " + ("CSV file not found" if not path.exists() else "not a regular file"))
     reader = csvlib.DictReader(io.StringIO(_utf8_text(path), newline=""))
     found = [(name or "").strip() for name in (reader.fieldnames or [])]
     for col in required:
@@ -68,4 +68,7 @@ def resolve(base: Path, rel: str) -> str:
 
 
 def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    """Whether a tree entry named like an image is to be read: anything but a folder (or a dangling
+    link). Not only regular files: a FIFO or device named like an image is then reported by
+    build_dataset as not a regular file, rather than left out without a word."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.exists() and not path.is_dir()
