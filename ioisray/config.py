@@ -42,6 +42,9 @@ class DataConfig(_Strict):
     split_seed: Optional[int] = Field(None, ge=0)
     on_bad_image: Literal["error", "skip"] = "error"
     num_threads: int = Field(4, ge=1)  # image decoding threads
+    # Read image paths of a CSV that lead outside data.root (or the CSV's folder): `..`, absolute
+    # paths, symlinks. Off, so that a CSV from elsewhere cannot pull in files the user did not mean.
+    allow_outside_root: bool = False
 
     @model_validator(mode="after")
     def _needs_root(self):

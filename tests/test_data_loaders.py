@@ -2,6 +2,7 @@
 import math
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -375,6 +376,59 @@ def test_csv_with_a_non_utf8_byte_names_file_line_and_byte(tmp_path, bom):
     msg = str(exc.value)
     assert str(fx["csv"]) in msg and "line 4" in msg and "0xe9" in msg and "UTF-8" in msg
     assert "\n" not in msg
+
+
+def point_one_row_outside(tmp_path, csv_path, how: str) -> tuple[str, Path]:
+    """Rewrite line 3 of `csv_path` to name an image outside the data folder `tmp_path / "data"`;
+    returns the path cell written and the image's real location."""
+    outside = write_image(tmp_path / "outside" / "x.png", (1, 2, 3))
+    if how == "dotdot":
+        cell = os.path.relpath(outside, csv_path.parent)
+    elif how == "absolute":
+        cell = str(outside)
+    else:  # a link inside the folder that resolves outside it
+        link = csv_path.parent / "link.png"
+        link.symlink_to(outside)
+        cell = "link.png"
+    lines = csv_path.read_text().splitlines()
+    lines[2] = ",".join([cell] + lines[2].split(",")[1:])
+    csv_path.write_text("\n".join(lines) + "\n")
+    return cell, outside
+
+
+@pytest.mark.parametrize("name,maker,how", [
+    ("csv", make_csv, "dotdot"), ("csv", make_csv, "absolute"), ("csv", make_csv, "symlink"),
+    ("ham10000", make_ham10000_copy, "dotdot"), ("aptos", make_aptos_copy, "symlink"),
+    ("dermamnist", make_dermamnist, "absolute"),
+])
+def test_csv_paths_outside_the_root_are_refused_unless_allowed(tmp_path, name, maker, how):
+    fx = maker(tmp_path / "data")
+    cell, outside = point_one_row_outside(tmp_path, fx["csv"], how)
+    # csv without a root: the CSV's folder is the root; the others: their data.root.
+    options = {"csv": str(fx["csv"])} if name == "csv" else {"root": str(tmp_path / "data")}
+    with pytest.raises(DataError) as exc:
+        load_dataset(name, image_size=4, **options)
+    msg = str(exc.value)
+    assert str(fx["csv"]) in msg and "line 3" in msg and repr(cell) in msg and "allow_outside_root" in msg
+    ds = load_dataset(name, image_size=4, allow_outside_root=True, **options)
+    assert os.path.realpath(ds.sources[1]) == str(outside.resolve())
+
+
+def test_data_root_bounds_csv_paths_and_the_option_comes_from_the_config(tmp_path):
+    from ioisray.config import load_config
+    from ioisray.recipes.common import setup_data
+
+    fx = make_csv(tmp_path / "data")
+    (tmp_path / "data" / "elsewhere").mkdir()
+    # With a root, the root (not the CSV's folder) bounds the paths.
+    with pytest.raises(DataError, match="outside"):
+        load_dataset("csv", str(tmp_path / "data" / "elsewhere"), csv=str(fx["csv"]), image_size=4)
+    point_one_row_outside(tmp_path, fx["csv"], "dotdot")
+    config = ["data.name=csv", f"data.csv={fx['csv']}", "data.image_size=8"]
+    with pytest.raises(DataError, match="outside"):
+        setup_data(load_config(None, config))
+    ds, _ = setup_data(load_config(None, config + ["data.allow_outside_root=true"]))
+    assert len(ds.labels) == fx["n"]
 
 
 # --- decoding ----------------------------------------------------------------------------------

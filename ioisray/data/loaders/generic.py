@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..base import DataError, ImageDataset, build_dataset, check_image_size, check_on_bad_image
 from .registry import register
-from .rows import IMAGE_EXTENSIONS, is_image, read_csv, resolve, split_value, where
+from .rows import IMAGE_EXTENSIONS, is_image, path_column, read_csv, split_value, where
 
 
 @register("digits_lt")
@@ -73,8 +73,9 @@ def load_imagefolder(root: str, *, image_size: int, on_bad_image: str = "error",
 
 @register("csv")
 def load_csv(root: str | None = None, *, csv: str | None = None, image_size: int,
-             on_bad_image: str = "error", num_threads: int = 4) -> ImageDataset:
-    """CSV with columns path,label (+ optional group, split); paths relative to the CSV's folder.
+             on_bad_image: str = "error", num_threads: int = 4, allow_outside_root: bool = False) -> ImageDataset:
+    """CSV with columns path,label (+ optional group, split); paths relative to the CSV's folder,
+    and inside `root` (without a root: inside the CSV's folder) unless allow_outside_root.
     Uses `csv`, else `root/labels.csv`."""
     if csv is None:
         if root is None:
@@ -95,8 +96,8 @@ def load_csv(root: str | None = None, *, csv: str | None = None, image_size: int
     except ValueError:
         class_names = sorted(names)
     index = {name: i for i, name in enumerate(class_names)}
-    base = csv_path.parent
-    paths = [resolve(base, row["path"]) for _, row in rows]
+    image_path = path_column(csv_path, csv_path.parent, Path(root) if root else csv_path.parent, allow_outside_root)
+    paths = [image_path(line, row["path"]) for line, row in rows]
     return build_dataset(
         paths, [index[row["label"]] for _, row in rows], class_names,
         image_size=image_size, on_bad_image=on_bad_image, num_threads=num_threads,

@@ -12,23 +12,24 @@ from PIL import Image
 
 from ..base import SPLIT_NAMES, DataError, ImageDataset, build_dataset
 from .registry import register
-from .rows import class_index, is_image, read_csv, resolve, split_value, where
+from .rows import class_index, is_image, path_column, read_csv, split_value, where
 
 HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 APTOS_CLASSES = ["0_No_DR", "1_Mild", "2_Moderate", "3_Severe", "4_Proliferate_DR"]
 
 
 @register("ham10000")
-def load_ham10000(root: str, *, image_size: int, on_bad_image: str = "error",
-                  num_threads: int = 4) -> ImageDataset:
+def load_ham10000(root: str, *, image_size: int, on_bad_image: str = "error", num_threads: int = 4,
+                  allow_outside_root: bool = False) -> ImageDataset:
     """HAM10000: copy layout `labels.csv` (path, lesion_id, dx) if present, else the official
     `HAM10000_metadata.csv` (image_id, lesion_id, dx) with `<image_id>.jpg` anywhere under root."""
     root_p = Path(root)
     copy_csv, official_csv = root_p / "labels.csv", root_p / "HAM10000_metadata.csv"
     paths, labels, groups = [], [], []
     if copy_csv.is_file():
+        image_path = path_column(copy_csv, root_p, root_p, allow_outside_root)
         for line, row in read_csv(copy_csv, ["path", "lesion_id", "dx"]):
-            paths.append(resolve(root_p, row["path"]))
+            paths.append(image_path(line, row["path"]))
             labels.append(class_index(copy_csv, line, "dx", row["dx"], HAM_CLASSES))
             groups.append(row["lesion_id"] or paths[-1])  # no lesion id: the image is its own group
     elif official_csv.is_file():
@@ -62,16 +63,17 @@ def _aptos_grade(path: Path, line: int, value: str) -> int:
 
 
 @register("aptos")
-def load_aptos(root: str, *, image_size: int, on_bad_image: str = "error",
-               num_threads: int = 4) -> ImageDataset:
+def load_aptos(root: str, *, image_size: int, on_bad_image: str = "error", num_threads: int = 4,
+               allow_outside_root: bool = False) -> ImageDataset:
     """APTOS 2019: copy layout `labels.csv` (path, id_code, diagnosis) if present, else the
     official `train.csv` (id_code, diagnosis) with `train_images/<id_code>.png`."""
     root_p = Path(root)
     copy_csv, official_csv = root_p / "labels.csv", root_p / "train.csv"
     paths, labels = [], []
     if copy_csv.is_file():
+        image_path = path_column(copy_csv, root_p, root_p, allow_outside_root)
         for line, row in read_csv(copy_csv, ["path", "id_code", "diagnosis"]):
-            paths.append(resolve(root_p, row["path"]))
+            paths.append(image_path(line, row["path"]))
             labels.append(_aptos_grade(copy_csv, line, row["diagnosis"]))
     elif official_csv.is_file():
         for line, row in read_csv(official_csv, ["id_code", "diagnosis"]):
@@ -119,8 +121,8 @@ def _load_medmnist_npz(path: Path, class_names: list[str], image_size: int) -> I
 
 
 @register("dermamnist")
-def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error",
-                    num_threads: int = 4) -> ImageDataset:
+def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error", num_threads: int = 4,
+                    allow_outside_root: bool = False) -> ImageDataset:
     """DermaMNIST: MedMNIST's `dermamnist*.npz` (root is the file, or a folder holding one), else
     `labels.csv` (path, dx, split), else `<split>/<dx>/*.jpg` folders. Sets official_split."""
     root_p = Path(root)
@@ -134,8 +136,9 @@ def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error",
     label_csv = root_p / "labels.csv"
     paths, labels, splits = [], [], []
     if label_csv.is_file():
+        image_path = path_column(label_csv, root_p, root_p, allow_outside_root)
         for line, row in read_csv(label_csv, ["path", "dx", "split"]):
-            paths.append(resolve(root_p, row["path"]))
+            paths.append(image_path(line, row["path"]))
             labels.append(class_index(label_csv, line, "dx", row["dx"], HAM_CLASSES))
             splits.append(split_value(label_csv, line, row["split"]))
     else:

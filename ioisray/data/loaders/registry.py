@@ -38,7 +38,7 @@ def _needs_root(load: Loader) -> bool:
 
 def load_dataset(name: str, root: str | None = None, *, image_size: int, csv: str | None = None,
                  on_bad_image: str = "error", imbalance_ratio: float = 50.0, seed: int = 0,
-                 num_threads: int = 4) -> ImageDataset:
+                 num_threads: int = 4, allow_outside_root: bool = False) -> ImageDataset:
     """Load dataset `name` (a key of LOADERS); options a loader does not use are ignored."""
     load = LOADERS.get(name)
     if load is None:
@@ -47,6 +47,7 @@ def load_dataset(name: str, root: str | None = None, *, image_size: int, csv: st
     if root is None and _needs_root(load):
         raise DataError(f"dataset {name!r} needs a root directory")
     options = dict(image_size=image_size, csv=csv, on_bad_image=on_bad_image,
-                   imbalance_ratio=imbalance_ratio, seed=seed, num_threads=num_threads)
+                   imbalance_ratio=imbalance_ratio, seed=seed, num_threads=num_threads,
+                   allow_outside_root=allow_outside_root)
     taken = _options_taken(load)
     return load(root, **{k: v for k, v in options.items() if k in taken})

@@ -6,6 +6,7 @@ import csv as csvlib
 import io
 import os
 from pathlib import Path
+from typing import Callable
 
 from ..base import SPLIT_NAMES, DataError
 
@@ -63,8 +64,22 @@ def split_value(path: Path, line: int, value: str) -> str:
     return value
 
 
-def resolve(base: Path, rel: str) -> str:
-    return rel if os.path.isabs(rel) else str(base / rel)
+def path_column(csv_path: Path, base: Path, root: Path, allow_outside: bool) -> Callable[[int, str], str]:
+    """A function (line, cell) -> the image path a CSV's `path` cell names: joined to `base` unless
+    absolute. A path that resolves outside `root` (through `..`, an absolute path or a symlink) is a
+    DataError naming the CSV, line and cell, unless allow_outside: a CSV from elsewhere must not make
+    a run read, and train on, files outside the data folder without the user saying so."""
+    top = Path(os.path.realpath(root))
+
+    def image_path(line: int, cell: str) -> str:
+        path = cell if os.path.isabs(cell) else str(base / cell)
+        real = Path(os.path.realpath(path))
+        if not allow_outside and not real.is_relative_to(top):
+            raise DataError(f"{where(csv_path, line)}: path {cell!r} is outside {root} (it resolves to {real}); "
+                            f"set data.allow_outside_root=true to read files outside it")
+        return path
+
+    return image_path
 
 
 def is_image(path: Path) -> bool:
