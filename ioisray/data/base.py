@@ -1,6 +1,7 @@
-"""In-memory dataset container and the shared image decoding helper."""
+"""In-memory dataset container, and reading and decoding the image files (regular files only)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -11,12 +12,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .duplicates import merge_duplicates
+from .errors import DataError
+
 ON_BAD_IMAGE = ("error", "skip")
 SPLIT_NAMES = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Bad dataset input; the message names the file and row/field at fault."""
 
 
 @dataclass
@@ -28,6 +28,7 @@ class ImageDataset:
     groups: np.ndarray | None = None  # (N,) str; rows sharing a group stay in one split
     official_split: np.ndarray | None = None  # (N,) str in {"train","val","test"}
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    duplicates: int = 0  # images listed more than once (same file or same bytes), each kept in one group
 
     @property
     def num_classes(self) -> int:
@@ -46,6 +47,7 @@ class ImageDataset:
             groups=None if self.groups is None else self.groups[idx],
             official_split=None if self.official_split is None else self.official_split[idx],
             skipped=list(self.skipped),
+            duplicates=self.duplicates,
         )
 
 
@@ -142,11 +144,14 @@ def build_dataset(
     groups: Sequence[str] | None = None,
     official_split: Sequence[str] | None = None,
     require_all_classes: bool = False,
+    origins: Sequence[str] | None = None,
 ) -> ImageDataset:
     """Decode `paths` in a thread pool (row order kept) and assemble an ImageDataset.
 
     Unreadable images raise DataError (on_bad_image="error") or are dropped and listed in
-    `skipped` (on_bad_image="skip").
+    `skipped` (on_bad_image="skip"). Rows that are one image (same resolved path, or same SHA-1
+    of the file's bytes) get one group (see duplicates.merge_duplicates); `origins` says where
+    each row comes from (e.g. "labels.csv, line 3") for its error messages.
     """
     check_on_bad_image(on_bad_image)
     check_image_size(image_size)
@@ -155,10 +160,15 @@ def build_dataset(
         raise DataError("dataset has no images (no rows/files found)")
     # Preallocate one array and decode into its rows: avoids a second full-size copy from np.stack.
     images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    real_paths, digests = [""] * len(paths), [""] * len(paths)
 
     def work(i: int) -> str | None:
         try:
-            images[i] = decode_image(paths[i], image_size)
+            data = read_file_bytes(paths[i])
+            images[i] = decode_image_bytes(data, image_size)
+            # Hashed here, from the bytes already read, to tell copies of one image apart from others.
+            digests[i] = hashlib.sha1(data).hexdigest()
+            real_paths[i] = os.path.realpath(paths[i])
             return None
         except FileNotFoundError:
             return "file not found"
@@ -179,14 +189,22 @@ def build_dataset(
     if not keep.any():
         raise DataError(f"all {len(paths)} images are unreadable, e.g. {skipped[0][0]}: {skipped[0][1]}")
 
+    kept = np.flatnonzero(keep)
+    sources = [paths[i] for i in kept]
+    split = None if official_split is None else np.asarray(official_split, dtype=str)[keep]
+    merged_groups, duplicates = merge_duplicates(
+        sources, [real_paths[i] for i in kept], [digests[i] for i in kept],
+        None if groups is None else np.asarray(groups, dtype=str)[keep], split,
+        None if origins is None else [origins[i] for i in kept])
     ds = ImageDataset(
         images=images[keep] if not keep.all() else images,
         labels=np.asarray(labels, dtype=np.int64)[keep],
         class_names=list(class_names),
-        sources=[p for p, k in zip(paths, keep) if k],
-        groups=None if groups is None else np.asarray(groups, dtype=str)[keep],
-        official_split=None if official_split is None else np.asarray(official_split, dtype=str)[keep],
+        sources=sources,
+        groups=merged_groups,
+        official_split=split,
         skipped=skipped,
+        duplicates=duplicates,
     )
     if require_all_classes:
         empty = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]

@@ -33,6 +33,7 @@ def setup_data(cfg: Config, image_size: Optional[int] = None) -> tuple[ImageData
     print(f"[ioisray] data {d.name}: {len(ds.labels)} images, {ds.num_classes} classes, splits {sizes}, "
           f"train per class {dict(zip(ds.class_names, counts.tolist()))}"
           + (f", skipped {len(ds.skipped)} bad images" if ds.skipped else "")
+          + (f", {ds.duplicates} images listed twice or more (each kept in one split)" if ds.duplicates else "")
           + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
     for src, why in ds.skipped:
         print(f"[ioisray] skipped {src}: {why}", flush=True)

@@ -103,4 +103,5 @@ def load_csv(root: str | None = None, *, csv: str | None = None, image_size: int
         image_size=image_size, on_bad_image=on_bad_image, num_threads=num_threads,
         groups=[row["group"] or p for (_, row), p in zip(rows, paths)] if has_group else None,
         official_split=[split_value(csv_path, line, row["split"]) for line, row in rows] if has_split else None,
+        origins=[f"{csv_path}, line {line}" for line, _ in rows],
     )

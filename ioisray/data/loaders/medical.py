@@ -134,13 +134,15 @@ def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error", 
     if npz:
         return _load_medmnist_npz(npz[0], HAM_CLASSES, image_size)
     label_csv = root_p / "labels.csv"
-    paths, labels, splits = [], [], []
+    paths, labels, splits, origins = [], [], [], None
     if label_csv.is_file():
         image_path = path_column(label_csv, root_p, root_p, allow_outside_root)
-        for line, row in read_csv(label_csv, ["path", "dx", "split"]):
+        rows = read_csv(label_csv, ["path", "dx", "split"])
+        for line, row in rows:
             paths.append(image_path(line, row["path"]))
             labels.append(class_index(label_csv, line, "dx", row["dx"], HAM_CLASSES))
             splits.append(split_value(label_csv, line, row["split"]))
+        origins = [f"{label_csv}, line {line}" for line, _ in rows]
     else:
         for split in SPLIT_NAMES:
             split_dir = root_p / split
@@ -157,4 +159,5 @@ def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error", 
         if not paths:
             raise DataError(f"{root}: no labels.csv and no images under {root}/<train|val|test>/<class>/")
     return build_dataset(paths, labels, HAM_CLASSES, image_size=image_size, on_bad_image=on_bad_image,
-                         num_threads=num_threads, official_split=splits, require_all_classes=True)
+                         num_threads=num_threads, official_split=splits, require_all_classes=True,
+                         origins=origins)
