@@ -42,6 +42,9 @@ class DataConfig(_Strict):
     split_seed: Optional[int] = Field(None, ge=0)
     on_bad_image: Literal["error", "skip"] = "error"
     num_threads: int = Field(4, ge=1)  # image decoding threads
+    # Read image paths of a CSV that lead outside data.root (or the CSV's folder): `..`, absolute
+    # paths, symlinks. Off, so that a CSV from elsewhere cannot pull in files the user did not mean.
+    allow_outside_root: bool = False
 
     @model_validator(mode="after")
     def _needs_root(self):
@@ -352,11 +355,33 @@ def is_config_key(key: str) -> bool:
 # Loading, composing and overriding
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_text(path: Path) -> str:
+    """A config file's text. A folder, a binary file (say a weights file given in its place) or a
+    FIFO (which would block the read) is a ConfigError naming it, not a traceback or a bare decode
+    error."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a YAML file")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is not a regular file, not a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:  # NUL bytes: binary, even where they happen to decode
+        raise ConfigError(f"{path} is not a text (UTF-8) YAML file")
+    return text
+
+
+def _read_yaml(path: Path) -> dict:
+    text = _read_text(path)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 APTOS_CLASSES = ["0_No_DR", "1_Mild", "2_Moderate", "3_Severe", "4_Proliferate_DR"]
@@ -21,8 +22,25 @@ def class_color(c: int) -> tuple[int, int, int]:
     return (20 + 30 * c, 200 - 25 * c, 90 + 10 * c)
 
 
+def _name_in_metadata(path: Path) -> dict:
+    """Save options that write the file's path into its metadata (PNG text, JPEG comment, TIFF
+    description), pixels untouched. Solid-colour images of one class would otherwise be
+    byte-identical files, which the loaders rightly take for one image listed twice."""
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        info = PngInfo()
+        info.add_text("fixture", str(path))
+        return {"pnginfo": info}
+    if suffix in (".jpg", ".jpeg"):
+        return {"comment": str(path).encode()}
+    if suffix in (".tif", ".tiff"):
+        return {"description": str(path)}
+    return {}  # BMP and others: write at most one per colour per dataset
+
+
 def write_image(path: Path, color=(128, 64, 32), mode: str = "RGB", size=SIZE) -> Path:
-    """Write a solid-colour image; the format follows the suffix. mode "I;16" writes 16-bit white."""
+    """Write a solid-colour image; the format follows the suffix. mode "I;16" writes 16-bit white.
+    Files at different paths differ in their bytes (see _name_in_metadata)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if mode == "I;16":
@@ -32,7 +50,7 @@ def write_image(path: Path, color=(128, 64, 32), mode: str = "RGB", size=SIZE) -
         img.putpalette([0, 0, 0, *color] + [0] * (3 * 254))  # index 1 holds the exact colour
     else:
         img = Image.new("RGB", size, color).convert(mode)
-    img.save(path)
+    img.save(path, **_name_in_metadata(path))
     return path
 
 

@@ -77,6 +77,29 @@ def test_file_errors(tmp_path):
         load_config(None, ["train.epochs"])
 
 
+@pytest.mark.parametrize("kind, why", [("folder", "is a directory, not a YAML file"),
+                                       ("binary", "is not a text (UTF-8) YAML file"),
+                                       ("nul", "is not a text (UTF-8) YAML file")])
+def test_a_folder_or_binary_file_given_as_config_is_named(tmp_path, capsys, kind, why):
+    from ioisray.cli import main
+
+    path = tmp_path / ("configs" if kind == "folder" else "weights.safetensors")
+    if kind == "folder":
+        path.mkdir()
+    else:  # bytes that are not UTF-8 at all, or UTF-8 with NULs (text tools take both for binary)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00" * 8 if kind == "binary" else b"seed: 1\x00\x00\x01")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
+    exp = write(tmp_path / "exp.yaml", {"defaults": [path.name], "seed": 2})  # also as a `defaults:` entry
+    with pytest.raises(ConfigError) as e:
+        load_config(exp)
+    assert str(path) in str(e.value) and why in str(e.value)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and why in err and "Traceback" not in err
+
+
 def test_saved_config_reloads_identically(tmp_path):
     cfg = load_config(None, ["train.epochs=4", "method.loss=focal", "data.imbalance_ratio=10"])
     save_config(cfg, tmp_path / "run" / "config.yaml")

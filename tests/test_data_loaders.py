@@ -1,5 +1,8 @@
 """Loaders on tiny fixtures in each real layout (see data_fixtures.py)."""
 import math
+import os
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,26 @@ def test_loader_registry_names():
     assert set(LOADERS) == {"digits_lt", "ham10000", "aptos", "dermamnist", "imagefolder", "csv"}
     with pytest.raises(DataError, match="unknown dataset 'nope'"):
         load_dataset("nope", "/x", image_size=8)
+
+
+def test_load_dataset_dispatches_through_the_registry(monkeypatch):
+    # A registered loader gets only the options its signature declares; a root without a default
+    # means the dataset needs one (issue 19: a registry, not an if-chain naming each dataset).
+    from ioisray.data.loaders import register
+
+    calls = []
+
+    def toy(root, *, image_size, seed=0):
+        calls.append((root, image_size, seed))
+        return ImageDataset(images=np.zeros((1, image_size, image_size, 3), np.uint8),
+                            labels=np.zeros(1, np.int64), class_names=["a"], sources=["toy[0]"])
+
+    monkeypatch.setitem(LOADERS, "toy", toy)  # restored after the test
+    assert register("toy")(toy) is toy and LOADERS["toy"] is toy
+    ds = load_dataset("toy", "/r", image_size=8, seed=3, csv="ignored.csv", num_threads=2)
+    assert calls == [("/r", 8, 3)] and ds.sources == ["toy[0]"]
+    with pytest.raises(DataError, match="dataset 'toy' needs a root directory"):
+        load_dataset("toy", image_size=8)
 
 
 # --- digits_lt --------------------------------------------------------------------------------
@@ -135,6 +158,65 @@ def test_bad_on_bad_image_option(tmp_path, name):
     make_imagefolder(tmp_path)
     with pytest.raises(DataError, match="on_bad_image"):
         load_dataset(name, str(tmp_path), image_size=8, on_bad_image="ignore")
+
+
+def load_within(seconds: float, fifo, **kwargs) -> dict:
+    """load_dataset(**kwargs) in a thread: {"ds": ...} or {"error": ...}. A load still running after
+    `seconds` fails the test, once a writer has come and gone on `fifo` to release a reader blocked on it."""
+    out = {}
+
+    def run():
+        try:
+            out["ds"] = load_dataset(**kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        try:  # a reader blocked in open() returns (and reads EOF) once a writer has opened and closed
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        thread.join(10)
+        pytest.fail(f"loading did not finish within {seconds}s: it blocked reading the FIFO {fifo}")
+    return out
+
+
+def csv_with_extra_row(tmp_path, rel_path: str) -> dict:
+    fx = make_csv(tmp_path, with_group=False, with_split=False)
+    with open(fx["csv"], "a") as fh:
+        fh.write(f"{rel_path},2\n")
+    return {"name": "csv", "csv": str(fx["csv"])}
+
+
+def imagefolder_with(tmp_path, rel_path: str) -> dict:
+    make_imagefolder(tmp_path)
+    return {"name": "imagefolder", "root": str(tmp_path)}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("layout,where", [(csv_with_extra_row, "meta/imgs"), (imagefolder_with, "normal")])
+def test_a_fifo_is_refused_not_read(tmp_path, layout, where):
+    # Opening a FIFO for reading waits for a writer: forever, for a loader. Only regular files are read.
+    options = layout(tmp_path, "imgs/pipe.png")
+    fifo = tmp_path / where / "pipe.png"
+    os.mkfifo(fifo)
+    out = load_within(15, fifo, image_size=4, **options)
+    assert isinstance(out.get("error"), DataError), out
+    msg = str(out["error"])
+    assert str(fifo) in msg and "not a regular file" in msg and "FIFO" in msg and "\n" not in msg
+    out = load_within(15, fifo, image_size=4, on_bad_image="skip", **options)
+    assert [s for s, _ in out["ds"].skipped] == [str(fifo)] and "not a regular file" in out["ds"].skipped[0][1]
+    assert str(fifo) not in out["ds"].sources
+
+
+def test_a_directory_listed_as_an_image_is_refused(tmp_path):
+    options = csv_with_extra_row(tmp_path, "imgs/folder.png")
+    (tmp_path / "meta" / "imgs" / "folder.png").mkdir()
+    with pytest.raises(DataError, match=r"folder\.png: not a regular file \(a directory\)"):
+        load_dataset(image_size=4, **options)
 
 
 # --- APTOS -------------------------------------------------------------------------------------
@@ -281,6 +363,72 @@ def test_csv_errors(tmp_path, edit, match):
     with pytest.raises(DataError, match=match) as exc:
         load_dataset("csv", csv=str(fx["csv"]), image_size=4)
     assert "labels.csv" in str(exc.value)
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_csv_with_a_non_utf8_byte_names_file_line_and_byte(tmp_path, bom):
+    fx = make_csv(tmp_path)
+    lines = fx["csv"].read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"imgs/img", b"imgs/caf\xe9_img")  # Latin-1 e-acute on line 4
+    fx["csv"].write_bytes(bom + b"".join(lines))
+    with pytest.raises(DataError) as exc:
+        load_dataset("csv", csv=str(fx["csv"]), image_size=4)
+    msg = str(exc.value)
+    assert str(fx["csv"]) in msg and "line 4" in msg and "0xe9" in msg and "UTF-8" in msg
+    assert "\n" not in msg
+
+
+def point_one_row_outside(tmp_path, csv_path, how: str) -> tuple[str, Path]:
+    """Rewrite line 3 of `csv_path` to name an image outside the data folder `tmp_path / "data"`;
+    returns the path cell written and the image's real location."""
+    outside = write_image(tmp_path / "outside" / "x.png", (1, 2, 3))
+    if how == "dotdot":
+        cell = os.path.relpath(outside, csv_path.parent)
+    elif how == "absolute":
+        cell = str(outside)
+    else:  # a link inside the folder that resolves outside it
+        link = csv_path.parent / "link.png"
+        link.symlink_to(outside)
+        cell = "link.png"
+    lines = csv_path.read_text().splitlines()
+    lines[2] = ",".join([cell] + lines[2].split(",")[1:])
+    csv_path.write_text("\n".join(lines) + "\n")
+    return cell, outside
+
+
+@pytest.mark.parametrize("name,maker,how", [
+    ("csv", make_csv, "dotdot"), ("csv", make_csv, "absolute"), ("csv", make_csv, "symlink"),
+    ("ham10000", make_ham10000_copy, "dotdot"), ("aptos", make_aptos_copy, "symlink"),
+    ("dermamnist", make_dermamnist, "absolute"),
+])
+def test_csv_paths_outside_the_root_are_refused_unless_allowed(tmp_path, name, maker, how):
+    fx = maker(tmp_path / "data")
+    cell, outside = point_one_row_outside(tmp_path, fx["csv"], how)
+    # csv without a root: the CSV's folder is the root; the others: their data.root.
+    options = {"csv": str(fx["csv"])} if name == "csv" else {"root": str(tmp_path / "data")}
+    with pytest.raises(DataError) as exc:
+        load_dataset(name, image_size=4, **options)
+    msg = str(exc.value)
+    assert str(fx["csv"]) in msg and "line 3" in msg and repr(cell) in msg and "allow_outside_root" in msg
+    ds = load_dataset(name, image_size=4, allow_outside_root=True, **options)
+    assert os.path.realpath(ds.sources[1]) == str(outside.resolve())
+
+
+def test_data_root_bounds_csv_paths_and_the_option_comes_from_the_config(tmp_path):
+    from ioisray.config import load_config
+    from ioisray.recipes.common import setup_data
+
+    fx = make_csv(tmp_path / "data")
+    (tmp_path / "data" / "elsewhere").mkdir()
+    # With a root, the root (not the CSV's folder) bounds the paths.
+    with pytest.raises(DataError, match="outside"):
+        load_dataset("csv", str(tmp_path / "data" / "elsewhere"), csv=str(fx["csv"]), image_size=4)
+    point_one_row_outside(tmp_path, fx["csv"], "dotdot")
+    config = ["data.name=csv", f"data.csv={fx['csv']}", "data.image_size=8"]
+    with pytest.raises(DataError, match="outside"):
+        setup_data(load_config(None, config))
+    ds, _ = setup_data(load_config(None, config + ["data.allow_outside_root=true"]))
+    assert len(ds.labels) == fx["n"]
 
 
 # --- decoding ----------------------------------------------------------------------------------

@@ -1,3 +1,7 @@
+import os
+import pickle
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -26,6 +30,43 @@ def test_bad_model_inputs_name_the_option(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="model.weights"):
         create_classifier(ModelConfig(name="resnet10t", weights=str(tmp_path / "other.safetensors")), 3)
+
+
+class MakesADirectory:
+    """Unpickling this calls os.mkdir(marker): the payload a hostile .pth file could carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("kind", ["truncated safetensors", "random bytes", "torch.save payload", "pickle payload",
+                                  "truncated pth", "folder"])
+def test_a_corrupt_or_hostile_weights_file_is_one_line(tmp_path, kind):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / ("w.safetensors" if "safetensors" in kind else "w.pth")
+    if kind == "truncated safetensors":
+        save_file({"x": torch.zeros(64)}, str(path))
+        path.write_bytes(path.read_bytes()[:40])
+    elif kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "torch.save payload":
+        torch.save({"state_dict": MakesADirectory(str(marker))}, path)
+    elif kind == "pickle payload":  # a bare pickle, as torch.load's legacy format reads it
+        path.write_bytes(pickle.dumps(MakesADirectory(str(marker)), protocol=2))
+    elif kind == "truncated pth":
+        torch.save({"conv.weight": torch.zeros(8)}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.mkdir()
+    with pytest.raises(ValueError) as e:
+        create_classifier(ModelConfig(name="resnet10t", weights=str(path)), 3)
+    msg = str(e.value)
+    assert msg.startswith(f"model.weights: {path} is not a weights file (") and msg.endswith(")"), msg
+    assert "\n" not in msg and len(msg) < 300 + len(str(path)), msg
+    assert not marker.exists()  # the payload did not run
 
 
 @pytest.mark.parametrize("name", ["resnet10t", "convnext_atto"])

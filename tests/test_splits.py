@@ -1,8 +1,12 @@
-"""split_dataset: official splits, stratified and grouped splits, option validation."""
+"""split_dataset: official splits, stratified and grouped splits, duplicates, option validation."""
+import hashlib
+import os
+import shutil
+
 import numpy as np
 import pytest
 
-from data_fixtures import make_ham10000_official
+from data_fixtures import make_dermamnist, make_ham10000_copy, make_ham10000_official, write_csv, write_image
 from ioisray.data import DataError, ImageDataset, load_dataset, split_dataset
 
 
@@ -116,3 +120,71 @@ def test_ham_fixture_end_to_end_no_lesion_leak(tmp_path):
 def test_bad_fractions_rejected(val, test, option):
     with pytest.raises(DataError, match=option):
         split_dataset(make_ds([0, 1] * 10), val_fraction=val, test_fraction=test, seed=0)
+
+
+def write_each_image_twice(root, layout: str, n: int = 30):
+    """n distinct images in two classes, each listed twice: a third under another spelling of the
+    same path, a third through a symlink (same resolved path), a third as a byte-identical copy under
+    another name. layout "csv": root/labels.csv (path,label; no group column); "imagefolder": a tree."""
+    rows = []
+    for i in range(n):
+        folder = "imgs" if layout == "csv" else str(i % 2)
+        image = write_image(root / folder / f"img{i}.png", (8 * i, 255 - 8 * i, 100), size=(8, 8))
+        if i % 3 == 0 and layout == "csv":
+            twin = f"imgs/../imgs/img{i}.png"
+        elif i % 3 == 1:
+            twin = f"{folder}/link{i}.png"
+            (root / twin).symlink_to(image)
+        else:
+            twin = f"{folder}/copy{i}.png"
+            shutil.copyfile(image, root / twin)
+        rows += [[f"{folder}/img{i}.png", str(i % 2)], [twin, str(i % 2)]]
+    if layout == "csv":
+        write_csv(root / "labels.csv", ["path", "label"], rows)
+
+
+@pytest.mark.parametrize("layout", ["csv", "imagefolder"])
+def test_an_image_listed_twice_stays_in_one_split(tmp_path, layout):
+    write_each_image_twice(tmp_path, layout)
+    ds = load_dataset(layout, str(tmp_path), image_size=4)
+    assert len(ds.labels) == 60  # every row kept, the copies grouped
+    same_file = [os.path.realpath(s) for s in ds.sources]
+    same_bytes = [hashlib.sha1(open(s, "rb").read()).hexdigest() for s in ds.sources]
+    for seed in range(3):
+        split = split_dataset(ds, val_fraction=0.2, test_fraction=0.2, seed=seed)
+        check_partition(split, 60)
+        for key in (same_file, same_bytes):
+            owner = {}
+            for name, idx in split.items():
+                for i in idx:
+                    assert owner.setdefault(key[i], name) == name, (ds.sources[i], name, owner[key[i]])
+
+
+def test_duplicates_join_the_groups_they_are_in(tmp_path):
+    # Two lesions share one image (the same bytes under two names): both lesions are one group now.
+    fx = make_ham10000_copy(tmp_path, lesions_per_class=3, images_per_lesion=2)
+    shutil.copyfile(fx["paths"][0], fx["paths"][4])  # rows 0 and 4: lesions HAM_0000000 and HAM_0000002
+    ds = load_dataset("ham10000", str(tmp_path), image_size=4)
+    lesions = np.asarray(fx["lesions"])
+    joined = np.isin(lesions, [lesions[0], lesions[4]])
+    assert len(set(ds.groups[joined])) == 1 and lesions[0] != lesions[4]
+    assert set(ds.groups[joined]).isdisjoint(ds.groups[~joined])
+    assert ds.groups[~joined].tolist() == lesions[~joined].tolist()  # the others keep their lesion id
+
+
+def test_duplicates_in_different_official_splits_are_refused(tmp_path):
+    fx = make_dermamnist(tmp_path)  # labels.csv: 14 train rows (lines 2-15), then 7 val, 7 test
+    train_image, val_image = tmp_path / "train/akiec/DermaMNIST_train_00000.jpg", tmp_path / "val/akiec/DermaMNIST_val_00000.jpg"
+    shutil.copyfile(train_image, val_image)
+    with pytest.raises(DataError) as exc:
+        load_dataset("dermamnist", str(tmp_path), image_size=4)
+    msg = str(exc.value)
+    assert str(train_image) in msg and str(val_image) in msg and "\n" not in msg
+    assert f"{fx['csv']}, line 2" in msg and "line 16" in msg
+    # The same file listed in two splits of a CSV's split column, too.
+    write_image(tmp_path / "c" / "a.png", (1, 2, 3))
+    write_image(tmp_path / "c" / "b.png", (4, 5, 6))
+    write_csv(tmp_path / "c" / "labels.csv", ["path", "label", "split"],
+              [["a.png", "x", "train"], ["b.png", "y", "train"], ["./a.png", "x", "test"]])
+    with pytest.raises(DataError, match=r"labels\.csv, line 2 .*a\.png.*labels\.csv, line 4 .*a\.png"):
+        load_dataset("csv", str(tmp_path / "c"), image_size=4)

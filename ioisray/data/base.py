@@ -1,6 +1,10 @@
-"""In-memory dataset container and the shared image decoding helper."""
+"""In-memory dataset container, and reading and decoding the image files (regular files only)."""
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -8,12 +12,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .duplicates import merge_duplicates
+from .errors import DataError
+
 ON_BAD_IMAGE = ("error", "skip")
 SPLIT_NAMES = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Bad dataset input; the message names the file and row/field at fault."""
 
 
 @dataclass
@@ -25,6 +28,7 @@ class ImageDataset:
     groups: np.ndarray | None = None  # (N,) str; rows sharing a group stay in one split
     official_split: np.ndarray | None = None  # (N,) str in {"train","val","test"}
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    duplicates: int = 0  # images listed more than once (same file or same bytes), each kept in one group
 
     @property
     def num_classes(self) -> int:
@@ -43,6 +47,7 @@ class ImageDataset:
             groups=None if self.groups is None else self.groups[idx],
             official_split=None if self.official_split is None else self.official_split[idx],
             skipped=list(self.skipped),
+            duplicates=self.duplicates,
         )
 
 
@@ -76,19 +81,56 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(path: str, image_size: int) -> np.ndarray:
-    """Decode `path` to a uint8 (image_size, image_size, 3) RGB array.
+class NotARegularFile(OSError):
+    """A path that is a FIFO, device, socket or folder: nothing to decode, and perhaps no end to read."""
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((kind for test, kind in kinds if test(mode)), "not a file")
+
+
+def read_file_bytes(path: str) -> bytes:
+    """The bytes of `path`, which must be a regular file (NotARegularFile otherwise).
+
+    Opening a FIFO for reading waits for a writer, forever for a loader, and a device may never
+    end; so the kind is checked before opening, and again on the opened descriptor (the path may
+    have changed in between). O_NONBLOCK only makes opening a FIFO return at once; reads from a
+    regular file do not block either way.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"not a regular file ({_file_kind(mode)})")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"not a regular file ({_file_kind(mode)})")
+        with open(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
+def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
+    """Decode an image file's bytes to a uint8 (image_size, image_size, 3) RGB array.
 
     The image is resized straight to a square with BICUBIC: the aspect ratio is NOT kept
     (no crop, no padding), so non-square images are stretched.
     """
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
         img.load()  # force full decode so truncated files fail here, not later
         img = ImageOps.exif_transpose(img)  # honour camera orientation tags
         rgb = to_rgb(img)
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_image(path: str, image_size: int) -> np.ndarray:
+    """Decode the regular file `path` as decode_image_bytes does."""
+    return decode_image_bytes(read_file_bytes(path), image_size)
 
 
 def build_dataset(
@@ -102,11 +144,14 @@ def build_dataset(
     groups: Sequence[str] | None = None,
     official_split: Sequence[str] | None = None,
     require_all_classes: bool = False,
+    origins: Sequence[str] | None = None,
 ) -> ImageDataset:
     """Decode `paths` in a thread pool (row order kept) and assemble an ImageDataset.
 
     Unreadable images raise DataError (on_bad_image="error") or are dropped and listed in
-    `skipped` (on_bad_image="skip").
+    `skipped` (on_bad_image="skip"). Rows that are one image (same resolved path, or same SHA-1
+    of the file's bytes) get one group (see duplicates.merge_duplicates); `origins` says where
+    each row comes from (e.g. "labels.csv, line 3") for its error messages.
     """
     check_on_bad_image(on_bad_image)
     check_image_size(image_size)
@@ -115,13 +160,20 @@ def build_dataset(
         raise DataError("dataset has no images (no rows/files found)")
     # Preallocate one array and decode into its rows: avoids a second full-size copy from np.stack.
     images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    real_paths, digests = [""] * len(paths), [""] * len(paths)
 
     def work(i: int) -> str | None:
         try:
-            images[i] = decode_image(paths[i], image_size)
+            data = read_file_bytes(paths[i])
+            images[i] = decode_image_bytes(data, image_size)
+            # Hashed here, from the bytes already read, to tell copies of one image apart from others.
+            digests[i] = hashlib.sha1(data).hexdigest()
+            real_paths[i] = os.path.realpath(paths[i])
             return None
         except FileNotFoundError:
             return "file not found"
+        except NotARegularFile as exc:
+            return str(exc)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             return f"cannot decode image ({type(exc).__name__}: {exc})"
 
@@ -137,14 +189,22 @@ def build_dataset(
     if not keep.any():
         raise DataError(f"all {len(paths)} images are unreadable, e.g. {skipped[0][0]}: {skipped[0][1]}")
 
+    kept = np.flatnonzero(keep)
+    sources = [paths[i] for i in kept]
+    split = None if official_split is None else np.asarray(official_split, dtype=str)[keep]
+    merged_groups, duplicates = merge_duplicates(
+        sources, [real_paths[i] for i in kept], [digests[i] for i in kept],
+        None if groups is None else np.asarray(groups, dtype=str)[keep], split,
+        None if origins is None else [origins[i] for i in kept])
     ds = ImageDataset(
         images=images[keep] if not keep.all() else images,
         labels=np.asarray(labels, dtype=np.int64)[keep],
         class_names=list(class_names),
-        sources=[p for p, k in zip(paths, keep) if k],
-        groups=None if groups is None else np.asarray(groups, dtype=str)[keep],
-        official_split=None if official_split is None else np.asarray(official_split, dtype=str)[keep],
+        sources=sources,
+        groups=merged_groups,
+        official_split=split,
         skipped=skipped,
+        duplicates=duplicates,
     )
     if require_all_classes:
         empty = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]

@@ -11,15 +11,20 @@ from ioisray.config import ModelConfig
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights without unpickling arbitrary objects (safetensors, or torch.load weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.weights: no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read weights without unpickling arbitrary objects (safetensors, or torch.load weights_only).
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    A file that does not parse (truncated, not weights at all, or a pickle that weights_only
+    refuses because it would import or call something) is a one-line ValueError naming it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model.weights: no such file: {path}")
+    if not path.is_file():  # a folder, or a FIFO torch.load would wait on forever
+        raise ValueError(f"model.weights: {path} is not a weights file (not a regular file)")
+    try:
+        state = _parse_weights(path)
+    except Exception as e:  # noqa: BLE001 - both parsers raise many types for bad input (see _short_reason)
+        raise ValueError(f"model.weights: {path} is not a weights file ({_short_reason(e)})") from None
     # Accept common wrappers: {"state_dict": ...} or {"model": ...}.
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -27,6 +32,29 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"model.weights: {path} does not hold a state dict")
     return state
+
+
+def _parse_weights(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Lines of torch's weights_only message that say nothing about this file.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _short_reason(e: Exception) -> str:
+    """What is wrong, in a few words: the first telling line of a parser's message (torch's are
+    paragraphs of advice around one line such as "Trying to load unsupported GLOBAL posix.system")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    telling = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    reason = (telling or lines or [type(e).__name__])[0].split(". ")[0].rstrip(".")
+    if any(line.startswith("Weights only load failed") for line in lines):
+        reason = f"weights-only unpickling refused it: {reason}"
+    return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
 class NormedLinear(torch.nn.Module):
@@ -58,7 +86,8 @@ def create_classifier(cfg: ModelConfig, num_classes: int, cosine_head: bool = Fa
         state = load_state_dict_file(cfg.weights)
         own = model.state_dict()
         # Keep matching tensors only: an ImageNet head (1000 classes) is replaced by ours.
-        kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        kept = {k: v for k, v in state.items()
+                if isinstance(v, torch.Tensor) and k in own and own[k].shape == v.shape}
         # Only the classifier head may differ; a file for another architecture is an error, not a
         # silently half-initialised model.
         if len(kept) < 0.9 * (len(own) - 2):

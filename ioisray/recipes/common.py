@@ -23,7 +23,7 @@ def setup_data(cfg: Config, image_size: Optional[int] = None) -> tuple[ImageData
     t0 = time.perf_counter()
     ds = load_dataset(d.name, d.root, image_size=image_size or d.image_size, csv=d.csv,
                       on_bad_image=d.on_bad_image, imbalance_ratio=d.imbalance_ratio, seed=cfg.split_seed,
-                      num_threads=d.num_threads)
+                      num_threads=d.num_threads, allow_outside_root=d.allow_outside_root)
     splits = split_dataset(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.split_seed)
     counts = ds.subset(splits["train"]).class_counts()
     if (counts == 0).any():
@@ -33,6 +33,7 @@ def setup_data(cfg: Config, image_size: Optional[int] = None) -> tuple[ImageData
     print(f"[ioisray] data {d.name}: {len(ds.labels)} images, {ds.num_classes} classes, splits {sizes}, "
           f"train per class {dict(zip(ds.class_names, counts.tolist()))}"
           + (f", skipped {len(ds.skipped)} bad images" if ds.skipped else "")
+          + (f", {ds.duplicates} images listed twice or more (each kept in one split)" if ds.duplicates else "")
           + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
     for src, why in ds.skipped:
         print(f"[ioisray] skipped {src}: {why}", flush=True)
