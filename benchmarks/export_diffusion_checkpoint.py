@@ -12,7 +12,7 @@ from diffusers.training_utils import EMAModel
 from ioisray.checkpoint import TrainingState
 from ioisray.config import load_config
 from ioisray.models.diffusion import create_unet, save_diffusion_model
-from ioisray.recipes.common import setup_data
+from ioisray.data.setup import setup_data
 from ioisray.recipes.pretrain_diffusion import diffusion_image_size, record_training_images, training_noise_scheduler
 
 

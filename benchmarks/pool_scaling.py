@@ -26,7 +26,7 @@ import ray
 import timm
 
 from ioisray.models.diffusion import create_unet
-from ioisray.recipes.common import cpu_state_dict
+from ioisray.models import cpu_state_dict
 from ioisray.sampler import SamplerConfig
 from ioisray.synthesis.generator import DiffusionGenerator
 from ioisray.synthesis.plan import plan_epoch

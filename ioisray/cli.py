@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in RUN_COMMANDS:
             return _run_command(args)
         cfg = load_config(args.config, [*args.overrides, *args.set_])
+        from ioisray.run import run_dir, run_location
+
         if args.print_config:
             from ioisray.config import to_yaml
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             from ioisray.recipes.train import train
 
             results = train(cfg)
-            print((cfg.run_dir / "metrics.md").read_text(), end="")  # the local (or staging) copy
+            print((run_dir(cfg) / "metrics.md").read_text(), end="")  # the local (or staging) copy
             print(f"\nresults: {results['run_dir']}/metrics.json  |  "
                   f"tensorboard --logdir {results['run_dir']}/tensorboard")
             for figure in results["figures"]:
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             from ioisray.recipes.pretrain_diffusion import pretrain_diffusion
 
             pretrain_diffusion(cfg)
-            print(f"\ndiffusion model: {cfg.run_location}/unet  |  tensorboard --logdir {cfg.run_location}/tensorboard")
+            print(f"\ndiffusion model: {run_location(cfg)}/unet  |  tensorboard --logdir {run_location(cfg)}/tensorboard")
         elif args.command == "sample":
             from ioisray.recipes.sample import sample_grid
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from ioisray.recipes.tune import search
 
             out = search(cfg)
-            print((cfg.run_dir / "trials.md").read_text(), end="")
+            print((run_dir(cfg) / "trials.md").read_text(), end="")
             print(f"\nbest {cfg.tune.metric} {out['best_value']:.4f} (validation): {out['best_params']}")
             print(f"best config: {out['best_config']}  |  ioisray train {out['best_config']}")
         elif args.command == "benchmark":

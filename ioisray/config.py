@@ -104,6 +104,8 @@ class TrainConfig(_Strict):
     # Autocast precision of classifier training and diffusion pretraining; None: bf16 where the device
     # computes in bf16 natively (CUDA from Ampere on), else fp32 (ioisray/precision.py). fp16: CUDA only.
     precision: Optional[Literal["bf16", "fp16", "fp32"]] = None
+    # Worker failures survived: Ray Train restarts the workers from the run's last checkpoint.
+    max_failures: int = Field(3, ge=0)
     channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

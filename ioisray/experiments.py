@@ -104,7 +104,7 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     if r.num_workers == 0:  # Ray Train's in-process mode refuses to run inside a Tune trial
         raise ConfigError("ray.num_workers=0 (training in the driver process) cannot run as a Tune trial; "
                           "use ray.num_workers=1 or more")
-    # As recipes/common._fit asks Ray Train for them (num_workers=0 trains in the trial's own process).
+    # As recipes/launch._fit asks Ray Train for them (num_workers=0 trains in the trial's own process).
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {}), **r.resources_per_worker}
     need: dict[str, float] = {k: v * r.num_workers for k, v in per_worker.items()}
     need["CPU"] = need.get("CPU", 0.0) + 0.1 + 1.0

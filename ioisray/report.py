@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ioisray.atomic import atomic_write_bytes
 
@@ -113,3 +114,34 @@ def confusion_matrix(class_names: Sequence[str], matrix: Sequence[Sequence[int]]
         ax.annotate(str(n), (j, i), ha="center", va="center", fontsize=7,
                     color="white" if share[i, j] > 0.5 else "black")
     return _save(fig, path)
+
+
+def tensorboard_scalars(writer, prefix: str, metrics: dict, epoch: int) -> None:
+    """Every number of `metrics` as `<prefix>/<key>`, and per-class accuracies as `<prefix>_per_class/<class>`."""
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            writer.add_scalar(f"{prefix}/{k}", v, epoch)
+        elif isinstance(v, dict) and k == "per_class_accuracy":
+            for name, acc in v.items():
+                if not np.isnan(acc):
+                    writer.add_scalar(f"{prefix}_per_class/{name}", acc, epoch)
+
+
+def tensorboard_synthesis(writer, class_names: Sequence[str], synthesis: dict, examples: list, epoch: int) -> None:
+    """An IOIS epoch: quotas per class, images/s per actor, the timing of the synthetic stream, and a grid
+    of the epoch's synthetic images, one row per class that received any."""
+    from torchvision.utils import make_grid
+
+    for name, q in zip(class_names, synthesis["quotas"]):
+        writer.add_scalar(f"synthesis_quota/{name}", int(q), epoch)
+    for a, rate in enumerate(synthesis.get("images_per_second_per_actor", [])):
+        writer.add_scalar(f"synthesis/images_per_second_actor_{a}", rate, epoch)
+    for key in ("seconds_to_first_synthetic", "seconds_to_first_batch", "seconds_to_first_chunk", "generation_seconds"):
+        if synthesis.get(key) is not None:
+            writer.add_scalar(f"synthesis/{key}", synthesis[key], epoch)
+    rows = [t for t in examples if len(t)]
+    if rows:
+        k = max(len(t) for t in rows)
+        padded = [torch.cat([t, torch.zeros((k - len(t), *t.shape[1:]), dtype=t.dtype)]) for t in rows]
+        grid = make_grid(torch.cat(padded).permute(0, 3, 1, 2), nrow=k, padding=1)
+        writer.add_image("synthesis/images_per_class", grid, epoch)

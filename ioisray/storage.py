@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-CHECKPOINTS = "ray_train"  # Ray Train's folder inside a run; it never goes through the staging copy
+RAY_TRAIN = "ray_train"  # Ray Train's own records inside a run
+CHECKPOINTS = "checkpoints"  # the run's checkpoints (ioisray/checkpoint.py)
+LARGE = (RAY_TRAIN, CHECKPOINTS)  # folders that never go through the staging copy
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -34,10 +36,52 @@ def staging_dir(output_dir: str) -> Path:
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    if not is_uri(uri):  # a local path: the same calls work on it
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(str(uri)))
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise ValueError(f"output_dir: {uri!r} is not a filesystem URI pyarrow can open: {e}") from None
+
+
+def read_bytes(location: str) -> bytes:
+    """A file's bytes, from a local path or a URI (FileNotFoundError if it is not there)."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a file at a local path (atomically: temp file, then rename) or a URI (one object put)."""
+    if not is_uri(location):
+        from ioisray.atomic import atomic_write_bytes
+
+        atomic_write_bytes(location, data)
+        return
+    fs, path = _resolve(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def list_dir(location: str) -> list[str]:
+    """Names directly under a folder (empty if it does not exist)."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)))
+
+
+def delete(location: str) -> None:
+    """Remove a file or a folder with everything in it; nothing if it is not there."""
+    fs, path = _resolve(location)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
 
 
 def exists(uri: str) -> bool:
@@ -54,7 +98,7 @@ def upload(local_dir: str | os.PathLike, uri: str) -> None:
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = (CHECKPOINTS,)) -> None:
+def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = LARGE) -> None:
     """Copy the files under `uri` into `local_dir`, leaving out the top-level folders in `skip`."""
     fs, path = _resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:

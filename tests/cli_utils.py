@@ -1,5 +1,4 @@
 """Running the real `ioisray` entry point in a subprocess, and interrupting it like Ctrl-C would."""
-import json
 import os
 import signal
 import subprocess
@@ -17,12 +16,11 @@ def run_cli(*args, timeout=300, env=None):
 
 
 def latest_epoch(run: Path) -> int:
-    """Epochs completed in the checkpoint Ray Train has registered as the run's latest."""
-    try:
-        snap = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
-        return snap["latest_checkpoint_result"]["metrics"]["epoch"] + 1
-    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being written
-        return 0
+    """Epochs completed in the run's newest complete checkpoint (0: none yet)."""
+    from ioisray.checkpoint import CheckpointStore
+
+    names = CheckpointStore(run / "checkpoints").names()
+    return int(names[-1].split("_")[1]) if names else 0
 
 
 def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240) -> int:

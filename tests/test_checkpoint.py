@@ -4,10 +4,14 @@ import pytest
 import torch
 
 from ioisray.atomic import atomic_write_text
-from ioisray.checkpoint import STATE_FILE, TrainingState
+from ioisray.checkpoint import FINAL, MANIFEST, STATE_FILE, CheckpointError, CheckpointStore, TrainingState
 from ioisray.config import Config
 from ioisray.models import create_classifier
-from ioisray.recipes.train import build_optimizer
+from ioisray.training import build_optimizer
+
+
+def small_state(epoch):
+    return TrainingState(epoch=epoch, model={"w": torch.full((3,), float(epoch))}, optimizer={}, scheduler={})
 
 
 def _trained_state(tmp_path):
@@ -49,7 +53,7 @@ def test_load_refuses_pickled_code(tmp_path):
             return (print, ("pwned",))
 
     (tmp_path / STATE_FILE).write_bytes(pickle.dumps({"epoch": Evil()}))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="is not a training state"):
         TrainingState.load(tmp_path)
 
 
@@ -58,6 +62,9 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path):
         TrainingState.load(tmp_path)
     torch.save({"epoch": 1, "surprise": 2}, tmp_path / STATE_FILE)
     with pytest.raises(ValueError, match="surprise"):
+        TrainingState.load(tmp_path)
+    (tmp_path / STATE_FILE).write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(CheckpointError, match=f"{STATE_FILE} is not a training state"):
         TrainingState.load(tmp_path)
 
 
@@ -69,3 +76,56 @@ def test_failed_write_keeps_the_previous_file_whole(tmp_path):
         atomic_write_text(target, 123)  # fails mid-write
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+def test_store_keeps_the_newest_and_resumes_past_a_corrupt_one(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints", keep=2)
+    for epoch in (1, 2, 3):
+        store.save(small_state(epoch), files={"note.txt": f"epoch {epoch}".encode()})
+    assert store.names() == ["epoch_00002", "epoch_00003"]  # older ones pruned
+    assert store.read("epoch_00003", "note.txt") == b"epoch 3"
+    # The newest is truncated (a full disk, a bad copy): the run resumes from the one before, saying why.
+    state_file = tmp_path / "checkpoints" / "epoch_00003" / STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    said = []
+    name, state = store.latest(log=said.append)
+    assert (name, state.epoch) == ("epoch_00002", 2) and torch.equal(state.model["w"], torch.full((3,), 2.0))
+    assert "epoch_00003" in said[0] and "checksum" in said[0]
+    with pytest.raises(CheckpointError, match="checksum"):
+        store.load("epoch_00003")
+
+
+def test_an_interrupted_checkpoint_is_never_used_and_is_cleaned_up(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(small_state(1))
+    partial = tmp_path / "checkpoints" / "epoch_00002"  # killed before its manifest was written
+    partial.mkdir()
+    (partial / STATE_FILE).write_bytes(small_state(2).to_bytes())
+    assert store.names() == ["epoch_00001"] and store.latest(log=lambda m: None)[0] == "epoch_00001"
+    said = []
+    assert store.remove_partial(log=said.append) == ["epoch_00002"] and not partial.exists()
+    assert "epoch_00002" in said[0]
+
+
+def test_a_failed_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    from ioisray import storage
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    real_write = storage.write_bytes
+
+    def disk_full(location, data):
+        if location.endswith(MANIFEST):
+            raise OSError(28, "No space left on device")
+        real_write(location, data)
+
+    monkeypatch.setattr(storage, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.save(small_state(1))
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_the_final_checkpoint_comes_first(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(small_state(5))
+    store.save(small_state(5), files={"results.json": b"{}"}, name=FINAL)
+    assert store.latest()[0] == FINAL and store.names() == ["epoch_00005"]

@@ -7,6 +7,7 @@ from cli_utils import ROOT, run_cli
 
 from ioisray.cli import main
 from ioisray.config import ConfigError, load_config
+from ioisray.run import run_dir
 
 # A tiny but real run: 2 Ray Train workers (DDP over gloo), a small timm model, 16x16 digits.
 TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2"]
@@ -54,16 +55,15 @@ def test_a_bad_diffusion_model_fails_before_ray_starts(tmp_path, capsys):
 
 def test_resuming_with_another_config_is_refused(tmp_path):
     from ioisray.config import load_config as lc, save_config
-    from ioisray.recipes.common import check_resumable
+    from ioisray.run import Run
 
     cfg = lc(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}"])
-    (cfg.run_dir / "ray_train").mkdir(parents=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    check_resumable(lc(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}", "ray.num_workers=4"]),
-                    cfg.run_dir)  # where it runs may change
-    with pytest.raises(ConfigError, match=r"data\.test_fraction, seed"):
-        check_resumable(lc(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}", "seed=1",
-                                                          "data.test_fraction=0.3"]), cfg.run_dir)
+    (run_dir(cfg) / "checkpoints" / "epoch_00001").mkdir(parents=True)
+    save_config(cfg, run_dir(cfg) / "config.yaml")
+    Run(lc(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}", "ray.num_workers=4"])).check_resumable()
+    with pytest.raises(ConfigError, match=r"data\.test_fraction, seed"):  # where it runs may change, nothing else
+        Run(lc(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}", "seed=1",
+                                                 "data.test_fraction=0.3"])).check_resumable()
 
 
 def test_a_benchmark_report_with_nothing_finished_says_so(tmp_path, capsys):
@@ -95,7 +95,9 @@ def test_train_end_to_end_with_ray_and_a_storage_uri(tmp_path, monkeypatch, caps
     assert "| balanced_accuracy |" in r.stdout and "epoch 2/2" in r.stdout + r.stderr
     run = tmp_path / "store" / "e2e"
     assert f"results: file://{run}/metrics.json" in r.stdout
-    assert list((run / "ray_train").glob("checkpoint_*"))  # Ray Train wrote straight to the URI
+    # Rank 0 wrote its checkpoints straight to the URI, each with its manifest; the final one holds the results.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_00001", "epoch_00002", "final"]
+    assert (run / "checkpoints" / "final" / "manifest.json").is_file() and not (run / ".lock").exists()
     results = json.loads((run / "metrics.json").read_text())
     for split in ("val", "test"):
         assert set(results[split]) >= {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "mcc",
@@ -117,5 +119,5 @@ def test_train_end_to_end_with_ray_and_a_storage_uri(tmp_path, monkeypatch, caps
     monkeypatch.chdir(ROOT)
     capsys.readouterr()
     assert main(args) == 2  # in-process: refused before Ray starts
-    assert "already holds a finished run" in capsys.readouterr().err
+    assert "has finished (its test split was used once already)" in capsys.readouterr().err
     assert json.loads((run / "metrics.json").read_text()) == results

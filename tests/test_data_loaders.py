@@ -416,7 +416,7 @@ def test_csv_paths_outside_the_root_are_refused_unless_allowed(tmp_path, name, m
 
 def test_data_root_bounds_csv_paths_and_the_option_comes_from_the_config(tmp_path):
     from ioisray.config import load_config
-    from ioisray.recipes.common import setup_data
+    from ioisray.data.setup import setup_data
 
     fx = make_csv(tmp_path / "data")
     (tmp_path / "data" / "elsewhere").mkdir()

@@ -17,7 +17,9 @@ from ioisray.cli import main
 from ioisray.config import load_config, save_config
 from ioisray.data import load_dataset, provenance, split_dataset
 from ioisray.metrics import classification_metrics
-from ioisray.recipes.train import BEST_MODEL_FILE, build_classifier
+from ioisray.models import build_classifier
+from ioisray.recipes.train import BEST_MODEL_FILE
+from ioisray.run import run_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EVAL_FILES = {"metrics.json", "metrics.md", "confusion_matrix.png", "predictions.csv"}
@@ -28,7 +30,7 @@ def make_run(tmp_path, class_names, data=(), split_ids=None):
     cfg = load_config(None, ["model.name=resnet18", "data.image_size=16", f"output_dir={tmp_path / 'out'}",
                              "name=run", *data])
     torch.manual_seed(0)
-    run = cfg.run_dir
+    run = run_dir(cfg)
     run.mkdir(parents=True)
     atomic_save_safetensors(build_classifier(cfg, len(class_names)).state_dict(), run / BEST_MODEL_FILE)
     save_config(cfg, run / "config.yaml")

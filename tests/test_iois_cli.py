@@ -8,7 +8,7 @@ import pytest
 from cli_utils import ROOT, interrupt_after, run_cli
 
 from ioisray.aas import quotas
-from ioisray.checkpoint import TrainingState
+from ioisray.checkpoint import CheckpointStore
 from ioisray.models.diffusion import create_unet
 
 pytestmark = pytest.mark.ray
@@ -52,8 +52,7 @@ def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_p
         acc = list(prev["train_per_class_accuracy"].values())
         assert h["quotas"] == quotas(acc, BUDGET, 0.1).tolist()
     # The final checkpoint's AAS state is the last epoch's per-class training accuracy.
-    final = json.loads((run / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
-    state = TrainingState.load(run / "ray_train" / final["latest_checkpoint_result"]["checkpoint_dir_name"])
+    state = CheckpointStore(run / "checkpoints").load("final")
     for got, want in zip(state.extra["aas"]["accuracy"], history[-1]["train_per_class_accuracy"].values()):
         assert want != want or abs(got - want) < 1e-9  # NaN: class unseen, AAS keeps its previous value
     assert any(h["quotas"] != history[0]["quotas"] for h in history[1:])

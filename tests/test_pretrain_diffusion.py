@@ -7,7 +7,7 @@ from ioisray.cli import main
 from ioisray.config import load_config
 from ioisray.data import provenance
 from ioisray.models.diffusion import load_noise_scheduler, load_unet
-from ioisray.recipes.common import setup_data
+from ioisray.data.setup import setup_data
 from ioisray.sampler import SamplerConfig, sample
 
 pytestmark = pytest.mark.ray

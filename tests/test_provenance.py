@@ -11,9 +11,9 @@ from ioisray.cli import main
 from ioisray.config import load_config
 from ioisray.data import load_dataset, provenance, split_dataset
 from ioisray.models.diffusion import create_unet
-from ioisray.recipes.common import setup_data
+from ioisray.data.setup import setup_data
 from ioisray.recipes.pretrain_diffusion import record_training_images
-from ioisray.recipes.train import check_same_test_split, diffusion_model
+from ioisray.recipes.prerequisites import check_same_test_split, diffusion_model
 
 DIGITS = str(ROOT / "configs/digits.yaml")
 

@@ -3,6 +3,7 @@ import pytest
 
 from ioisray import storage
 from ioisray.config import Config
+from ioisray.run import run_dir, run_location
 
 
 def _tree(root):
@@ -12,29 +13,29 @@ def _tree(root):
 def test_push_and_pull_round_trip_without_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("IOISRAY_STAGING", str(tmp_path / "staging"))
     cfg = Config(name="r", output_dir=f"file://{tmp_path}/store/")
-    assert cfg.run_location == f"file://{tmp_path}/store/r"
-    assert cfg.run_dir.parent.parent == tmp_path / "staging"  # a local copy, not the store itself
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "config.yaml").write_text("a: 1\n")
-    (cfg.run_dir / "tensorboard").mkdir()
-    (cfg.run_dir / "tensorboard" / "events.1").write_bytes(b"\x00" * 10)
-    storage.push(cfg.run_dir, cfg.run_location)
+    assert run_location(cfg) == f"file://{tmp_path}/store/r"
+    assert run_dir(cfg).parent.parent == tmp_path / "staging"  # a local copy, not the store itself
+    run_dir(cfg).mkdir(parents=True)
+    (run_dir(cfg) / "config.yaml").write_text("a: 1\n")
+    (run_dir(cfg) / "tensorboard").mkdir()
+    (run_dir(cfg) / "tensorboard" / "events.1").write_bytes(b"\x00" * 10)
+    storage.push(run_dir(cfg), run_location(cfg))
     assert _tree(tmp_path / "store" / "r") == ["config.yaml", "tensorboard/events.1"]
 
     (tmp_path / "store" / "r" / "ray_train" / "checkpoint_0").mkdir(parents=True)
     (tmp_path / "store" / "r" / "ray_train" / "checkpoint_0" / "state.pt").write_bytes(b"big")
     (tmp_path / "store" / "r" / "metrics.json").write_text("{}")
     fresh = tmp_path / "other_machine"
-    storage.pull(fresh, cfg.run_location)
+    storage.pull(fresh, run_location(cfg))
     assert _tree(fresh) == ["config.yaml", "metrics.json", "tensorboard/events.1"]  # checkpoints stay put
-    assert storage.exists(storage.join(cfg.run_location, "ray_train"))
-    assert not storage.exists(storage.join(cfg.run_location, "nothing"))
+    assert storage.exists(storage.join(run_location(cfg), "ray_train"))
+    assert not storage.exists(storage.join(run_location(cfg), "nothing"))
 
 
 def test_local_output_dir_is_used_in_place(tmp_path):
     cfg = Config(name="r", output_dir=str(tmp_path))
-    assert cfg.run_dir == tmp_path / "r" and cfg.run_location == str(tmp_path / "r")
-    storage.push(cfg.run_dir, cfg.run_location)  # nothing to do, nothing created
+    assert run_dir(cfg) == tmp_path / "r" and run_location(cfg) == str(tmp_path / "r")
+    storage.push(run_dir(cfg), run_location(cfg))  # nothing to do, nothing created
     assert not (tmp_path / "r").exists()
 
 

@@ -5,7 +5,8 @@ import torch
 
 from ioisray.config import load_config
 from ioisray.models.diffusion import create_unet, save_diffusion_model
-from ioisray.recipes.train import build_classifier
+from ioisray.models import build_classifier
+from ioisray.recipes.train import generator_factory
 from ioisray.sampler import SamplerConfig, make_train_scheduler
 from ioisray.synthesis.generator import DiffusionGenerator
 from ioisray.synthesis.plan import plan_epoch
@@ -54,10 +55,10 @@ def test_cpu_defaults_resolve_to_eager_and_the_native_dtype(model_dir):
 def test_the_guide_is_built_without_the_drivers_weights_file(model_dir, tmp_path):
     # model.weights names a file only the driver has (here: nobody has it); the synthesis actors build
     # the architecture and get the weights with every epoch.
-    cfg = load_config(None, ["model.name=resnet10t", f"model.weights={tmp_path / 'not_on_this_node.safetensors'}"])
+    cfg = load_config(None, ["model.name=resnet10t", f"model.weights={tmp_path / 'not_on_this_node.safetensors'}",
+                             "synthesis.mode=online", "synthesis.budget=8", "data.image_size=8", "sampler.steps=1"])
     with pytest.raises(FileNotFoundError, match="model.weights"):
         build_classifier(cfg, 3)
-    guide = build_classifier(cfg, 3, pretrained=False)
-    gen = DiffusionGenerator(model_dir, 3, SamplerConfig(steps=1), make_classifier=lambda: guide)
-    gen.set_classifier({k: v.clone() for k, v in guide.state_dict().items()})
-    assert gen.guided
+    gen = generator_factory(cfg, model_dir, 3)()  # what each actor runs
+    gen.set_classifier({k: v.clone() for k, v in build_classifier(cfg, 3, pretrained=False).state_dict().items()})
+    assert gen.guided and gen.generate(np.array([0, 2]), np.array([1, 2]))["image"].shape == (2, 8, 8, 3)

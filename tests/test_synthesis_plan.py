@@ -1,4 +1,4 @@
-"""The epoch plan, the chunk-to-actor split and the worker-side tally: plain Python, no Ray."""
+"""The epoch plan and the worker-side tally: plain Python, no Ray."""
 import math
 import time
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ioisray.synthesis.plan import SEED_EPOCH, assign_chunks, chunk_sizes, image_seeds, num_chunks, plan_epoch
+from ioisray.synthesis.plan import SEED_EPOCH, chunk_sizes, image_seeds, num_chunks, plan_epoch
 from ioisray.synthesis.tally import SyntheticTally
 
 
@@ -50,12 +50,18 @@ def test_chunk_sizes_depend_on_the_budget_only_and_seeds_identify_images():
     assert not all((x.labels == y.labels).all() for x, y in zip(a, other))
 
 
-def test_chunks_are_split_in_proportion_to_throughput():
-    owners = assign_chunks([10] * 40, [3.0, 1.0])
-    assert owners.count(0) == 30 and owners.count(1) == 10
-    assert assign_chunks([10] * 4, [1.0, 1.0]) == [0, 1, 0, 1]  # interleaved: early chunks finish first
-    with pytest.raises(ValueError, match="throughputs"):
-        assign_chunks([1], [0.0])
+def test_with_several_actors_the_last_chunks_shrink_so_they_finish_together():
+    sizes = chunk_sizes(512, 32, actors=4)
+    assert sum(sizes) == 512 and sizes[:4] == [4, 8, 16, 32]
+    tail = sizes[sizes.index(32) + sizes.count(32):]
+    assert tail == sorted(tail, reverse=True) and tail[-2] <= 32 // 8  # shrinking to chunk_size/8
+    left = 512 - np.cumsum([0] + sizes[:-1])  # before each chunk, what is left
+    assert all(s <= max(4, math.ceil(r / 8)) for s, r in zip(tail, left[-len(tail):]))
+    assert chunk_sizes(512, 32, actors=1) == chunk_sizes(512, 32)  # one actor: no tail
+    for budget in range(0, 90):
+        assert sum(chunk_sizes(budget, 8, actors=3)) == budget
+    plan = plan_epoch([30, 30], epoch=0, run_seed=0, chunk_size=8, actors=3)
+    assert [len(c) for c in plan] == chunk_sizes(60, 8, 3)
 
 
 def test_tally_counts_synthetic_rows_and_refuses_another_epochs_images():

@@ -17,7 +17,8 @@ from ray import cloudpickle  # noqa: E402
 from ray.data.block import BlockAccessor  # noqa: E402
 
 from ioisray.synthesis.plan import SEED_EPOCH, chunk_sizes, plan_epoch  # noqa: E402
-from ioisray.synthesis.pool import epoch_stream, epoch_stream_source, start_pool, stream_order  # noqa: E402
+from ioisray.synthesis.pool import SynthesisPool  # noqa: E402
+from ioisray.synthesis.stream import epoch_stream, epoch_stream_source, stream_order  # noqa: E402
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
@@ -61,106 +62,142 @@ def pairs(chunks):
     return sorted((int(label), int(seed)) for c in chunks for label, seed in zip(c.labels, c.seeds))
 
 
+def start_pool(make_generator, size, num_cpus=0.5):
+    return SynthesisPool.start(make_generator, size, num_cpus=num_cpus)
+
+
 def start(budget, chunk_size, delay, size=2):
-    pool = start_pool(lambda: SeedImages(delay), size, num_cpus=0.5)
-    return pool, epoch_stream(pool, chunk_sizes(budget, chunk_size), (SIZE, SIZE, 3), concurrency=4)
+    pool = start_pool(lambda: SeedImages(delay), size)
+    return pool, epoch_stream(pool, chunk_sizes(budget, chunk_size, size), (SIZE, SIZE, 3), concurrency=4)
+
+
+def plan(quotas, epoch, run_seed, chunk_size, actors=2):
+    return plan_epoch(quotas, epoch, run_seed, chunk_size, actors)
 
 
 def test_two_actors_deliver_each_epochs_quota_exactly_once_loading_the_model_once(local_ray):
     pool, ds = start(budget=50, chunk_size=8, delay=0.05)
-    actors_before = ray.get(pool.ready.remote())
+    actors_before = ray.get(pool.coordinator.ready.remote())
     for epoch, quotas in enumerate([[20, 20, 10], [5, 40, 5], [30, 0, 20]]):
-        chunks = plan_epoch(quotas, epoch, run_seed=7, chunk_size=8)
-        ray.get(pool.start_epoch.remote(epoch, chunks, [None]))
+        chunks = plan(quotas, epoch, run_seed=7, chunk_size=8)
+        pool.start_epoch(epoch, chunks, None)
         rows = read_epoch(ds)
         got = sorted(zip(rows["label"].tolist(), rows["seed"].tolist()))
         assert got == pairs(chunks)  # every image of the quota, once, with its label
         np.testing.assert_array_equal(decoded_seeds(rows["image"]), rows["seed"])  # image matches its row
         assert set(rows["plan_epoch"].tolist()) == {epoch}  # only this epoch's images
-        stats = ray.get(pool.epoch_stats.remote())
-        assert sorted(stats["images_per_second"]) == [0, 1]  # both actors generated
-    actors_after = ray.get(pool.ready.remote())
+        stats = pool.epoch_stats()
+        assert len(stats["images_per_second"]) == 2 and sum(stats["images"]) == 50  # both actors generated
+    actors_after = ray.get(pool.coordinator.ready.remote())
     assert stats["actors_started"] == 2
-    assert [a["pid"] for a in actors_after] == [a["pid"] for a in actors_before]
-    assert [a["loads"] for a in actors_after] == [1, 1]
-    ray.get(pool.shutdown.remote())
+    assert [a["pid"] for a in actors_after] == [a["pid"] for a in actors_before]  # each loaded its model once
+    pool.shutdown()
+
+
+class Delays:
+    """Hands each stand-in generator its delay per chunk, in the order the actors start."""
+
+    def __init__(self, delays):
+        self.delays = list(delays)
+
+    def take(self):
+        return self.delays.pop(0)
+
+
+def test_idle_actors_pull_the_next_chunk_so_a_slow_actor_makes_fewer(local_ray):
+    book = ray.remote(Delays).remote([0.05, 0.2])  # the second actor is 4x slower
+    pool = start_pool(lambda: SeedImages(ray.get(book.take.remote())), 2)
+    ds = epoch_stream(pool, chunk_sizes(96, 4, 2), (SIZE, SIZE, 3), concurrency=4)
+    chunks = plan([48, 48], 0, run_seed=1, chunk_size=4)
+    started = time.time()
+    pool.start_epoch(0, chunks, None)
+    rows = read_epoch(ds)
+    wall = time.time() - started
+    assert sorted(zip(rows["label"].tolist(), rows["seed"].tolist())) == pairs(chunks)
+    fast, slow = sorted(pool.epoch_stats()["images"], reverse=True)
+    assert fast >= 2.5 * slow  # work followed speed, with no split decided in advance
+    # A static even split would take about half the chunks x 0.2 s on the slow actor.
+    assert wall < 0.75 * (len(chunks) / 2 * 0.2)
+    pool.shutdown()
+    ray.kill(book)
 
 
 def test_killing_an_actor_mid_epoch_still_delivers_exactly_the_quota(local_ray):
     pool, ds = start(budget=48, chunk_size=4, delay=0.3)
-    victim = ray.get(pool.ready.remote())[1]["pid"]  # before the epoch: actor calls run in order
-    chunks = plan_epoch([16, 16, 16], 0, run_seed=3, chunk_size=4)
-    ray.get(pool.start_epoch.remote(0, chunks, [None]))
+    victim = ray.get(pool.coordinator.ready.remote())[1]["pid"]  # before the epoch: actor calls run in order
+    chunks = plan([16, 16, 16], 0, run_seed=3, chunk_size=4)
+    pool.start_epoch(0, chunks, None)
     threading.Timer(0.8, lambda: os.kill(victim, 9)).start()  # after ~2 of its 6 chunks
     rows = read_epoch(ds)
     assert sorted(zip(rows["label"].tolist(), rows["seed"].tolist())) == pairs(chunks)
-    stats = ray.get(pool.epoch_stats.remote())
+    stats = pool.epoch_stats()
     assert stats["actors_started"] == 3  # the dead actor was replaced
     # The next epoch runs on the replacement as usual.
-    chunks = plan_epoch([8, 30, 10], 1, run_seed=3, chunk_size=4)
-    ray.get(pool.start_epoch.remote(1, chunks, [None]))
+    chunks = plan([8, 30, 10], 1, run_seed=3, chunk_size=4)
+    pool.start_epoch(1, chunks, None)
     rows = read_epoch(ds)
     got = sorted(zip(rows["label"].tolist(), rows["seed"].tolist()))
     assert got == pairs(chunks), (set(got) ^ set(pairs(chunks)), set(rows["plan_epoch"].tolist()))
-    ray.get(pool.shutdown.remote())
+    pool.shutdown()
 
 
 def test_ray_kill_of_an_actor_handle_is_survived_too(local_ray):
     pool, ds = start(budget=32, chunk_size=4, delay=0.3)
-    chunks = plan_epoch([16, 16], 0, run_seed=5, chunk_size=4)
-    ray.get(pool.start_epoch.remote(0, chunks, [None]))
-    actors = ray.get(pool.actor_handles.remote())
+    chunks = plan([16, 16], 0, run_seed=5, chunk_size=4)
+    pool.start_epoch(0, chunks, None)
+    actors = ray.get(pool.coordinator.actor_handles.remote())
     threading.Timer(0.5, lambda: ray.kill(actors[0][0], no_restart=True)).start()
     rows = read_epoch(ds)
     assert sorted(zip(rows["label"].tolist(), rows["seed"].tolist())) == pairs(chunks)
-    assert ray.get(pool.epoch_stats.remote())["actors_started"] == 3
-    ray.get(pool.shutdown.remote())
+    assert pool.epoch_stats()["actors_started"] == 3
+    pool.shutdown()
 
 
 def test_the_first_chunk_streams_out_before_the_last_is_generated(local_ray):
     pool, ds = start(budget=40, chunk_size=4, delay=0.4)
-    chunks = plan_epoch([20, 20], 0, run_seed=0, chunk_size=4)
-    ray.get(pool.start_epoch.remote(0, chunks, [None]))
+    chunks = plan([20, 20], 0, run_seed=0, chunk_size=4)
+    started = time.time()
+    pool.start_epoch(0, chunks, None)
     first = None
     n = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         first = first or time.time()
         n += len(batch["label"])
-    stats = ray.get(pool.epoch_stats.remote())
+    stats = pool.epoch_stats()
     assert n == 40
-    assert first < stats["last_chunk_done_at"] - 0.5  # 5 chunks per actor: ~2 s of generation
-    ray.get(pool.shutdown.remote())
+    assert first - started < stats["generation_seconds"] - 0.5  # 5 chunks per actor: ~2 s of generation
+    pool.shutdown()
 
 
 def test_offline_reuse_keeps_the_images_already_made(local_ray):
     pool, ds = start(budget=12, chunk_size=4, delay=0.0)
-    chunks = plan_epoch([6, 6], 0, run_seed=0, chunk_size=4)
-    ray.get(pool.start_epoch.remote(0, chunks, [None], reuse=True))
-    first, made = read_epoch(ds), ray.get(pool.epoch_stats.remote())["last_chunk_done_at"]
-    ray.get(pool.start_epoch.remote(0, chunks, [None], reuse=True))
+    chunks = plan([6, 6], 0, run_seed=0, chunk_size=4)
+    pool.start_epoch(0, chunks, None, reuse=True)
+    first, made = read_epoch(ds), pool.epoch_stats()["generation_seconds"]
+    pool.start_epoch(0, chunks, None, reuse=True)
     second = read_epoch(ds)
     assert sorted(first["seed"].tolist()) == sorted(second["seed"].tolist()) == sorted(pairs(chunks)[i][1]
                                                                                        for i in range(12))
-    assert ray.get(pool.epoch_stats.remote())["last_chunk_done_at"] == made  # not generated again
-    ray.get(pool.shutdown.remote())
+    assert pool.epoch_stats()["generation_seconds"] == made  # not generated again
+    pool.shutdown()
 
 
 def test_the_stream_carries_every_real_row_plus_the_padding_and_the_chunks(local_ray):
-    pool = start_pool(lambda: SeedImages(0.1), 2, num_cpus=0.5)
+    pool = start_pool(lambda: SeedImages(0.1), 2)
     real_labels = np.arange(37) % 3
     real_images = np.zeros((37, SIZE, SIZE, 3), np.uint8)
     real_images[:, 1, 0, 0] = np.arange(37)  # row id
-    ds = epoch_stream(pool, chunk_sizes(20, 4), (SIZE, SIZE, 3), real_images=real_images, real_labels=real_labels,
+    ds = epoch_stream(pool, chunk_sizes(20, 4, 2), (SIZE, SIZE, 3), real_images=real_images, real_labels=real_labels,
                       extra_real_rows=3, seed=1, concurrency=4)
-    chunks = plan_epoch([10, 10], 0, run_seed=2, chunk_size=4)
-    ray.get(pool.start_epoch.remote(0, chunks, [None]))
+    chunks = plan([10, 10], 0, run_seed=2, chunk_size=4)
+    pool.start_epoch(0, chunks, None)
     rows = read_epoch(ds)
     real = rows["plan_epoch"] == -1
     ids = rows["image"][real][:, 1, 0, 0].astype(int)
     assert len(ids) == 40 and set(ids) == set(range(37))  # every real row, plus 3 seeded repeats
     np.testing.assert_array_equal(rows["label"][real], real_labels[ids])
     assert sorted(zip(rows["label"][~real].tolist(), rows["seed"][~real].tolist())) == pairs(chunks)
-    ray.get(pool.shutdown.remote())
+    pool.shutdown()
 
 
 def test_stream_order_reads_the_head_at_once_and_the_rest_as_chunks_are_made():
@@ -179,7 +216,7 @@ def test_stream_order_reads_the_head_at_once_and_the_rest_as_chunks_are_made():
 def test_real_slices_follow_the_epochs_order(local_ray):
     from ioisray.data.ray_dataset import start_epoch_counter
 
-    pool, counter = start_pool(lambda: SeedImages(0.0), 1, num_cpus=0.5), start_epoch_counter()
+    pool, counter = start_pool(lambda: SeedImages(0.0), 1), start_epoch_counter()
     real_images = np.zeros((60, SIZE, SIZE, 3), np.uint8)
     real_images[:, 1, 0, 0] = np.arange(60)  # row id
     tasks = epoch_stream_source(pool, chunk_sizes(8, 4), (SIZE, SIZE, 3), real_images=real_images,
@@ -199,14 +236,14 @@ def test_real_slices_follow_the_epochs_order(local_ray):
                                 real_labels=np.arange(60) % 2, real_rows_ahead=12, real_slice_rows=6).get_read_tasks(1)
     assert len(small) == 10 + 4 and [t.metadata.num_rows for t in small[:3]] == [6, 6, 1]  # then chunk 0
     assert sum(t.metadata.num_rows for t in small) == 60 + 8
-    ray.get(pool.shutdown.remote())
+    pool.shutdown()
     ray.kill(counter)
 
 
 def test_a_real_slice_past_the_head_waits_for_its_chunk(local_ray):
     # 8 chunks, so 8 real slices of 15 rows; 12 rows may run ahead: slice 0 is read at once, slice 1
     # only once chunk 0 (2 s to make) is done. Unpaced (real_rows_ahead=None), both are read at once.
-    pool = start_pool(lambda: SeedImages(0.0, first_delay=2.0), 1, num_cpus=0.5)
+    pool = start_pool(lambda: SeedImages(0.0, first_delay=2.0), 1)
 
     def read_tasks(ahead):  # real slice i, then chunk i, for each i
         return epoch_stream_source(pool, chunk_sizes(24, 4), (SIZE, SIZE, 3),
@@ -214,11 +251,10 @@ def test_a_real_slice_past_the_head_waits_for_its_chunk(local_ray):
                                    real_labels=np.arange(120) % 2, real_rows_ahead=ahead).get_read_tasks(1)
 
     paced, unpaced = read_tasks(12), read_tasks(None)
-    ray.get(pool.start_epoch.remote(0, plan_epoch([12, 12], 0, run_seed=0, chunk_size=4), [None]))
+    pool.start_epoch(0, plan([12, 12], 0, run_seed=0, chunk_size=4, actors=1), None)
     started = time.time()
     assert sum(len(b) for b in unpaced[2]()) == 15 and time.time() - started < 1.0
     assert sum(len(b) for b in paced[0]()) == 15 and time.time() - started < 1.0
     assert sum(len(b) for b in paced[2]()) == 15 and time.time() - started > 1.5
-    chunk0_done = ray.get(pool.epoch_stats.remote())["first_chunk_done_at"]
-    assert time.time() >= chunk0_done
-    ray.get(pool.shutdown.remote())
+    assert pool.epoch_stats()["seconds_to_first_chunk"] >= 1.5  # the wait was for the chunk
+    pool.shutdown()

@@ -3,7 +3,7 @@
 The arrays go to the object store once; the dataset is a lazy `range` of row numbers mapped to rows,
 so Ray Train re-executes it every epoch. That re-execution is what lets each epoch read the training
 rows in a new order (seeded by run and epoch, which an EpochCounter actor tells the read tasks) and
-class-balanced re-sampling draw a fresh sample. The IOIS stream (ioisray/synthesis/pool.py) reads real
+class-balanced re-sampling draw a fresh sample. The IOIS stream (ioisray/synthesis/stream.py) reads real
 rows with the same `put_arrays` / `row_order` / `gather_rows`.
 """
 from __future__ import annotations
@@ -51,6 +51,11 @@ def current_epoch(counter) -> int:
     return 0 if counter is None else ray.get(counter.get.remote())
 
 
+def set_epoch(counter, epoch: int) -> None:
+    """Tell the read tasks which epoch's order to read (rank 0, before the epoch's stream starts)."""
+    ray.get(counter.set.remote(epoch))
+
+
 def train_read_runtime_env() -> dict:
     """The runtime environment of the tasks Ray Data starts for Ray Train's datasets: Ray Train (V2)
     gives its controller these environment variables (ray/train/v2/api/data_parallel_trainer.py), and
@@ -83,7 +88,7 @@ def prestart_read_workers(count: int, modules: tuple[str, ...] = ()) -> list:
     read tasks of the IOIS stream began about 13 s after it did. Ray gives a task an idle worker only
     of the same runtime environment, hence `train_read_runtime_env`. (This module is light: the
     workers do not import torch.) Meant for a Ray that keeps idle workers, as the one ioisray starts
-    does (recipes/common.init_ray: 60 s); with Ray's defaults they may be reaped before they are used."""
+    does (recipes/launch.init_ray: 60 s); with Ray's defaults they may be reaped before they are used."""
     task = ray.remote(_import_and_wait).options(num_cpus=0, runtime_env=train_read_runtime_env(),
                                                 scheduling_strategy="SPREAD", max_retries=0)
     return [task.remote(tuple(modules), 1.0) for _ in range(count)]

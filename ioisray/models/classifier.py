@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ioisray.config import ModelConfig
+from ioisray.config import Config, ModelConfig
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -95,3 +95,22 @@ def create_classifier(cfg: ModelConfig, num_classes: int, cosine_head: bool = Fa
                              f"{cfg.name!r} match {cfg.weights}: weights for another architecture?")
         model.load_state_dict(kept, strict=False)
     return model
+
+
+def build_classifier(cfg: Config, num_classes: int, *, pretrained: bool = True) -> torch.nn.Module:
+    """The classifier of a run's config; LDAM-DRW gets the cosine head its margins assume.
+    `pretrained=False` builds the architecture only, without reading `model.weights`: for copies
+    whose weights come from elsewhere (the synthesis actors' guide, a finished run's best model),
+    possibly on a node that does not have that file."""
+    model_cfg = cfg.model if pretrained else cfg.model.model_copy(update={"weights": None})
+    return create_classifier(model_cfg, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module inside DDP: a forward on one rank alone must not wait for the others."""
+    return model.module if hasattr(model, "module") else model
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict:
+    """The bare module's weights as CPU tensors of their own (training may go on changing the live ones)."""
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}

@@ -21,7 +21,9 @@ from ioisray import report as figures, storage
 from ioisray.atomic import atomic_write_bytes, atomic_write_text
 from ioisray.config import Config, save_config
 from ioisray.experiments import aggregate, benchmark_runs, results_csv, results_markdown, trial_resources
-from ioisray.recipes.common import open_run, run_trials, shared_diffusion_model
+from ioisray.recipes.launch import run_trials
+from ioisray.recipes.prerequisites import shared_diffusion_model
+from ioisray.run import Run, run_dir, run_location
 
 
 def benchmark_trial(params: dict, *, configs: dict[str, dict]) -> None:
@@ -36,7 +38,7 @@ def benchmark_trial(params: dict, *, configs: dict[str, dict]) -> None:
 
 
 def _finished(cfg: Config) -> dict | None:
-    path = open_run(cfg) / "metrics.json"
+    path = Run(cfg).pull().dir / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -74,7 +76,7 @@ def benchmark(cfg: Config, report_only: bool = False) -> dict:
     if not results:  # before anything is written: a failed report leaves no folder behind
         raise NothingFinishedError(f"no run of benchmark {cfg.name} has finished in {cfg.output_dir}"
                                    + (" (run it without --report-only)" if report_only else ""))
-    out_dir = open_run(cfg)
+    out_dir = Run(cfg).pull().dir
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     tables, made = [], []
@@ -91,9 +93,9 @@ def benchmark(cfg: Config, report_only: bool = False) -> dict:
     atomic_write_text(out_dir / "results.md", seeds_note + "\n".join(t[0] for t in tables))
     for _, csv_text, prefix in tables:
         atomic_write_text(out_dir / f"{prefix}results.csv", csv_text)
-    storage.push(out_dir, cfg.run_location)
-    return {"table": (out_dir / "results.md").read_text(), "missing": missing, "run_dir": cfg.run_location,
-            "figures": [storage.join(cfg.run_location, p.name) for p in made]}
+    storage.push(out_dir, run_location(cfg))
+    return {"table": (out_dir / "results.md").read_text(), "missing": missing, "run_dir": run_location(cfg),
+            "figures": [storage.join(run_location(cfg), p.name) for p in made]}
 
 
 def _figures(cfg: Config, runs, results: dict, out_dir, prefix: str) -> list:
@@ -118,7 +120,7 @@ def _figures(cfg: Config, runs, results: dict, out_dir, prefix: str) -> list:
                                                      out_dir / f"{prefix}per_class_change_{m}_vs_{base}.png", title))
     for m in by_method:
         first = next(r for r in runs if r.method == m and r.name in results)
-        src = first.config.run_dir / figures.REAL_VS_SYNTHETIC_PNG
+        src = run_dir(first.config) / figures.REAL_VS_SYNTHETIC_PNG
         if src.is_file():
             made.append(out_dir / f"{prefix}real_vs_synthetic_{m}.png")
             atomic_write_bytes(made[-1], src.read_bytes())

@@ -7,12 +7,11 @@
              weights, a sample grid in TensorBoard every `pretrain.sample_every` epochs, a checkpoint
              (UNet, EMA, optimizer, lr schedule, epoch) every epoch
     save     driver: the EMA weights as a diffusers model folder, <run>/unet (safetensors), with the
-             noise scheduler it was trained with
-    cleanup  driver: shut down the Ray it started
+             noise scheduler it was trained with and the record of the images it trained on
+    cleanup  driver: shut down the Ray it started, release the run
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,13 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from ioisray import storage
+from ioisray.checkpoint import FINAL
+from ioisray.config import Config, ConfigError
 from ioisray.data import provenance
-from ioisray.config import Config, ConfigError, RunFinishedError, save_config
+from ioisray.data.setup import setup_data
+from ioisray.models import unwrap
 from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet,
                                      save_diffusion_model)
 from ioisray.precision import autocast, grad_scaler, resolve_precision
-from ioisray.recipes.common import (check_resumable, cpu_batches, epoch_generator, fit, new_checkpoint_dir, open_run,
-                                    report, restore_or_start, setup_data, tensorboard_location, unwrap, worker_setup)
+from ioisray.recipes.launch import fit
+from ioisray.recipes.worker import Worker, locations
+from ioisray.run import Run, run_location
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
 
 UNET_DIR = "unet"  # in the final checkpoint and in the run folder
@@ -93,13 +96,14 @@ def sample_grid(unet, noise_scheduler, num_classes: int, per_class: int, steps: 
 def train_loop_per_worker(loop_config: dict) -> None:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    import ray.train
     import ray.train.torch
 
     cfg = Config.model_validate(loop_config["config"])
     p = cfg.pretrain
     num_classes, image_size = loop_config["num_classes"], loop_config["image_size"]
-    rank, world, device = worker_setup(cfg)
+    worker = Worker(cfg, loop_config)
+    shard = worker.shard("train")
+    device = worker.device
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     unet = initial_unet(cfg, num_classes, image_size)
@@ -107,29 +111,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=p.warmup_steps)
     noise_scheduler = training_noise_scheduler(cfg)
-    state, resumed = restore_or_start(cfg, unet, optimizer, lr_schedule)
-    if resumed:
+    state = worker.resume(unet, optimizer, lr_schedule, what="diffusion pretraining ")
+    if state.epoch:
         ema.load_state_dict(state.extra["ema"])
-        if rank == 0:
-            print(f"[ioisray] resumed diffusion pretraining from epoch {state.epoch}", flush=True)
     ema.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     scaler = grad_scaler(device, precision)
     unet = ray.train.torch.prepare_model(unet)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
 
-        events = storage.EventsDir(loop_config["tensorboard_dir"], loop_config["tensorboard_uri"])
-        writer = SummaryWriter(events.path)
-    shard = ray.train.get_dataset_shard("train")
-
-    for epoch in range(state.epoch, p.epochs):
+    for epoch in worker.epochs(state, p.epochs):  # noise and timesteps replay on resume
         unet.train()
-        epoch_generator(cfg, rank, epoch)  # noise and timesteps replay on resume
         start, loss_sum, n_seen = time.perf_counter(), torch.zeros((), device=device), 0
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=p.batch_size, dtypes=None,
-                                                           local_shuffle_buffer_size=2048, **cpu_batches(device))):
+        for i, batch in enumerate(worker.batches(shard, p.batch_size, local_shuffle_buffer_size=2048)):
             if p.max_batches_per_epoch and i >= p.max_batches_per_epoch:
                 break
             x0 = to_model_space(batch["image"].to(device, non_blocking=True), p.hflip, p.vflip)
@@ -149,36 +142,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ema.step(unwrap(unet).parameters())
             loss_sum += loss.detach() * len(y)
             n_seen += len(y)
-            if rank == 0 and (i + 1) % 50 == 0:
+            if worker.rank == 0 and (i + 1) % 50 == 0:
                 print(f"[ioisray]   batch {i + 1} loss {loss.item():.4f}", flush=True)
         seconds = time.perf_counter() - start
         metrics = {"epoch": epoch, "loss": float(loss_sum) / max(n_seen, 1), "epoch_seconds": seconds,
                    "lr": lr_schedule.get_last_lr()[0]}
-        ckpt_dir = None
         last = epoch + 1 == p.epochs
-        if rank == 0:
-            writer.add_scalar("pretrain/loss", metrics["loss"], epoch)
-            writer.add_scalar("pretrain/lr", metrics["lr"], epoch)
-            writer.add_scalar("pretrain/images_per_second", n_seen * world / max(seconds, 1e-9), epoch)
-            ckpt_dir = new_checkpoint_dir()
+        files = {}
+        if worker.rank == 0:
+            rate = n_seen * worker.world / max(seconds, 1e-9)
+            for key, value in (("loss", metrics["loss"]), ("lr", metrics["lr"]), ("images_per_second", rate)):
+                worker.writer.add_scalar(f"pretrain/{key}", value, epoch)
             if last or (p.sample_every and (epoch + 1) % p.sample_every == 0):
                 ema_unet = _ema_copy(unwrap(unet), ema)
-                writer.add_image("pretrain/samples_ema", sample_grid(ema_unet, noise_scheduler, num_classes, 8,
-                                                                     p.sample_steps, device), epoch)
+                worker.writer.add_image("pretrain/samples_ema", sample_grid(ema_unet, noise_scheduler, num_classes, 8,
+                                                                            p.sample_steps, device), epoch)
                 if last:  # the product of this recipe: the EMA weights as a diffusers model
-                    save_diffusion_model(ema_unet, noise_scheduler, Path(ckpt_dir) / UNET_DIR)
-            writer.flush()
-            events.sync()
+                    files = _model_files(ema_unet, noise_scheduler)
             print(f"[ioisray] diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
-                  f"({n_seen * world / max(seconds, 1e-9):.1f} img/s, {seconds:.1f}s)", flush=True)
+                  f"({rate:.1f} img/s, {seconds:.1f}s)", flush=True)
             state.epoch = epoch + 1
             state.model, state.optimizer = unwrap(unet).state_dict(), optimizer.state_dict()
             state.scheduler, state.extra["ema"] = lr_schedule.state_dict(), ema.state_dict()
-            state.save(ckpt_dir)
-        report(metrics, ckpt_dir)
-    if writer is not None:
-        writer.close()
-        events.sync()
+        worker.end_epoch(metrics, state, files, name=FINAL if last else None)
+    worker.close()
+
+
+def _model_files(unet, noise_scheduler) -> dict[str, bytes]:
+    """The diffusers folder of a model (UNet weights as safetensors, configs, the noise scheduler) as
+    {relative path: bytes}, for the final checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_diffusion_model(unet, noise_scheduler, tmp)
+        return {f"{UNET_DIR}/{f.relative_to(tmp).as_posix()}": f.read_bytes()
+                for f in Path(tmp).rglob("*") if f.is_file()}
 
 
 def _ema_copy(unet, ema):
@@ -209,38 +205,35 @@ def pretrain_diffusion(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the saved diffusers UNet."""
     from ioisray.data.ray_dataset import to_ray_dataset
 
-    run_dir = open_run(cfg)
-    final = run_dir / UNET_DIR
-    if final.exists():
-        raise RunFinishedError(f"{final} already exists: this pretraining run has finished. Use it with "
-                               f"diffusion.model_dir={final}, or choose another name=...")
-    check_resumable(cfg, run_dir)
-    image_size = diffusion_image_size(cfg)
-    ds, splits = setup_data(cfg, image_size=image_size)
-    try:  # fail here, naming the key, rather than inside the Ray workers after start-up
-        initial_unet(cfg, ds.num_classes, image_size)
-        training_noise_scheduler(cfg)
-    except ConfigError:
-        raise
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"diffusion.image_size / diffusion.preset / diffusion.model_dir: {e}") from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    storage.push(run_dir, cfg.run_location)
-    train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
-    loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes, "image_size": image_size,
-                   **tensorboard_location(cfg)}
-    result = fit(cfg, train_loop_per_worker, loop_config,
-                 lambda _: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
-                                                  seed=cfg.seed)})
-    # Copy the model out of the last checkpoint, then rename: a half-copied folder never looks done.
-    with result.checkpoint.as_directory() as d:
-        tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".unet-"))
-        shutil.copytree(Path(d) / UNET_DIR, tmp, dirs_exist_ok=True)
-    record_training_images(cfg, ds, splits["train"], tmp)
-    tmp.rename(final)
-    load_unet(str(final), ds.num_classes)  # fail here, not later, if it does not reload
-    load_noise_scheduler(final)
-    storage.push(run_dir, cfg.run_location)
-    print(f"[ioisray] diffusion model saved: {storage.join(cfg.run_location, UNET_DIR)}", flush=True)
+    with Run(cfg, done_file=UNET_DIR, when_finished="use its model with diffusion.model_dir="
+             f"{run_location(cfg)}/{UNET_DIR}") as run:
+        image_size = diffusion_image_size(cfg)
+        ds, splits = setup_data(cfg, image_size=image_size)
+        try:  # fail here, naming the key, rather than inside the Ray workers after start-up
+            initial_unet(cfg, ds.num_classes, image_size)
+            training_noise_scheduler(cfg)
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"diffusion.image_size / diffusion.preset / diffusion.model_dir: {e}") from None
+        run.start()
+        train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
+        loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes,
+                       "image_size": image_size, **locations(run)}
+        fit(cfg, train_loop_per_worker, loop_config,
+            lambda _: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural", seed=cfg.seed)})
+        # Written next to the run, then renamed: a half-written folder never looks done.
+        final = run.dir / UNET_DIR
+        tmp = Path(tempfile.mkdtemp(dir=run.dir, prefix=".unet-"))
+        for name in run.checkpoints.files(FINAL):
+            if name.startswith(f"{UNET_DIR}/"):
+                target = tmp / name[len(UNET_DIR) + 1:]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(run.checkpoints.read(FINAL, name))
+        record_training_images(cfg, ds, splits["train"], tmp)
+        tmp.rename(final)
+        load_unet(str(final), ds.num_classes)  # fail here, not later, if it does not reload
+        load_noise_scheduler(final)
+        run.push()
+    print(f"[ioisray] diffusion model saved: {run.uri(UNET_DIR)}", flush=True)
     return final

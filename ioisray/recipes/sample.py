@@ -21,8 +21,10 @@ from ioisray.atomic import atomic_write_bytes, atomic_write_text
 from ioisray.config import Config, ConfigError, load_config, save_config
 from ioisray.models import load_state_dict_file
 from ioisray.models.diffusion import load_noise_scheduler, load_unet
-from ioisray.recipes.common import setup_data
-from ioisray.recipes.train import BEST_MODEL_FILE, build_classifier
+from ioisray.data.setup import setup_data
+from ioisray.models import build_classifier
+from ioisray.recipes.train import BEST_MODEL_FILE
+from ioisray.run import run_dir
 from ioisray.sampler import SamplerConfig, sample
 
 
@@ -75,7 +77,7 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
     seeds = list(range(len(labels)))
     batch = sample(unet.to(device), labels, seeds, scfg, classifier=guide.to(device) if guide else None,
                    scheduler=noise_scheduler, device=device)
-    out = cfg.run_dir / "samples"
+    out = run_dir(cfg) / "samples"
     save_config(cfg, out / "config.yaml")
     grid = make_grid(batch.images.permute(0, 3, 1, 2), nrow=per_class, padding=2).permute(1, 2, 0).numpy()
     png = io.BytesIO()

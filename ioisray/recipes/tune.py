@@ -19,7 +19,9 @@ from ioisray import storage
 from ioisray.atomic import atomic_write_text
 from ioisray.config import Config, save_config, to_yaml
 from ioisray.experiments import check_search_space, results_csv, trial_config, trial_resources
-from ioisray.recipes.common import open_run, run_trials, shared_diffusion_model
+from ioisray.recipes.launch import run_trials
+from ioisray.recipes.prerequisites import shared_diffusion_model
+from ioisray.run import Run, run_location
 
 TRIALS = "trials"  # the trials' run folders, inside the search's folder
 
@@ -74,13 +76,13 @@ def search(cfg: Config) -> dict:
     from ray import tune
 
     check_search_space(cfg)
-    run_dir = open_run(cfg)
+    run_dir = Run(cfg).pull().dir
     run_dir.mkdir(parents=True, exist_ok=True)
     base = shared_diffusion_model(cfg.model_copy(update={"baseline": None}))
     save_config(base, run_dir / "config.yaml")
     t = cfg.tune
     trainable = tune.with_parameters(tune_trial, base=base.model_dump(mode="json"),
-                                     trials_dir=storage.join(cfg.run_location, TRIALS))
+                                     trials_dir=storage.join(run_location(cfg), TRIALS))
     grid = run_trials(base, trainable, _param_space(base), trial_resources(base), name="tune",
                       limit=t.max_concurrent_trials, max_failures=t.max_failures,
                       metric=t.metric, scheduler=_schedulers(base),
@@ -100,7 +102,7 @@ def search(cfg: Config) -> dict:
                      f"best_{t.metric}": max(values) if values else math.nan, "status": status})
     scored = [(row[f"best_{t.metric}"], i) for i, row in enumerate(rows) if not math.isnan(row[f"best_{t.metric}"])]
     if not scored:
-        raise RuntimeError(f"no trial reported {t.metric}; see the trials' logs under {cfg.run_location}")
+        raise RuntimeError(f"no trial reported {t.metric}; see the trials' logs under {run_location(cfg)}")
     best_value, best_i = max(scored)
     best_params = {k: rows[best_i][k] for k in t.search_space}
     best = trial_config(base, best_params, name=f"{cfg.name}_best")
@@ -110,9 +112,9 @@ def search(cfg: Config) -> dict:
     atomic_write_text(best_yaml, f"# The best trial of `ioisray tune` {cfg.name} ({t.metric} {best_value:.4f} on "
                                  f"validation): {best_params}\n# Train it, and only then test it: ioisray train "
                                  f"{best_yaml.name}\n" + to_yaml(best))
-    storage.push(run_dir, cfg.run_location)
+    storage.push(run_dir, run_location(cfg))
     return {"best_params": best_params, "best_value": best_value, "trials": rows,
-            "best_config": storage.join(cfg.run_location, best_yaml.name), "run_dir": cfg.run_location}
+            "best_config": storage.join(run_location(cfg), best_yaml.name), "run_dir": run_location(cfg)}
 
 
 def _save_tables(rows: list[dict], run_dir: Path, metric: str) -> None:

@@ -1,8 +1,9 @@
-"""One epoch's synthesis plan: which (label, seed) pairs to generate, in chunks, and which actor makes each.
+"""One epoch's synthesis plan: which (label, seed) pairs to generate, in chunks.
 
-Pure Python/NumPy, no Ray. The budget N is fixed for a run, so an epoch always has the same number of
-chunks (see chunk_sizes); only their labels change with the quotas. That is what lets a Ray Data
-source with a fixed set of read tasks (one per chunk) serve a different plan every epoch.
+Pure Python/NumPy, no Ray. The budget N and the pool's size are fixed for a run, so an epoch always has
+the same chunk sizes (see chunk_sizes); only their labels change with the quotas. That is what lets a
+Ray Data source with a fixed set of read tasks (one per chunk) serve a different plan every epoch.
+Which actor makes which chunk is decided while the epoch runs: an idle actor takes the next one.
 """
 from __future__ import annotations
 
@@ -28,22 +29,30 @@ class Chunk:
         return len(self.labels)
 
 
-def num_chunks(budget: int, chunk_size: int) -> int:
-    return len(chunk_sizes(budget, chunk_size))
+def num_chunks(budget: int, chunk_size: int, actors: int = 1) -> int:
+    return len(chunk_sizes(budget, chunk_size, actors))
 
 
-def chunk_sizes(budget: int, chunk_size: int) -> list[int]:
-    """Images per chunk of every epoch's plan: a short ramp (chunk_size/8, /4, /2), full chunks, then
-    the remainder.
+def chunk_sizes(budget: int, chunk_size: int, actors: int = 1) -> list[int]:
+    """Images per chunk of every epoch's plan: a short ramp (chunk_size/8, /4, /2), full chunks, and,
+    with several actors, a tail of shrinking chunks.
 
     The first chunks go one to each actor, so small ones reach the trainer within seconds of the epoch's
-    start instead of after chunk_size / (images/s) seconds; three extra chunks cost next to nothing.
+    start instead of after chunk_size / (images/s) seconds. Actors take chunks as they become idle, so
+    the epoch ends when the last chunk handed out is done; the tail (guided self-scheduling: each chunk
+    1/(2 * actors) of what is left, at least chunk_size/8) keeps the chunks handed out last small, so
+    the actors, fast or slow, finish within a small chunk of each other.
     """
     ramp = [c for c in dict.fromkeys((chunk_size // 8, chunk_size // 4, chunk_size // 2)) if 0 < c < chunk_size]
-    sizes, left = [], budget
-    for size in ramp + [chunk_size] * math.ceil(max(budget, 0) / chunk_size):
-        if left <= 0:
-            break
+    smallest = max(1, chunk_size // 8)
+    sizes, left = [], max(budget, 0)
+    while left > 0:
+        if len(sizes) < len(ramp):
+            size = ramp[len(sizes)]
+        elif actors > 1:
+            size = max(smallest, min(chunk_size, math.ceil(left / (2 * actors))))
+        else:
+            size = chunk_size
         sizes.append(min(size, left))
         left -= sizes[-1]
     return sizes
@@ -55,7 +64,7 @@ def image_seeds(run_seed: int, epoch: int, count: int) -> np.ndarray:
     return run_seed * SEED_RUN + epoch * SEED_EPOCH + np.arange(count, dtype=np.int64)
 
 
-def plan_epoch(quotas: Sequence[int], epoch: int, run_seed: int, chunk_size: int) -> list[Chunk]:
+def plan_epoch(quotas: Sequence[int], epoch: int, run_seed: int, chunk_size: int, actors: int = 1) -> list[Chunk]:
     """Chunks holding exactly quotas[c] images of each class c.
 
     Labels are shuffled (seeded by run and epoch) before chunking, so every chunk, and so every early
@@ -69,25 +78,5 @@ def plan_epoch(quotas: Sequence[int], epoch: int, run_seed: int, chunk_size: int
     labels = np.repeat(np.arange(q.size, dtype=np.int64), q)
     labels = np.random.default_rng([run_seed, epoch]).permutation(labels)
     seeds = image_seeds(run_seed, epoch, len(labels))
-    sizes = chunk_sizes(len(labels), chunk_size)
+    sizes = chunk_sizes(len(labels), chunk_size, actors)
     return [Chunk(i, labels[e - n:e], seeds[e - n:e]) for i, (e, n) in enumerate(zip(np.cumsum(sizes), sizes))]
-
-
-def assign_chunks(sizes: Sequence[int], throughputs: Sequence[float]) -> list[int]:
-    """Actor index for each chunk, in chunk order: each goes to the actor that would finish it first.
-
-    Actors then get work in proportion to their measured throughput (images/s), so a slow actor does
-    not hold the epoch back; and since chunk i is among the first finished, read tasks that ask for
-    chunks in index order receive them roughly as they are produced.
-    """
-    rates = np.asarray(throughputs, dtype=np.float64)
-    if rates.ndim != 1 or rates.size == 0 or not np.all(np.isfinite(rates)) or (rates <= 0).any():
-        raise ValueError(f"throughputs must be positive numbers, one per actor, got {throughputs!r}")
-    busy_until = np.zeros_like(rates)
-    owners = []
-    for size in sizes:
-        finish = busy_until + size / rates
-        a = int(np.argmin(finish))  # ties go to the lower actor index
-        busy_until[a] = finish[a]
-        owners.append(a)
-    return owners

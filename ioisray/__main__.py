@@ -1,0 +1,6 @@
+"""`python -m ioisray ...` is `ioisray ...`."""
+import sys
+
+from ioisray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""What a training run needs before its first epoch, made here if it is missing: the diffusion model
+IOIS samples from (with its provenance checked: it must never have seen the run's validation or test
+images) and the baseline run the per-class change figure compares with."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ioisray import storage
+from ioisray.config import Config, ConfigError, TrainConfig, load_config
+from ioisray.data import provenance
+from ioisray.data.setup import setup_data
+from ioisray.run import Run, run_dir, run_location
+
+
+def baseline_run(cfg: Config, train: Optional[Callable[[Config], dict]] = None) -> Optional[Path]:
+    """The finished run `cfg.baseline` names. An experiment config is trained first with `train` (same
+    output_dir, seed, data and Ray settings) unless its run has finished already; without `train`,
+    None is returned for a baseline that has not finished."""
+    if storage.is_uri(cfg.baseline):
+        cfg = cfg.model_copy(update={"baseline": storage.fetch_dir(cfg.baseline)})
+    path = Path(cfg.baseline).expanduser()
+    if path.suffix not in (".yaml", ".yml"):
+        if not (path / "metrics.json").is_file():
+            raise ConfigError(f"baseline: {path} is not a finished run folder (no metrics.json)")
+        return path
+    if not path.is_file():
+        raise ConfigError(f"baseline: config file not found: {path}")
+    base = load_config(path, [f"output_dir={cfg.output_dir}", f"seed={cfg.seed}"])
+    base = base.model_copy(update={"ray": cfg.ray, "data": cfg.data})
+    if base.baseline or base.synthesis.mode != "none":
+        raise ConfigError(f"baseline: {path} must be a plain baseline (no synthesis, no baseline of its own)")
+    if not Run(base).pull().finished:
+        if train is None:
+            return None
+        print(f"[ioisray] baseline {base.name}: training it first ({run_dir(base)})", flush=True)
+        train(base)
+    return run_dir(base)
+
+
+def check_same_test_split(baseline_dir: Path, test_split_id: str) -> None:
+    """The per-class change figure compares test accuracies: only over the same test images. (A
+    baseline finished before split ids were recorded is not checked.)"""
+    recorded = json.loads((Path(baseline_dir) / "metrics.json").read_text()).get("split_ids", {}).get("test")
+    if recorded is not None and recorded != test_split_id:
+        raise ConfigError(f"baseline: {baseline_dir} was tested on another test split than this run's (another "
+                          f"seed, data.split_seed or split setting), so the two cannot be compared class by class; "
+                          f"give a baseline run of this split, or remove that folder to train it again")
+
+
+def diffusion_model(cfg: Config, ds, splits: dict) -> str:
+    """The diffusion model IOIS samples from: `diffusion.model_dir`, or, when that is not set, the one
+    pretrained for this data, training split, preset and size, which is pretrained here first if
+    missing. Refused if it was trained on any of this run's validation or test images."""
+    from ioisray.models.diffusion import load_noise_scheduler, load_unet
+    from ioisray.recipes.pretrain_diffusion import UNET_DIR, diffusion_image_size, pretrain_diffusion
+
+    folder = provenance.data_folder(cfg.data)
+    train_keys = provenance.image_keys(ds, splits["train"], folder)
+    if cfg.diffusion.model_dir:
+        model_dir = cfg.diffusion.model_dir
+        try:
+            load_unet(model_dir, ds.num_classes)
+            load_noise_scheduler(model_dir)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+    else:
+        size = diffusion_image_size(cfg)
+        # Only what shapes the diffusion model goes into its run, so IOIS runs that differ in method,
+        # synthesis, training settings or training seed share one model; another split gets its own.
+        d = cfg.diffusion
+        tag = (("_v" if d.prediction_type == "v_prediction" else "")
+               + ("_cosine" if d.beta_schedule == "squaredcos_cap_v2" else ""))
+        pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_split{provenance.split_id(train_keys)}",
+                     seed=cfg.split_seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
+                     pretrain=cfg.pretrain, ray=cfg.ray, train=TrainConfig(precision=cfg.train.precision))
+        # Named by its final location (a URI on a cluster), so that actors on any node can load it.
+        model_dir = storage.join(run_location(pre), UNET_DIR)
+        if storage.exists(model_dir):
+            print(f"[ioisray] diffusion model: {model_dir}", flush=True)
+        else:
+            print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({run_location(pre)})",
+                  flush=True)
+            pretrain_diffusion(pre)
+    held_out = provenance.image_keys(ds, np.concatenate([splits["val"], splits["test"]]), folder)
+    problem = provenance.check_record(storage.fetch_dir(model_dir), train_keys, held_out)
+    if problem and problem.startswith("warning: "):
+        print(f"[ioisray] {problem}", flush=True)
+    elif problem:
+        raise ConfigError(
+            f"diffusion.model_dir: {problem} (split seed {cfg.split_seed}), so its samples would leak them into "
+            f"training. Use a model pretrained on this split (leave diffusion.model_dir unset to pretrain one), or "
+            f"keep the model's split with data.split_seed")
+    return model_dir
+
+
+def shared_diffusion_model(cfg: Config, loaded: Optional[dict] = None) -> Config:
+    """`cfg` with diffusion.model_dir set when it synthesises: the model every trial of a search or
+    benchmark shares, pretrained here (once, before any trial starts) if it does not exist yet, and
+    checked against the run's validation and test images before any trial starts. `loaded` keeps the
+    last split loaded, so that consecutive runs with the same data and split seed load it once."""
+    if cfg.synthesis.mode == "none":
+        return cfg
+    loaded = {} if loaded is None else loaded
+    key = (cfg.data.model_dump_json(), cfg.split_seed)
+    if key not in loaded:
+        loaded.clear()
+        loaded[key] = setup_data(cfg)
+    model_dir = diffusion_model(cfg, *loaded[key])
+    return cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"model_dir": model_dir})})
