@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -199,7 +200,8 @@ def sample(
     (default: the UNet's device). The batch is processed at once; callers chunk large requests.
     """
     seeds = [int(s) for s in seeds]
-    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu()
+    # A copy: labels may arrive as a read-only array (a chunk from Ray's object store).
+    labels = torch.tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
     if labels.numel() != len(seeds):
         raise ValueError(f"got {labels.numel()} labels but {len(seeds)} seeds")
     num_classes = unet.config.num_class_embeds
