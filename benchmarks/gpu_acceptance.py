@@ -19,6 +19,7 @@ with the "eager" backend: it checks that the script runs, not speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -136,23 +137,23 @@ def check_sampler(report: Report, args, device: torch.device, peak: float) -> No
         labels, seeds = [i % 7 for i in range(batch)], list(range(batch))
         for variant, dtype, compiled in (("fp32", "float32", False), ("bf16", "bfloat16", False),
                                          ("bf16 + compile", "bfloat16", True)):
-            cfg = SamplerConfig(steps=steps, guidance_scale=1.0, dtype=dtype, compile=compiled, output_size=size)
+            cfg = SamplerConfig(steps=steps, guidance_scale=1.0, dtype=dtype, compile=compiled)
             model = torch.compile(unet, backend=args.compile_backend) if compiled else unet
             try:
                 torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
                 warm = time.perf_counter()
-                sample(model, labels, seeds, SamplerConfig(**{**cfg.__dict__, "steps": 2}), classifier=guide,
-                       device=device)  # warm-up, and compilation for the compiled variant
+                sample(model, labels, seeds, dataclasses.replace(cfg, steps=2), classifier=guide, device=device,
+                       output_size=size)  # warm-up, and compilation for the compiled variant
                 sync(device)
                 warm = time.perf_counter() - warm
                 start = time.perf_counter()
-                images = sample(model, labels, seeds, cfg, classifier=guide, device=device).images
+                images = sample(model, labels, seeds, cfg, classifier=guide, device=device, output_size=size).images
                 sync(device)
                 rate = batch / (time.perf_counter() - start)
             except Exception as e:  # noqa: BLE001 - a failed variant is reported, the others still run
                 report.check(f"c) sampler {preset} {variant}", "FAIL", f"{type(e).__name__}: {str(e)[:200]}")
                 continue
-            gflop = gflop_per_image(unet, guide, cfg, min(batch, 4), device)
+            gflop = gflop_per_image(unet, guide, cfg, min(batch, 4), device, size)
             share = 100 * gflop * rate / 1e3 / peak
             ok = images.shape == (batch, size, size, 3)
             report.check(f"c) sampler {preset} {variant}", "PASS" if ok else "FAIL",

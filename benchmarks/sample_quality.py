@@ -48,11 +48,12 @@ def main() -> None:
     print("| sampling | judge BACC | guide BACC | " + " | ".join(names) + " | img/s |")
     print("|---|---|---|" + "---|" * len(names) + "---|")
     for title, scale, form in settings:
-        cfg = SamplerConfig(steps=args.steps, guidance_scale=scale, guidance_form=form, output_size=size)
+        cfg = SamplerConfig(steps=args.steps, guidance_scale=scale, guidance_form=form, dtype="float32")
         images, t0 = [], time.perf_counter()
         for i in range(0, len(labels), args.batch):
             images.append(sample(unet, labels[i:i + args.batch], seeds[i:i + args.batch], cfg,
-                                 classifier=guide if scale > 0 else None, scheduler=noise_scheduler).images)
+                                 classifier=guide if scale > 0 else None, scheduler=noise_scheduler,
+                                 output_size=size).images)
         rate = len(labels) / (time.perf_counter() - t0)
         batches = [{"image": im, "label": torch.tensor(labels[i * args.batch:i * args.batch + len(im)])}
                    for i, im in enumerate(images)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import numpy as np
@@ -53,13 +54,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def gflop_per_image(unet, classifier, cfg: SamplerConfig, batch: int, device) -> float:
+def gflop_per_image(unet, classifier, cfg: SamplerConfig, batch: int, device, output_size=None) -> float:
     """One guided step (UNet forward, classifier forward and backward) counted, times the steps."""
     size = unet.config.sample_size
     x = torch.randn(batch, 3, size, size, device=device)
     t = torch.full((batch,), 500, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
-    transform = default_classifier_transform(cfg.output_size)
+    transform = default_classifier_transform(output_size)
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
             unet(x, t, class_labels=y)
@@ -69,15 +70,16 @@ def gflop_per_image(unet, classifier, cfg: SamplerConfig, batch: int, device) ->
     return counter.get_total_flops() * cfg.steps / batch / 1e9
 
 
-def run(unet, classifier, cfg, labels, seeds, device, schedule=None, repeats: int = 1):
+def run(unet, classifier, cfg, labels, seeds, device, schedule=None, repeats: int = 1, output_size=None):
     # Warm-up (and compilation): the full batch, so a compiled UNet is not compiled again for its shape
     # inside the timed run.
-    sample(unet, labels, seeds, SamplerConfig(**{**cfg.__dict__, "steps": 2}), classifier=classifier,
-           scheduler=schedule, device=device)
+    sample(unet, labels, seeds, dataclasses.replace(cfg, steps=2), classifier=classifier,
+           scheduler=schedule, device=device, output_size=output_size)
     _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        out = sample(unet, labels, seeds, cfg, classifier=classifier, scheduler=schedule, device=device)
+        out = sample(unet, labels, seeds, cfg, classifier=classifier, scheduler=schedule, device=device,
+                     output_size=output_size)
     _sync(device)
     return out.images, repeats * len(labels) / (time.perf_counter() - start)
 
@@ -122,16 +124,18 @@ def main() -> None:
         preset = "trained " + str(base_unet.config.sample_size) + "px" if args.unet else preset
         labels = [i % args.classes for i in range(2 * args.batch)]  # image i: same label and seed in every variant
         seeds = list(range(2 * args.batch))
-        guided = SamplerConfig(steps=args.steps, guidance_scale=1.0, output_size=size)
+        # The reference: fp32 explicitly (the default is bf16 where the device has it natively).
+        guided = SamplerConfig(steps=args.steps, guidance_scale=1.0, dtype="float32")
         references = {}
 
         def variant(title, cfg=guided, unet=base_unet, batch=args.batch):
-            images, rate = run(unet, classifier, cfg, labels[:batch], seeds[:batch], device, schedule)
+            images, rate = run(unet, classifier, cfg, labels[:batch], seeds[:batch], device, schedule,
+                               output_size=size)
             ref = references.setdefault("fp32", images)  # the first variant: fp32, DDIM, all steps, guided
             n = min(len(images), len(ref))
             diff = (images[:n].int() - ref[:n].int()).abs()
             diff = f"{diff.max().item()} (mean {diff.float().mean().item():.1f})"
-            gflop = gflop_per_image(unet, classifier, cfg, min(batch, 8), device)
+            gflop = gflop_per_image(unet, classifier, cfg, min(batch, 8), device, size)
             tflops = gflop * rate / 1e3
             quality = ""
             if judge is not None:
@@ -142,8 +146,8 @@ def main() -> None:
                   f"{100 * tflops / peak:.1f} | {diff} |{quality}", flush=True)
 
         variant("fp32, DDIM, guided x_t (reference)")
-        variant("unguided", SamplerConfig(steps=args.steps, guidance_scale=0.0, output_size=size))
-        variant("bf16 autocast", SamplerConfig(**{**guided.__dict__, "dtype": "bfloat16"}))
+        variant("unguided", dataclasses.replace(guided, guidance_scale=0.0))
+        variant("bf16 autocast", dataclasses.replace(guided, dtype="bfloat16"))
         variant("channels_last", unet=copy.deepcopy(base_unet).to(memory_format=torch.channels_last))
         classic = copy.deepcopy(base_unet)
         from diffusers.models.attention_processor import Attention, AttnProcessor
@@ -155,9 +159,9 @@ def main() -> None:
         for b in (max(1, args.batch // 4), args.batch * 2):
             variant(f"batch {b}", batch=b)
         fewer = max(1, args.steps * 2 // 5)
-        variant(f"DDIM {fewer} steps", SamplerConfig(**{**guided.__dict__, "steps": fewer}))
+        variant(f"DDIM {fewer} steps", dataclasses.replace(guided, steps=fewer))
         for solver in ("dpmsolver++", "unipc"):
-            variant(f"{solver} {fewer} steps", SamplerConfig(**{**guided.__dict__, "steps": fewer, "solver": solver}))
+            variant(f"{solver} {fewer} steps", dataclasses.replace(guided, steps=fewer, solver=solver))
         if args.compile:
             compiled = copy.deepcopy(base_unet)
             compiled.forward = torch.compile(compiled.forward)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from ioisray.precision import sampler_dtype
+from ioisray.sampler_config import SOLVERS, SamplerConfig
 from ioisray.transforms import MEAN, STD
 
 # Linear betas 1e-4..0.02 over 1000 steps: DDPM's schedule, and the one guided-diffusion used for its
@@ -38,7 +39,6 @@ from ioisray.transforms import MEAN, STD
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
-SOLVERS = ("ddim", "dpmsolver++", "unipc")
 
 
 def make_train_scheduler(beta_schedule: str = "linear", prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -85,41 +85,6 @@ def epsilon_from(output: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor, 
     if prediction_type == "v_prediction":
         return abar_t.sqrt() * output + (1 - abar_t).sqrt() * x_t
     return output
-
-
-@dataclass
-class SamplerConfig:
-    steps: int = 50
-    guidance_scale: float = 1.0
-    guidance_form: Literal["x_t", "x0"] = "x_t"
-    eta: float = 0.0
-    output_size: int | None = None  # classifier input size and size of the returned images; None = UNet size
-    dtype: Literal["float32", "bfloat16"] | None = None  # None: bfloat16 where the device has it natively
-    solver: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"
-    compile: bool | None = None  # the caller compiled the UNet: its batch dimension is marked dynamic
-
-    @classmethod
-    def from_settings(cls, settings, **overrides) -> "SamplerConfig":
-        """From a config's `sampler` section (same field names), with `overrides` on top."""
-        return cls(**{**settings.model_dump(), **overrides})
-
-    def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"sampler.steps must be an integer >= 1, got {self.steps!r}")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError(f"sampler.guidance_scale must be finite and >= 0, got {self.guidance_scale!r}")
-        if self.guidance_form not in ("x_t", "x0"):
-            raise ValueError(f"sampler.guidance_form must be 'x_t' or 'x0', got {self.guidance_form!r}")
-        if not (0.0 <= self.eta <= 1.0):
-            raise ValueError(f"sampler.eta must be in [0, 1], got {self.eta!r}")
-        if self.output_size is not None and (not isinstance(self.output_size, int) or self.output_size < 1):
-            raise ValueError(f"sampler.output_size must be a positive integer or None, got {self.output_size!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"sampler.solver must be one of {SOLVERS}, got {self.solver!r}")
-        if self.eta > 0 and self.solver != "ddim":
-            raise ValueError("sampler.eta applies to the ddim solver only")
-        if self.dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"sampler.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
 
 @dataclass
@@ -192,12 +157,14 @@ def sample(
     classifier_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     scheduler: DDPMScheduler | DDIMScheduler | None = None,
     device: torch.device | str | None = None,
+    output_size: int | None = None,
 ) -> SampleBatch:
     """Generate one image per (label, seed) with DDIM, guided by `classifier` when given and s > 0.
 
     `scheduler` is the model's training noise scheduler (models.diffusion.load_noise_scheduler); None
     means linear betas and epsilon prediction. The UNet and classifier must already be on `device`
-    (default: the UNet's device). The batch is processed at once; callers chunk large requests.
+    (default: the UNet's device). `output_size` is the size of the returned images and of what the
+    classifier sees (None: the UNet's). The batch is processed at once; callers chunk large requests.
     """
     seeds = [int(s) for s in seeds]
     # A copy: labels may arrive as a read-only array (a chunk from Ray's object store).
@@ -212,14 +179,15 @@ def sample(
 
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     size = int(unet.config.sample_size)
-    out_size = cfg.output_size or size
+    out_size = output_size or size
     if not seeds:
         return SampleBatch(torch.zeros((0, out_size, out_size, 3), dtype=torch.uint8), labels, seeds)
     if cfg.compile and len(seeds) == 1:
         # A compiled UNet specialises batch size 1 (it cannot be dynamic): sample the image twice, in a
         # batch of two, and keep one, rather than compile a second graph for a lone image.
         twice = sample(unet, labels.repeat(2), seeds * 2, cfg, classifier=classifier,
-                       classifier_transform=classifier_transform, scheduler=scheduler, device=device)
+                       classifier_transform=classifier_transform, scheduler=scheduler, device=device,
+                       output_size=output_size)
         return SampleBatch(twice.images[:1], labels, seeds)
     prediction_type = scheduler.config.prediction_type if scheduler is not None else "epsilon"
     if prediction_type not in PREDICTION_TYPES:
@@ -231,7 +199,7 @@ def sample(
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
 
     guided = classifier is not None and cfg.guidance_scale > 0
-    transform = classifier_transform or default_classifier_transform(cfg.output_size)
+    transform = classifier_transform or default_classifier_transform(output_size)
     was_training = classifier.training if classifier is not None else False
     if classifier is not None:
         classifier.eval()

@@ -1,7 +1,7 @@
 """Where a run's outputs live: a local folder (the default) or any pyarrow filesystem URI
 (`s3://bucket/prefix`, `gs://...`, `hdfs://...`, `file:///shared/...`), set by `output_dir`.
 
-With a URI the driver writes into a local staging folder (`Config.run_dir`) and uploads it
+With a URI the driver writes into a local staging folder (`run.run_dir`) and uploads it
 (`push`); Ray Train writes its checkpoints straight to the URI; the rank-0 worker, which may sit on
 another node, uploads its TensorBoard events every epoch. A run restarted on another machine first
 downloads the small files (`pull`), so resuming and "already finished" checks see them.

@@ -30,7 +30,7 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path, capsys, monk
     unet = load_unet(str(run / "unet"), num_classes=10)
     schedule = load_noise_scheduler(run / "unet")  # the model says how it was trained
     assert (schedule.config.prediction_type, schedule.config.beta_schedule) == ("v_prediction", "squaredcos_cap_v2")
-    batch = sample(unet, [0, 9], [1, 2], SamplerConfig(steps=2, output_size=24), scheduler=schedule)
+    batch = sample(unet, [0, 9], [1, 2], SamplerConfig(steps=2), scheduler=schedule, output_size=24)
     assert batch.images.shape == (2, 24, 24, 3) and batch.images.dtype == torch.uint8
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     # It records the images it trained on: the training split, none of the held-out ones.

@@ -85,7 +85,7 @@ def test_cosine_schedule_and_bad_schedule_names():
 
 
 def test_output_format_and_output_size(unet):
-    out = sample(unet, [0, 2], [1, 2], SamplerConfig(steps=3, output_size=24))
+    out = sample(unet, [0, 2], [1, 2], SamplerConfig(steps=3), output_size=24)
     assert out.images.shape == (2, 24, 24, 3) and out.images.dtype == torch.uint8
     assert out.labels.tolist() == [0, 2] and out.labels.dtype == torch.int64 and out.seeds == [1, 2]
     assert out.images.min() >= 0 and out.images.max() <= 255 and out.images.float().std() > 0

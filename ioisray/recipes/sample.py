@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -19,13 +20,12 @@ import torch
 
 from ioisray.atomic import atomic_write_bytes, atomic_write_text
 from ioisray.config import Config, ConfigError, load_config, save_config
-from ioisray.models import load_state_dict_file
-from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.data.setup import setup_data
-from ioisray.models import build_classifier
+from ioisray.models import build_classifier, load_state_dict_file
+from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.recipes.train import BEST_MODEL_FILE
 from ioisray.run import run_dir
-from ioisray.sampler import SamplerConfig, sample
+from ioisray.sampler import sample
 
 
 def load_classifier_run(run: str | Path):
@@ -71,12 +71,11 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
                              f"data.image_size is {cfg.data.image_size}: set data.image_size to match")
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
     s = cfg.sampler
-    scfg = SamplerConfig.from_settings(s, guidance_scale=s.guidance_scale if guide else 0.0,
-                                       output_size=cfg.data.image_size)
+    scfg = dataclasses.replace(s, guidance_scale=s.guidance_scale if guide else 0.0)
     labels = [c for c in range(ds.num_classes) for _ in range(per_class)]
     seeds = list(range(len(labels)))
     batch = sample(unet.to(device), labels, seeds, scfg, classifier=guide.to(device) if guide else None,
-                   scheduler=noise_scheduler, device=device)
+                   scheduler=noise_scheduler, device=device, output_size=cfg.data.image_size)
     out = run_dir(cfg) / "samples"
     save_config(cfg, out / "config.yaml")
     grid = make_grid(batch.images.permute(0, 3, 1, 2), nrow=per_class, padding=2).permute(1, 2, 0).numpy()
@@ -85,5 +84,5 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
     atomic_write_bytes(out / "grid.png", png.getvalue())
     atomic_write_text(out / "samples.json", json.dumps({
         "class_names": ds.class_names, "labels": labels, "seeds": seeds, "guide_run": guide_run,
-        "sampler": scfg.__dict__, "model_dir": cfg.diffusion.model_dir}, indent=1))
+        "sampler": dataclasses.asdict(scfg), "output_size": cfg.data.image_size, "model_dir": cfg.diffusion.model_dir}, indent=1))
     return out / "grid.png"

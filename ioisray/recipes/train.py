@@ -13,6 +13,7 @@ IOIS with its ablations when `synthesis.mode` is on (the algorithm itself is ioi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -298,15 +299,13 @@ def generator_factory(cfg: Config, model_dir: str, num_classes: int):
     """What each synthesis actor calls to build its DiffusionGenerator. The guiding classifier is built
     as an architecture only: its weights come with every epoch, and `model.weights` is a file on the
     driver's disk that a synthesis node does not have."""
-    from ioisray.sampler import SamplerConfig
     from ioisray.synthesis.generator import DiffusionGenerator
 
     s, sy = cfg.sampler, cfg.synthesis
     guided = sy.mode == "online" and sy.guidance and s.guidance_scale > 0
-    sampler = SamplerConfig.from_settings(s, guidance_scale=s.guidance_scale if guided else 0.0,
-                                          output_size=cfg.data.image_size)
+    sampler = dataclasses.replace(s, guidance_scale=s.guidance_scale if guided else 0.0)
     return functools.partial(
-        DiffusionGenerator, model_dir, num_classes, sampler,
+        DiffusionGenerator, model_dir, num_classes, sampler, output_size=cfg.data.image_size,
         make_classifier=functools.partial(build_classifier, cfg, num_classes, pretrained=False) if guided else None,
         device="cuda" if sy.num_gpus > 0 else "cpu", num_threads=max(1, int(sy.num_cpus)) if sy.num_gpus == 0 else None,
         gpu_share=min(sy.num_gpus, 1.0) if sy.num_gpus > 0 else 1.0)

@@ -23,15 +23,17 @@ class DiffusionGenerator:
     `sampler.dtype` / `sampler.compile` left at None are resolved for `device` here: bf16 where it is
     native; the UNet compiled once (CUDA), with a dynamic batch dimension, so chunks of every size of
     a run share one compiled graph. `gpu_share` caps this process's memory on a shared GPU.
+    `output_size`: the size of the images made (the classifier's input size; None: the UNet's).
     """
 
     def __init__(self, model_dir: str, num_classes: int, sampler: SamplerConfig,
                  make_classifier: Optional[Callable[[], torch.nn.Module]] = None,
                  device: str | torch.device = "cpu", num_threads: Optional[int] = None,
-                 gpu_share: float = 1.0, compile_backend: str | Callable = "inductor"):
+                 gpu_share: float = 1.0, compile_backend: str | Callable = "inductor",
+                 output_size: Optional[int] = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = torch.device(device)
+        self.device, self.output_size = torch.device(device), output_size
         configure_device(self.device, gpu_share)
         compile_ = self.device.type == "cuda" if sampler.compile is None else sampler.compile
         self.sampler = dataclasses.replace(sampler, dtype=sampler_dtype(sampler.dtype, self.device), compile=compile_)
@@ -54,6 +56,6 @@ class DiffusionGenerator:
         start = time.perf_counter()
         batch = sample(self.unet, labels, seeds.tolist(), self.sampler,
                        classifier=self.classifier if self.guided else None, scheduler=self.noise_scheduler,
-                       device=self.device)
+                       device=self.device, output_size=self.output_size)
         return {"image": batch.images.numpy(), "label": np.asarray(labels, dtype=np.int64),
                 "seed": np.asarray(seeds, dtype=np.int64), "seconds": time.perf_counter() - start}

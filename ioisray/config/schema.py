@@ -1,20 +1,13 @@
-"""Typed experiment config: YAML files composed with `defaults:`, `key=value` overrides, strict validation.
-
-A config file may list other YAML files under `defaults:` (paths relative to it); they are merged in
-order, then the file itself on top, then the command-line overrides. Unknown keys and bad types are
-errors that name the key (pydantic `extra="forbid"`). The resolved config is saved with every run.
-"""
+"""The config's schema: one typed section per concern, strict (an unknown key or a bad value is an error
+that names the key). Loading, composition and overrides are in loading.py."""
 from __future__ import annotations
 
-import copy
-import os
-from pathlib import Path
+import dataclasses
 from typing import Any, Literal, Optional
 
-import yaml
-from ioisray import storage
-from ioisray.atomic import atomic_write_text
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ioisray.sampler_config import SamplerConfig
 
 
 class ConfigError(ValueError):
@@ -168,25 +161,6 @@ class PretrainConfig(_Strict):
     max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
 
 
-class SamplerSettings(_Strict):
-    steps: int = Field(50, ge=1)  # DDIM steps
-    guidance_scale: float = Field(1.0, ge=0.0)  # s; 0 disables classifier guidance
-    guidance_form: Literal["x_t", "x0"] = "x_t"  # classifier sees the noisy x_t (paper) or predicted x0
-    eta: float = Field(0.0, ge=0.0, le=1.0)
-    # Networks under bf16 autocast (guidance maths stays float32); None: bfloat16 where the device
-    # computes in bf16 natively, else float32 (ioisray/precision.py).
-    dtype: Optional[Literal["float32", "bfloat16"]] = None
-    # torch.compile the UNet once per synthesis actor; None: on for CUDA, off on the CPU (no gain there).
-    compile: Optional[bool] = None
-    solver: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"  # the multistep ones are for 10-25 steps
-
-    @model_validator(mode="after")
-    def _eta_is_ddim_only(self):
-        if self.eta > 0 and self.solver != "ddim":
-            raise ValueError(f"sampler.eta applies to the ddim solver only, not {self.solver!r}")
-        return self
-
-
 class AASConfig(_Strict):
     """Accuracy Adaptive Sampling: n_c = budget * softmax((1 - a_c) / temperature)."""
 
@@ -296,7 +270,7 @@ class Config(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)  # see ioisray/sampler_config.py
     aas: AASConfig = Field(default_factory=AASConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     # What to compare per-class test accuracy with at the end (the per-class change figure): a finished
@@ -320,23 +294,9 @@ class Config(_Strict):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        """The local folder the driver writes: the run itself, or the staging copy of a URI run."""
-        if storage.is_uri(self.output_dir):
-            return storage.staging_dir(self.output_dir) / self.name
-        return Path(self.output_dir).expanduser().resolve() / self.name
-
-    @property
     def split_seed(self) -> int:
         """The seed that fixes the data split: `data.split_seed`, or `seed` when that is not set."""
         return self.seed if self.data.split_seed is None else self.data.split_seed
-
-    @property
-    def run_location(self) -> str:
-        """Where the run's outputs end up: run_dir, or <output_dir>/<name> for a URI output_dir."""
-        if storage.is_uri(self.output_dir):
-            return storage.join(self.output_dir, self.name)
-        return str(self.run_dir)
 
 
 def is_config_key(key: str) -> bool:
@@ -344,145 +304,20 @@ def is_config_key(key: str) -> bool:
     model: Any = Config
     parts = key.split(".")
     for i, part in enumerate(parts):
-        fields = getattr(model, "model_fields", None)
+        fields = section_fields(model)
         if fields is None or part not in fields:
             return False
-        model = fields[part].annotation
-        if i < len(parts) - 1 and not (isinstance(model, type) and issubclass(model, BaseModel)):
+        model = fields[part]
+        if i < len(parts) - 1 and section_fields(model) is None:
             return False
     return True
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading, composing and overriding
-
-
-def _read_text(path: Path) -> str:
-    """A config file's text. A folder, a binary file (say a weights file given in its place) or a
-    FIFO (which would block the read) is a ConfigError naming it, not a traceback or a bare decode
-    error."""
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory, not a YAML file")
-    if path.exists() and not path.is_file():
-        raise ConfigError(f"{path} is not a regular file, not a YAML file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is None or "\x00" in text:  # NUL bytes: binary, even where they happen to decode
-        raise ConfigError(f"{path} is not a text (UTF-8) YAML file")
-    return text
-
-
-def _read_yaml(path: Path) -> dict:
-    text = _read_text(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _unknown_keys(data: dict, model: Any = None, prefix: str = "") -> list[str]:
-    """Dotted keys of `data` that are not settings (dict-valued settings are not looked into)."""
-    fields = (model or Config).model_fields
-    out = []
-    for k, v in data.items():
-        if k not in fields:
-            out.append(f"{prefix}{k}")
-            continue
-        sub = fields[k].annotation
-        if isinstance(v, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
-            out += _unknown_keys(v, sub, f"{prefix}{k}.")
-    return out
-
-
-def _compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: `defaults` include cycle")
-    data = _read_yaml(path)
-    defaults = data.pop("defaults", []) or []
-    unknown = _unknown_keys(data)
-    if unknown:  # named here, with the file that holds them, rather than after the files are merged
-        raise ConfigError(f"invalid config ({path}):\n" + "\n".join(f"  {k}: unknown key" for k in unknown))
-    if not isinstance(defaults, list):
-        raise ConfigError(f"{path}: `defaults` must be a list of YAML file paths")
-    merged: dict = {}
-    for d in defaults:
-        merged = _merge(merged, _compose(path.parent / str(d), seen + (path,)))
-    return _merge(merged, data)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides to a copy of `raw`; values are parsed as YAML (so `3`, `0.1`,
-    `true`, `[1, 2]` work)."""
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        parts = key.strip().split(".")
-        node = out
-        for p in parts[:-1]:
-            if not isinstance(node.get(p, {}), dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a section")
-            node = node.setdefault(p, {})
-        try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            node[parts[-1]] = value
-    return out
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
-                                          and not isinstance(e.get("input"), dict) else ""))
-    return "\n".join(lines)
-
-
-def build_config(raw: dict, source: str = "config") -> Config:
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Compose `path` (None: built-in defaults), apply overrides, validate."""
-    raw = _compose(Path(path)) if path else {}
-    raw = apply_overrides(raw, list(overrides))
-    return build_config(raw, source=str(path) if path else "defaults")
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    atomic_write_text(path, to_yaml(cfg))
-
-
-def config_from_dict(d: dict[str, Any]) -> Config:
-    return build_config(d, source="dict")
+def section_fields(model: Any) -> Optional[dict[str, Any]]:
+    """{name: type} of a config section (a pydantic model or a dataclass such as SamplerConfig); None
+    for anything else."""
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return {k: f.annotation for k, f in model.model_fields.items()}
+    if isinstance(model, type) and dataclasses.is_dataclass(model):
+        return {f.name: f.type for f in dataclasses.fields(model)}
+    return None
