@@ -121,6 +121,10 @@ class CheckpointStore:
                 found.append((int(m.group(1)), n))
         return [n for _, n in sorted(found)]
 
+    def complete(self, name: str) -> bool:
+        """Whether checkpoint `name` was written to the end (its manifest is there)."""
+        return self._complete(name)
+
     def _complete(self, name: str) -> bool:
         try:
             storage.read_bytes(self._path(name, MANIFEST))

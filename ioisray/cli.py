@@ -23,8 +23,13 @@ RUN_COMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ioisray import __version__
+
     p = argparse.ArgumentParser(prog="ioisray", description="IOIS for imbalanced medical image "
                                 "classification, on Ray.")
+    p.add_argument("--version", action="version", version=f"ioisray {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's own INFO logs (worker reports, dataset executions) as well")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in COMMANDS.items():
         s = sub.add_parser(name, help=help_, description=help_)
@@ -89,62 +94,120 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if args.command != "predict":
         args.overrides = [*args.overrides, *rest]
+    _quiet(args.verbose)
     try:
         if args.command in RUN_COMMANDS:
             return _run_command(args)
         cfg = load_config(args.config, [*args.overrides, *args.set_])
-        from ioisray.run import run_dir, run_location
-
         if args.print_config:
             from ioisray.config import to_yaml
 
             print(to_yaml(cfg), end="")
             return 0
-        if args.command == "train":
-            from ioisray.recipes.train import train
+        return _config_command(args, cfg)
+    except KeyboardInterrupt:
+        print("ioisray: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted into one line where the cause is known, re-raised otherwise
+        return _one_line(e)
 
-            results = train(cfg)
-            print((run_dir(cfg) / "metrics.md").read_text(), end="")  # the local (or staging) copy
-            print(f"\nresults: {results['run_dir']}/metrics.json  |  "
-                  f"tensorboard --logdir {results['run_dir']}/tensorboard")
-            for figure in results["figures"]:
-                print(f"figure: {figure}")
-        elif args.command == "pretrain-diffusion":
-            from ioisray.recipes.pretrain_diffusion import pretrain_diffusion
 
-            pretrain_diffusion(cfg)
-            print(f"\ndiffusion model: {run_location(cfg)}/unet  |  tensorboard --logdir {run_location(cfg)}/tensorboard")
-        elif args.command == "sample":
-            from ioisray.recipes.sample import sample_grid
+def _config_command(args, cfg) -> int:
+    from ioisray.run import run_dir, run_location
 
-            print(f"samples: {sample_grid(cfg, args.per_class, args.guide_run)}")
-        elif args.command == "tune":
-            from ioisray.recipes.tune import search
+    if args.command == "train":
+        from ioisray.recipes.train import train
 
-            out = search(cfg)
-            print((run_dir(cfg) / "trials.md").read_text(), end="")
-            print(f"\nbest {cfg.tune.metric} {out['best_value']:.4f} (validation): {out['best_params']}")
-            print(f"best config: {out['best_config']}  |  ioisray train {out['best_config']}")
-        elif args.command == "benchmark":
-            from ioisray.recipes.benchmark import NothingFinishedError, benchmark
+        results = train(cfg)
+        print((run_dir(cfg) / "metrics.md").read_text(), end="")  # the local (or staging) copy
+        print(f"\nresults: {results['run_dir']}/metrics.json  |  tensorboard --logdir {results['run_dir']}/tensorboard")
+        for figure in results["figures"]:
+            print(f"figure: {figure}")
+    elif args.command == "pretrain-diffusion":
+        from ioisray.recipes.pretrain_diffusion import pretrain_diffusion
 
-            try:
-                out = benchmark(cfg, report_only=args.report_only)
-            except NothingFinishedError as e:
-                print(f"ioisray: error: {e}", file=sys.stderr)
-                return 1
-            print(out["table"], end="")
-            print(f"\nresults: {out['run_dir']}/results.md")
-            for figure in out["figures"]:
-                print(f"figure: {figure}")
-            if out["missing"]:
-                print(f"ioisray: error: runs that did not finish: {', '.join(out['missing'])}", file=sys.stderr)
-                return 1
-        return 0
-    except (ConfigError, ValueError, FileNotFoundError, RunFinishedError) as e:
+        pretrain_diffusion(cfg)
+        print(f"\ndiffusion model: {run_location(cfg)}/unet  |  tensorboard --logdir {run_location(cfg)}/tensorboard")
+    elif args.command == "sample":
+        from ioisray.recipes.sample import sample_grid
+
+        print(f"samples: {sample_grid(cfg, args.per_class, args.guide_run)}")
+    elif args.command == "tune":
+        from ioisray.recipes.tune import search
+
+        out = search(cfg)
+        print((run_dir(cfg) / "trials.md").read_text(), end="")
+        print(f"\nbest {cfg.tune.metric} {out['best_value']:.4f} (validation): {out['best_params']}")
+        print(f"best config: {out['best_config']}  |  ioisray train {out['best_config']}")
+    elif args.command == "benchmark":
+        from ioisray.recipes.benchmark import NothingFinishedError, benchmark
+
+        try:
+            out = benchmark(cfg, report_only=args.report_only)
+        except NothingFinishedError as e:
+            print(f"ioisray: error: {e}", file=sys.stderr)
+            return 1
+        print(out["table"], end="")
+        print(f"\nresults: {out['run_dir']}/results.md")
+        for figure in out["figures"]:
+            print(f"figure: {figure}")
+        if out["missing"]:
+            print(f"ioisray: error: runs that did not finish: {', '.join(out['missing'])}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _one_line(e: Exception) -> int:
+    """Print what went wrong in one line and return the exit code; an error of unknown cause (a bug)
+    is raised again, with its traceback."""
+    from ioisray.run import RunInterrupted, RunLockedError
+
+    if isinstance(e, RunInterrupted):
+        print(f"ioisray: {e}", file=sys.stderr)
+        return 130
+    if isinstance(e, (ConfigError, ValueError, FileNotFoundError, RunFinishedError, RunLockedError)):
         # Bad input: one clear line naming the file, key or option, no traceback.
         print(f"ioisray: error: {e}", file=sys.stderr)
         return 2
+    cause = _root_cause(e)
+    if isinstance(cause, OSError) and cause.errno is not None:  # a full disk, a permission, ...
+        where = f": {cause.filename}" if cause.filename else ""
+        print(f"ioisray: error: {cause.strerror or cause}{where}", file=sys.stderr)
+        return 1
+    if type(e).__module__.startswith("ray."):  # a failed Ray Train run: its workers' logs are above
+        last = str(cause).strip().splitlines()[-1:] or [type(cause).__name__]
+        print(f"ioisray: error: the run failed ({type(cause).__name__}: {last[0][:300]}); its workers' "
+              f"logs are above, and rerunning the same command resumes it", file=sys.stderr)
+        return 1
+    raise e
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost error: Ray wraps a worker's exception (as .cause, or __cause__)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if isinstance(inner, BaseException):
+            e = inner
+        elif isinstance(getattr(e, "worker_failures", None), dict) and e.worker_failures:
+            e = next(iter(e.worker_failures.values()))
+        else:
+            break
+    return e
+
+
+def _quiet(verbose: bool) -> None:
+    """Ray's INFO lines (every worker's reports, every dataset execution) stay out of the console
+    unless asked for; warnings and errors still show."""
+    import logging
+    import os
+
+    if verbose:
+        os.environ["IOISRAY_VERBOSE"] = "1"  # for the Ray the run starts (recipes/launch.ray_session)
+    else:
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

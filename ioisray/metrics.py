@@ -77,3 +77,11 @@ def format_table(results: dict[str, dict], class_names: Sequence[str]) -> str:
         rows.append(f"| acc[{name}] (n={results[splits[-1]]['support'][name]}) | "
                     + " | ".join(f"{results[s]['per_class_accuracy'][name]:.4f}" for s in splits) + " |")
     return "\n".join(rows)
+
+
+def predictions_csv(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> str:
+    """One row per image: its label, the predicted class and the probability of every class."""
+    rows = ["label,predicted," + ",".join(f"prob_{n}" for n in class_names)]
+    rows += [f"{class_names[y]},{class_names[int(p.argmax())]}," + ",".join(f"{v:.6f}" for v in p)
+             for y, p in zip(labels, probs)]
+    return "\n".join(rows) + "\n"

@@ -38,6 +38,10 @@ class RunLockedError(RuntimeError):
     """Another live process runs this run; the message names it."""
 
 
+class RunInterrupted(RuntimeError):
+    """The run was stopped (Ctrl-C) before it finished; the message says where and how to resume."""
+
+
 def run_dir(cfg: Config) -> Path:
     """The local folder the driver writes: the run itself, or the staging copy of a URI run."""
     if storage.is_uri(cfg.output_dir):
@@ -168,12 +172,13 @@ class Run:
     def has_checkpoints(self) -> bool:
         return bool(storage.list_dir(self.checkpoints.location))
 
-    def check_resumable(self) -> None:
-        """A run with checkpoints resumes only under the config it started with. Another seed or split
-        fraction would, for instance, change the split under a half-trained model and let it be
-        selected or tested on images it trained on. Only `ray.*` (where it runs) may change."""
+    def check_resumable(self, started: Optional[bool] = None) -> None:
+        """A run that has started (default: it has checkpoints) resumes only under the config it started
+        with. Another seed or split fraction would, for instance, change the split under a half-trained
+        model and let it be selected or tested on images it trained on. Only `ray.*` (where it runs) may
+        change."""
         old_path = self.dir / "config.yaml"
-        if not old_path.is_file() or not self.has_checkpoints():
+        if not old_path.is_file() or not (self.has_checkpoints() if started is None else started):
             return
         old = _flatten(load_config(old_path).model_dump(mode="json"))
         new = _flatten(self.cfg.model_dump(mode="json"))
@@ -223,6 +228,17 @@ class Run:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def finish(self, results: dict, table: str, files: dict[str, bytes]) -> None:
+        """The run's results: `files` (name -> bytes) and metrics.md (`table`), then metrics.json, which
+        marks the run finished, all written atomically, then uploaded."""
+        from ioisray.atomic import atomic_write_bytes, atomic_write_text
+
+        for name, data in files.items():
+            atomic_write_bytes(self.dir / name, data)
+        atomic_write_text(self.dir / "metrics.md", table + "\n")
+        atomic_write_text(self.dir / self.done_file, json.dumps(results, indent=2))
+        self.push()
+
     def push(self) -> None:
         """The staging folder's files to the run's URI (nothing to do for a local run)."""
         storage.push(self.dir, self.location)
@@ -231,6 +247,11 @@ class Run:
         """Epochs the run's newest checkpoint holds (0: none)."""
         names = self.checkpoints.names()
         return int(names[-1].split("_")[1]) if names else 0
+
+    def interrupted(self, epochs: int) -> RunInterrupted:
+        done = self.latest_epoch()
+        return RunInterrupted(f"run {self.cfg.name} interrupted at epoch {min(done + 1, epochs)} of {epochs} ({done} "
+                              f"saved); rerun the same command to resume")
 
     def uri(self, relative: str) -> str:
         return storage.join(self.location, relative)

@@ -23,18 +23,22 @@ def latest_epoch(run: Path) -> int:
     return int(names[-1].split("_")[1]) if names else 0
 
 
-def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240) -> int:
-    """Start `ioisray *args`, send SIGINT once `epochs` epochs are checkpointed; returns epochs done."""
-    proc = subprocess.Popen([sys.executable, "-m", "ioisray.cli", *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + timeout
-        while latest_epoch(run) < epochs and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert latest_epoch(run) >= epochs, "no checkpoint appeared"
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return latest_epoch(run)
+def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240, env=None) -> tuple[int, str]:
+    """Start `ioisray *args`, send SIGINT once `epochs` epochs are checkpointed; returns (epochs done,
+    what it printed)."""
+    log = run.parent / f".{run.name}-interrupted.log"
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ioisray", *args], cwd=ROOT, env={**ENV, **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout
+            while latest_epoch(run) < epochs and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            assert latest_epoch(run) >= epochs, "no checkpoint appeared:\n" + log.read_text()[-3000:]
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return latest_epoch(run), log.read_text()

@@ -31,7 +31,7 @@ def test_iois_run_streams_each_epochs_quota_and_resumes_with_its_aas_state(tmp_p
     args = ["train", "configs/digits.yaml", *TINY_IOIS, f"diffusion.model_dir={unet_dir}", "name=iois",
             f"output_dir={tmp_path}", f"baseline={baseline}"]
     run = tmp_path / "iois"
-    done = interrupt_after(args, run, epochs=1, timeout=480)  # epoch 1 also starts the pool
+    done, _ = interrupt_after(args, run, epochs=1, timeout=480)  # epoch 1 also starts the pool
     assert 1 <= done < 3 and not (run / "metrics.json").exists(), "interrupted too late: the run had finished"
     r = run_cli(*args)
     out = r.stdout + r.stderr

@@ -20,7 +20,7 @@ def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path, capsys, monk
     args = common + ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=squaredcos_cap_v2",
                      "name=pd", f"output_dir={tmp_path}"]
     run = tmp_path / "pd"
-    done = interrupt_after(args, run, epochs=1)
+    done, _ = interrupt_after(args, run, epochs=1)
     assert not (run / "unet").exists() and 1 <= done < 4
     r = run_cli(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -6,7 +6,7 @@ import torch
 from ioisray.config import load_config
 from ioisray.models.diffusion import create_unet, save_diffusion_model
 from ioisray.models import build_classifier
-from ioisray.recipes.train import generator_factory
+from ioisray.synthesis.generator import generator_factory
 from ioisray.sampler import SamplerConfig, make_train_scheduler
 from ioisray.synthesis.generator import DiffusionGenerator
 from ioisray.synthesis.plan import plan_epoch

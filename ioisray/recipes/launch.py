@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
+import socket
 from typing import Callable, Optional
 
 from ioisray import storage
@@ -12,28 +12,69 @@ from ioisray.config import Config
 from ioisray.run import run_location
 
 
-def init_ray(cfg: Config) -> bool:
-    """Connect to (or start) Ray; returns True when this process started it and must shut it down."""
-    import ray
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
-    if ray.is_initialized():
-        return False
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, logging_level="WARNING")
-        return True
-    # A private local Ray. Logical CPUs beyond the physical ones leave room for Ray Data's read tasks
-    # beside the training workers, which otherwise wait for a free CPU forever on a small machine.
-    # At least what one run holds: its workers, its synthesis actors, and room for Ray Data's reads.
+
+def local_ray_cpus(cfg: Config) -> int:
+    """Logical CPUs for a private local Ray: at least what one run of `cfg` holds (its workers, its
+    synthesis actors, room for Ray Data's reads), and twice the cores, so that Ray Data's read tasks find
+    a CPU beside the training workers, which otherwise wait for one forever on a small machine."""
     from ioisray.experiments import trial_resources
 
     needed = math.ceil(trial_resources(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={
         "num_workers": max(1, cfg.ray.num_workers)})}))["CPU"])
-    num_cpus = cfg.ray.local_num_cpus or max(2 * (os.cpu_count() or 1), needed)
-    ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_mb * 2**20, logging_level="WARNING",
-             # Keep idle worker processes a while: Ray Data starts a read task per chunk each epoch, and
-             # starting a fresh Python process for each costs more CPU than a small machine can spare.
-             _system_config={"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64})
-    return True
+    return cfg.ray.local_num_cpus or max(2 * (os.cpu_count() or 1), needed)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: Config, verbose: Optional[bool] = None):
+    """Ray for the block: the cluster `ray.address` names, or a private local Ray, shut down at the end.
+    Nested sessions (a baseline or a diffusion model made before the run) use the one already up, so a
+    job starts Ray once.
+
+    The local Ray's address is fixed before it starts and given to every process it starts
+    (RAY_ADDRESS), so Ray's own helpers never guess among other Ray instances on the host; its
+    dashboard listens on loopback only, and its Prometheus exporters, which answer anyone on the
+    network without Ray's token, are off. Logs below WARNING from Ray's processes are dropped unless
+    `verbose` (default: `ioisray --verbose`, which sets IOISRAY_VERBOSE=1)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if verbose is None:
+        verbose = os.environ.get("IOISRAY_VERBOSE") == "1"
+    level = "INFO" if verbose else "WARNING"
+    env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    try:
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, logging_level=level, logging_config=ray.LoggingConfig(log_level=level))
+        else:
+            from ray._private.services import get_node_ip_address
+
+            port = _free_port()
+            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+            os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+            ray.init(address="local", num_cpus=local_ray_cpus(cfg), object_store_memory=cfg.ray.object_store_mb * 2**20,
+                     dashboard_host="127.0.0.1", logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
+                     # Keep idle worker processes a while: Ray Data starts a read task per chunk each epoch,
+                     # and a fresh Python process for each costs more CPU than a small machine can spare.
+                     _system_config={"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64,
+                                     "enable_metrics_collection": False})
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        yield
+    finally:
+        ray.shutdown()
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
@@ -47,18 +88,8 @@ def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
     `train.max_failures` times (the loop resumes from its own checkpoints, see recipes/worker.py).
     Returns Ray Train's Result.
     """
-    import ray
-
-    started_ray = init_ray(cfg)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        with (services() if services else contextlib.nullcontext({})) as handles:
-            return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), split, callbacks)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with ray_session(cfg), (services() if services else contextlib.nullcontext({})) as handles:
+        return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), split, callbacks)
 
 
 def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
@@ -93,28 +124,30 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
     """Run `trainable` as Ray Tune trials over `param_space`, on the Ray of `cfg.ray` (started here if
     needed), never more at once than the cluster's resources hold (`per_trial` each, see
     experiments.trial_resources): a trial never waits for CPUs or GPUs another one holds.
-    Tune's own records go to <run>/<name>_<time>. Returns Tune's ResultGrid."""
+    Tune's own records go to <run>/<name>; when they are there (a search that was stopped), Tune
+    restores it: finished trials are kept, unfinished ones resume. Returns Tune's ResultGrid."""
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from ioisray.experiments import max_concurrent_trials
 
-    started_ray = init_ray(cfg)
-    try:
+    with ray_session(cfg):
         concurrent = max_concurrent_trials(ray.cluster_resources(), per_trial, limit)
         print(f"[ioisray] {name}: each trial holds {per_trial}; {concurrent} at a time on this cluster "
               f"({ {k: v for k, v in ray.cluster_resources().items() if k in per_trial} })", flush=True)
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": 0.1}),  # the trial's own driver; its runs ask for the rest
-            param_space=param_space,
-            # The variant generator itself holds the limit (TuneConfig's is ignored next to a search_alg).
-            tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent,
-                                                                         random_state=search_seed),
-                                        metric=metric, mode="max" if metric else None, **tune_config),
-            run_config=tune.RunConfig(name=f"{name}_{time.strftime('%Y%m%d-%H%M%S')}", storage_path=run_location(cfg),
-                                      failure_config=tune.FailureConfig(max_failures=max_failures), verbose=1))
+        trainable = tune.with_resources(trainable, {"cpu": 0.1})  # the trial's driver; its runs ask for the rest
+        path = storage.join(run_location(cfg), name)
+        if tune.Tuner.can_restore(path):
+            print(f"[ioisray] {name}: resuming the search in {path}", flush=True)
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                # The variant generator itself holds the limit (TuneConfig's is ignored next to a search_alg).
+                tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent,
+                                                                             random_state=search_seed),
+                                            metric=metric, mode="max" if metric else None, **tune_config),
+                run_config=tune.RunConfig(name=name, storage_path=run_location(cfg), verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=max_failures)))
         return tuner.fit()
-    finally:
-        if started_ray:
-            ray.shutdown()

@@ -220,8 +220,14 @@ def pretrain_diffusion(cfg: Config) -> Path:
         train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
         loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes,
                        "image_size": image_size, **locations(run)}
-        fit(cfg, train_loop_per_worker, loop_config,
-            lambda _: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural", seed=cfg.seed)})
+        try:
+            fit(cfg, train_loop_per_worker, loop_config,
+                lambda _: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
+                                                   seed=cfg.seed)})
+        except KeyboardInterrupt:
+            raise run.interrupted(cfg.pretrain.epochs) from None
+        if not run.checkpoints.complete(FINAL):  # Ray Train's own Ctrl-C handler ends fit() quietly
+            raise run.interrupted(cfg.pretrain.epochs)
         # Written next to the run, then renamed: a half-written folder never looks done.
         final = run.dir / UNET_DIR
         tmp = Path(tempfile.mkdtemp(dir=run.dir, prefix=".unet-"))

@@ -13,7 +13,6 @@ IOIS with its ablations when `synthesis.mode` is on (the algorithm itself is ioi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -24,17 +23,16 @@ import numpy as np
 import torch
 
 from ioisray import report as figures
-from ioisray.atomic import atomic_write_text
 from ioisray.checkpoint import FINAL, TrainingState
 from ioisray.config import Config, ConfigError
 from ioisray.data.setup import setup_data
 from ioisray.engine import predict, train_one_epoch
 from ioisray.iois import IOIS, is_on
-from ioisray.metrics import classification_metrics, format_table
+from ioisray.metrics import classification_metrics, format_table, predictions_csv
 from ioisray.models import build_classifier, cpu_state_dict, unwrap
 from ioisray.precision import grad_scaler, resolve_precision
 from ioisray.recipes import prerequisites
-from ioisray.recipes.launch import fit
+from ioisray.recipes.launch import fit, ray_session
 from ioisray.recipes.worker import Worker, locations
 from ioisray.run import Run
 from ioisray.training import COUNT_BASED_LOSSES, build_loss, build_optimizer, epoch_class_counts
@@ -125,7 +123,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             y, p = predict(unwrap(model), worker.batches(worker.shard("test"), cfg.train.batch_size * 2),
                            worker.device, precision=precision)
             test = classification_metrics(y, p, class_names)
-            files[TEST_PREDICTIONS_FILE] = _predictions_csv(y, p, class_names).encode()
+            files[TEST_PREDICTIONS_FILE] = predictions_csv(y, p, class_names).encode()
             figures.tensorboard_scalars(worker.writer, "test", test, state.best_epoch)
         history = state.extra.get("history", [])
         state.extra["results"] = {"best_epoch": state.best_epoch, "val": state.best_val, "test": test,
@@ -188,13 +186,6 @@ def _show_epoch(worker: Worker, cfg: Config, class_names, metrics, stats, val, s
         print(f"[ioisray]   {IOIS.summary(synthesis)}", flush=True)
 
 
-def _predictions_csv(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> str:
-    rows = ["label,predicted," + ",".join(f"prob_{n}" for n in class_names)]
-    rows += [f"{class_names[y]},{class_names[int(p.argmax())]}," + ",".join(f"{v:.6f}" for v in p)
-             for y, p in zip(labels, probs)]
-    return "\n".join(rows) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------
 # Driver side
 
@@ -213,28 +204,35 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
             raise ConfigError("data.val_fraction: the validation split is empty, and the best epoch is chosen "
                               "on validation; use a fraction > 0")
         build_classifier(cfg, ds.num_classes)  # fail here, naming the key, not inside the workers
-        model_dir, baseline, split_ids = _prerequisites(cfg, ds, splits)
+        split_ids = _check_inputs(cfg, ds, splits)
         run.start()
-        train_ds = ds.subset(splits["train"])
-        counts = train_ds.class_counts()
-        loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
-                       "class_counts": counts.tolist(), "evaluate_test": evaluate_test, **locations(run)}
+        with ray_session(cfg):  # one Ray for the run and whatever it needs made first
+            model_dir, baseline = _prerequisites(cfg, ds, splits, split_ids)
+            train_ds = ds.subset(splits["train"])
+            counts = train_ds.class_counts()
+            loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
+                           "class_counts": counts.tolist(), "evaluate_test": evaluate_test, **locations(run)}
 
-        def datasets(handles: dict) -> dict:  # built once Ray is up
-            from ioisray.data.ray_dataset import to_ray_dataset
-            from ioisray.synthesis.stream import training_stream
+            def datasets(handles: dict) -> dict:  # built once Ray is up
+                from ioisray.data.ray_dataset import to_ray_dataset
+                from ioisray.synthesis.stream import training_stream
 
-            pool = handles.get("synthesis_pool")
-            real = (train_ds.images, train_ds.labels)
-            return {"train": (training_stream(cfg, *real, pool, cfg.ray.num_workers, handles["epoch_counter"])
-                              if pool is not None else
-                              to_ray_dataset(*real, sampling=cfg.method.sampling, seed=cfg.seed,
-                                             epoch_counter=handles["epoch_counter"])),
-                    "val": to_ray_dataset(ds.images[splits["val"]], ds.labels[splits["val"]]),
-                    "test": to_ray_dataset(ds.images[splits["test"]], ds.labels[splits["test"]])}
+                pool = handles.get("synthesis_pool")
+                real = (train_ds.images, train_ds.labels)
+                return {"train": (training_stream(cfg, *real, pool, cfg.ray.num_workers, handles["epoch_counter"])
+                                  if pool is not None else
+                                  to_ray_dataset(*real, sampling=cfg.method.sampling, seed=cfg.seed,
+                                                 epoch_counter=handles["epoch_counter"])),
+                        "val": to_ray_dataset(ds.images[splits["val"]], ds.labels[splits["val"]]),
+                        "test": to_ray_dataset(ds.images[splits["test"]], ds.labels[splits["test"]])}
 
-        fit(cfg, train_loop_per_worker, loop_config, datasets,
-            services=functools.partial(_services, cfg, model_dir, ds.num_classes), callbacks=callbacks)
+            try:
+                fit(cfg, train_loop_per_worker, loop_config, datasets,
+                    services=functools.partial(_services, cfg, model_dir, ds.num_classes), callbacks=callbacks)
+            except KeyboardInterrupt:
+                raise run.interrupted(cfg.train.epochs) from None
+        if not run.checkpoints.complete(FINAL):  # Ray Train's own Ctrl-C handler ends fit() quietly
+            raise run.interrupted(cfg.train.epochs)
         out = json.loads(run.checkpoints.read(FINAL, RESULTS_FILE))
         out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()},
                     "split_ids": split_ids, "train_class_counts": counts.tolist(), "run_dir": run.location,
@@ -245,20 +243,28 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
     return out
 
 
-def _prerequisites(cfg: Config, ds, splits: dict):
-    """(diffusion model folder or None, finished baseline run or None, split ids); the baseline's test
-    split is checked before a diffusion model may be pretrained, and again once it is trained."""
+def _check_inputs(cfg: Config, ds, splits: dict) -> dict:
+    """What can be checked before Ray starts: a finished baseline's test split, a given diffusion model
+    (its class count, and that it never saw this run's held-out images). Returns the split ids."""
     from ioisray.data import provenance
 
     split_ids = {k: provenance.split_id(provenance.image_keys(ds, v, provenance.data_folder(cfg.data)))
                  for k, v in splits.items()}
     if cfg.baseline and (finished := prerequisites.baseline_run(cfg)):
         prerequisites.check_same_test_split(finished, split_ids["test"])
+    if is_on(cfg) and cfg.diffusion.model_dir:
+        prerequisites.diffusion_model(cfg, ds, splits)
+    return split_ids
+
+
+def _prerequisites(cfg: Config, ds, splits: dict, split_ids: dict):
+    """(diffusion model folder or None, finished baseline run or None), each made first if missing: the
+    diffusion model pretrained on this training split, the baseline trained (and its test split checked)."""
     model_dir = prerequisites.diffusion_model(cfg, ds, splits) if is_on(cfg) else None
     baseline = prerequisites.baseline_run(cfg, train=train) if cfg.baseline else None
     if baseline:
         prerequisites.check_same_test_split(baseline, split_ids["test"])
-    return model_dir, baseline, split_ids
+    return model_dir, baseline
 
 
 @contextlib.contextmanager
@@ -268,6 +274,7 @@ def _services(cfg: Config, model_dir, num_classes: int):
     import ray
 
     from ioisray.data.ray_dataset import prestart_read_workers, start_epoch_counter
+    from ioisray.synthesis.pool import SynthesisPool
     from ioisray.synthesis.stream import read_concurrency
 
     handles = {"epoch_counter": start_epoch_counter()}
@@ -278,7 +285,7 @@ def _services(cfg: Config, model_dir, num_classes: int):
             # where the driver starts the reads in its own runtime environment.
             if not cfg.ray.address and cfg.ray.num_workers > 0:
                 prestart_read_workers(read_concurrency(cfg.synthesis.pool_size), modules=("ioisray.synthesis.stream",))
-            handles["synthesis_pool"] = start_synthesis_pool(cfg, model_dir, num_classes)
+            handles["synthesis_pool"] = SynthesisPool.for_run(cfg, model_dir, num_classes)
         yield handles
     finally:
         if "synthesis_pool" in handles:
@@ -286,53 +293,22 @@ def _services(cfg: Config, model_dir, num_classes: int):
         ray.kill(handles["epoch_counter"])
 
 
-def start_synthesis_pool(cfg: Config, model_dir: str, num_classes: int):
-    """The run's SynthesisPool: its actors load the diffusion model once, here."""
-    from ioisray.synthesis.pool import SynthesisPool
-
-    sy = cfg.synthesis
-    return SynthesisPool.start(generator_factory(cfg, model_dir, num_classes), sy.pool_size, num_cpus=sy.num_cpus,
-                               num_gpus=sy.num_gpus, resources=sy.resources, max_retries=sy.max_retries)
-
-
-def generator_factory(cfg: Config, model_dir: str, num_classes: int):
-    """What each synthesis actor calls to build its DiffusionGenerator. The guiding classifier is built
-    as an architecture only: its weights come with every epoch, and `model.weights` is a file on the
-    driver's disk that a synthesis node does not have."""
-    from ioisray.synthesis.generator import DiffusionGenerator
-
-    s, sy = cfg.sampler, cfg.synthesis
-    guided = sy.mode == "online" and sy.guidance and s.guidance_scale > 0
-    sampler = dataclasses.replace(s, guidance_scale=s.guidance_scale if guided else 0.0)
-    return functools.partial(
-        DiffusionGenerator, model_dir, num_classes, sampler, output_size=cfg.data.image_size,
-        make_classifier=functools.partial(build_classifier, cfg, num_classes, pretrained=False) if guided else None,
-        device="cuda" if sy.num_gpus > 0 else "cpu", num_threads=max(1, int(sy.num_cpus)) if sy.num_gpus == 0 else None,
-        gpu_share=min(sy.num_gpus, 1.0) if sy.num_gpus > 0 else 1.0)
-
-
 def _save_outputs(run: Run, results: dict, train_ds, baseline) -> list[Path]:
-    """metrics.md (the table the CLI prints), metrics.json, the selected weights and the test predictions,
-    all written atomically, then the figures; returns the figures made."""
+    """The selected weights, the test predictions, metrics.md and (last) metrics.json, then the figures;
+    returns the figures made."""
     from safetensors.numpy import load as load_numpy
-
-    from ioisray.atomic import atomic_save_safetensors, atomic_write_bytes
+    from safetensors.torch import save
 
     store = run.checkpoints
-    atomic_save_safetensors(store.load(FINAL).best_model, run.dir / BEST_MODEL_FILE)
+    files = {BEST_MODEL_FILE: save({k: v.contiguous() for k, v in store.load(FINAL).best_model.items()})}
     if results.get("test") is not None:
-        atomic_write_bytes(run.dir / TEST_PREDICTIONS_FILE, store.read(FINAL, TEST_PREDICTIONS_FILE))
+        files[TEST_PREDICTIONS_FILE] = store.read(FINAL, TEST_PREDICTIONS_FILE)
     splits = {f"val (epoch {results['best_epoch'] + 1})": results["val"],
               **({"test": results["test"]} if results.get("test") is not None else {})}
-    atomic_write_text(run.dir / "metrics.md", format_table(splits, results["class_names"]) + "\n")
     made = []
-    try:
-        synthetic = load_numpy(store.read(FINAL, SYNTHETIC_EXAMPLES_FILE))
-    except Exception:  # noqa: BLE001 - no synthesis in this run: no such file
-        synthetic = None
-    if synthetic is not None:
-        made.append(_real_vs_synthetic(synthetic, train_ds, run.dir))
-    atomic_write_text(run.dir / "metrics.json", json.dumps(results, indent=2))  # last: the run has finished
+    if SYNTHETIC_EXAMPLES_FILE in store.files(FINAL):
+        made.append(_real_vs_synthetic(load_numpy(store.read(FINAL, SYNTHETIC_EXAMPLES_FILE)), train_ds, run.dir))
+    run.finish(results, format_table(splits, results["class_names"]), files)
     if baseline:
         made.append(figures.per_class_change_from_runs(run.dir, baseline))
     return made

@@ -24,30 +24,40 @@ from ioisray.recipes.prerequisites import shared_diffusion_model
 from ioisray.run import Run, run_location
 
 TRIALS = "trials"  # the trials' run folders, inside the search's folder
+SEARCH = "tune"  # Tune's own records of the search, inside the search's folder
+
+
+EPOCHS_DONE = "epochs_done"  # ASHA's time unit: epochs the trial's run has completed
 
 
 def _epoch_reporter(metric: str):
-    """A Ray Train callback that hands rank 0's per-epoch metrics to Tune (ASHA's time unit is then
-    the epoch); the run's last report, which carries no validation metric, is not passed on."""
+    """A Ray Train callback that hands rank 0's per-epoch metrics to Tune, with the epochs done as ASHA's
+    time unit (Tune's own iteration count starts again when a stopped search is restored, the epochs
+    of a resumed run do not); the run's last report, which carries no validation metric, is not passed on."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EpochReporter(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metric in metrics[0]:
+                metrics = [{**m, EPOCHS_DONE: m["epoch"] + 1} for m in metrics]
                 super().after_report(run_context, metrics, None)
 
     return EpochReporter()
 
 
 def tune_trial(params: dict, *, base: dict, trials_dir: str) -> None:
-    """One trial: the base config with this trial's values, trained (test split untouched)."""
+    """One trial: the base config with this trial's values, trained (test split untouched). A trial run
+    again (a failure, or a restored search) resumes its run, once its previous process's hold on it
+    is released or has lapsed."""
     import ray.tune
 
     from ioisray.recipes.train import train
+    from ioisray.run import STALE_AFTER_SECONDS
 
     cfg = trial_config(Config.model_validate(base), params, output_dir=trials_dir,
                        name=f"trial_{ray.tune.get_context().get_trial_id()}")
-    train(cfg, evaluate_test=False, callbacks=(_epoch_reporter(base["tune"]["metric"]),))
+    train(cfg, evaluate_test=False, callbacks=(_epoch_reporter(base["tune"]["metric"]),),
+          lock_wait=STALE_AFTER_SECONDS + 10)
 
 
 def _schedulers(cfg: Config):
@@ -58,7 +68,7 @@ def _schedulers(cfg: Config):
         return FIFOScheduler()
     # max_t one past the last epoch: a trial that reaches it finishes its run by itself (stopping it
     # there would kill its Ray Train controller while it shuts down).
-    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1, grace_period=t.grace_period,
+    return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=cfg.train.epochs + 1, grace_period=t.grace_period,
                          reduction_factor=t.reduction_factor)
 
 
@@ -76,14 +86,16 @@ def search(cfg: Config) -> dict:
     from ray import tune
 
     check_search_space(cfg)
-    run_dir = Run(cfg).pull().dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     base = shared_diffusion_model(cfg.model_copy(update={"baseline": None}))
+    run = Run(base).pull()
+    run.check_resumable(started=storage.exists(run.uri(SEARCH)))  # a stopped search resumes as it began
+    run_dir = run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(base, run_dir / "config.yaml")
     t = cfg.tune
     trainable = tune.with_parameters(tune_trial, base=base.model_dump(mode="json"),
                                      trials_dir=storage.join(run_location(cfg), TRIALS))
-    grid = run_trials(base, trainable, _param_space(base), trial_resources(base), name="tune",
+    grid = run_trials(base, trainable, _param_space(base), trial_resources(base), name=SEARCH,
                       limit=t.max_concurrent_trials, max_failures=t.max_failures,
                       metric=t.metric, scheduler=_schedulers(base),
                       search_seed=t.search_seed, num_samples=t.num_samples)

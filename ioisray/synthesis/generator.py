@@ -4,12 +4,15 @@ for the epoch, turn (labels, seeds) into images. Benchmarks and tests use it dir
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from ioisray.config import Config
+from ioisray.models import build_classifier
 from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.precision import configure_device, sampler_dtype
 from ioisray.sampler import SamplerConfig, sample
@@ -59,3 +62,17 @@ class DiffusionGenerator:
                        device=self.device, output_size=self.output_size)
         return {"image": batch.images.numpy(), "label": np.asarray(labels, dtype=np.int64),
                 "seed": np.asarray(seeds, dtype=np.int64), "seconds": time.perf_counter() - start}
+
+
+def generator_factory(cfg: Config, model_dir: str, num_classes: int):
+    """What each synthesis actor calls to build its DiffusionGenerator. The guiding classifier is built
+    as an architecture only: its weights come with every epoch, and `model.weights` is a file on the
+    driver's disk that a synthesis node does not have."""
+    s, sy = cfg.sampler, cfg.synthesis
+    guided = sy.mode == "online" and sy.guidance and s.guidance_scale > 0
+    sampler = dataclasses.replace(s, guidance_scale=s.guidance_scale if guided else 0.0)
+    return functools.partial(
+        DiffusionGenerator, model_dir, num_classes, sampler, output_size=cfg.data.image_size,
+        make_classifier=functools.partial(build_classifier, cfg, num_classes, pretrained=False) if guided else None,
+        device="cuda" if sy.num_gpus > 0 else "cpu", num_threads=max(1, int(sy.num_cpus)) if sy.num_gpus == 0 else None,
+        gpu_share=min(sy.num_gpus, 1.0) if sy.num_gpus > 0 else 1.0)

@@ -40,11 +40,11 @@ def chunk_sizes(budget: int, chunk_size: int, actors: int = 1) -> list[int]:
     The first chunks go one to each actor, so small ones reach the trainer within seconds of the epoch's
     start instead of after chunk_size / (images/s) seconds. Actors take chunks as they become idle, so
     the epoch ends when the last chunk handed out is done; the tail (guided self-scheduling: each chunk
-    1/(2 * actors) of what is left, at least chunk_size/8) keeps the chunks handed out last small, so
+    1/(2 * actors) of what is left, at least chunk_size/16) keeps the chunks handed out last small, so
     the actors, fast or slow, finish within a small chunk of each other.
     """
     ramp = [c for c in dict.fromkeys((chunk_size // 8, chunk_size // 4, chunk_size // 2)) if 0 < c < chunk_size]
-    smallest = max(1, chunk_size // 8)
+    smallest = max(1, chunk_size // 16)
     sizes, left = [], max(budget, 0)
     while left > 0:
         if len(sizes) < len(ramp):

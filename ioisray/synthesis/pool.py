@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from typing import Callable, Optional
 
@@ -59,10 +60,11 @@ class SynthesisActor:
 
 
 def _gpu_memory_mb():
-    """This process's peak CUDA memory so far (None without CUDA)."""
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    """This process's peak CUDA memory so far (None without CUDA, or when the generator never imported torch)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 class _Epoch:
@@ -122,7 +124,9 @@ class PoolCoordinator:
                                                                for slot in range(len(self.actors)))))
 
     async def _feed(self, slot: int, epoch: _Epoch) -> None:
-        """One actor's loop: take the next chunk, make it, repeat until the queue is empty."""
+        """One actor's loop: take the next chunk of the epoch's queue, make it, repeat. One chunk at a
+        time, so a slow actor never sits on a chunk a fast one would finish sooner (measured: a second
+        chunk queued at each actor cost more at the end of an epoch than it saved in waiting)."""
         while epoch.queue:
             i = epoch.queue.pop(0)
             data, timing = self.actors[slot].generate.options(num_returns=2).remote(
@@ -135,11 +139,10 @@ class PoolCoordinator:
                 epoch.attempts[i] += 1
                 if epoch.attempts[i] > self._max_retries:
                     epoch.errors[i] = f"{type(e).__name__}: {e}"
-                    epoch.handed_out[i].set()
                     continue
-                self._replace(slot)
                 epoch.queue.insert(0, i)
                 epoch.handed_out[i] = asyncio.Event()
+                self._replace(slot)
                 continue
             if self.pids[slot] is not None and result["pid"] != self.pids[slot]:
                 self.actors_started += 1  # Ray restarted this actor's process
@@ -221,6 +224,16 @@ class SynthesisPool:
             make_generator, size, options, max_retries)
         ray.get(coordinator.ready.remote())
         return cls(coordinator, size)
+
+    @classmethod
+    def for_run(cls, cfg, model_dir: str, num_classes: int) -> "SynthesisPool":
+        """The pool of a run's config: `synthesis.pool_size` actors with `synthesis.*` resources, each
+        loading the diffusion model in `model_dir` once."""
+        from ioisray.synthesis.generator import generator_factory
+
+        sy = cfg.synthesis
+        return cls.start(generator_factory(cfg, model_dir, num_classes), sy.pool_size, num_cpus=sy.num_cpus,
+                         num_gpus=sy.num_gpus, resources=sy.resources, max_retries=sy.max_retries)
 
     def start_epoch(self, plan_epoch: int, chunks: list[Chunk], weights: Optional[dict], reuse: bool = False) -> None:
         """Start making this epoch's chunks, guided by `weights` (a state dict of CPU tensors; None:
