@@ -206,6 +206,9 @@ def _quiet(verbose: bool) -> None:
     if verbose:
         os.environ["IOISRAY_VERBOSE"] = "1"  # for the Ray the run starts (recipes/launch.ray_session)
     else:
+        from ioisray.recipes.console import quiet_ray_data
+
+        quiet_ray_data()  # before Ray Data is first imported
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -129,15 +129,25 @@ def push(run_dir: Path, location: str) -> None:
 
 class EventsDir:
     """Where a Ray Train worker writes TensorBoard events: the run folder itself, or, for a URI run (the
-    worker may be on another node than the driver), a temporary folder uploaded by `sync()`."""
+    worker may be on another node than the driver), a temporary folder uploaded by `sync()`, one per
+    run (a resumed run writes into the same one) and removed by `close()`."""
 
     def __init__(self, local: str, uri: str | None):
         self.uri = uri
-        self.path = tempfile.mkdtemp(prefix="ioisray-tb-") if uri else local
+        if uri:
+            self.path = os.path.join(tempfile.gettempdir(), f"ioisray-tb-{hashlib.sha1(uri.encode()).hexdigest()[:16]}")
+            os.makedirs(self.path, exist_ok=True)
+        else:
+            self.path = local
 
     def sync(self) -> None:
         if self.uri:
             upload(self.path, self.uri)
+
+    def close(self) -> None:
+        if self.uri:
+            self.sync()
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def fetch_dir(path: str) -> str:

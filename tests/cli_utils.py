@@ -23,9 +23,11 @@ def latest_epoch(run: Path) -> int:
     return int(names[-1].split("_")[1]) if names else 0
 
 
-def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240, env=None) -> tuple[int, str]:
-    """Start `ioisray *args`, send SIGINT once `epochs` epochs are checkpointed; returns (epochs done,
-    what it printed)."""
+def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240, env=None,
+                    progress=None) -> tuple[int, str]:
+    """Start `ioisray *args`, send SIGINT once `epochs` epochs of `run` are checkpointed (or once
+    `progress()`, if given, returns at least `epochs`); returns (epochs done, what it printed)."""
+    progress = progress or (lambda: latest_epoch(run))
     log = run.parent / f".{run.name}-interrupted.log"
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
@@ -33,12 +35,12 @@ def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 24
                                 stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + timeout
-            while latest_epoch(run) < epochs and time.time() < deadline and proc.poll() is None:
+            while progress() < epochs and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.2)
-            assert latest_epoch(run) >= epochs, "no checkpoint appeared:\n" + log.read_text()[-3000:]
+            assert progress() >= epochs, "no checkpoint appeared:\n" + log.read_text()[-3000:]
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    return latest_epoch(run), log.read_text()
+    return progress(), log.read_text()

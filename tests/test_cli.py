@@ -1,16 +1,11 @@
-"""The real `ioisray` entry point: bad input fails fast and clearly; a tiny run goes end to end on Ray."""
-import json
-import shutil
-
+"""The real `ioisray` entry point: bad input fails fast and clearly (a run end to end: test_job.py)."""
 import pytest
-from cli_utils import ROOT, run_cli
+from cli_utils import ROOT
 
 from ioisray.cli import main
-from ioisray.config import ConfigError, load_config
+from ioisray.config import ConfigError
 from ioisray.run import run_dir
 
-# A tiny but real run: 2 Ray Train workers (DDP over gloo), a small timm model, 16x16 digits.
-TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2"]
 
 
 def test_config_errors_exit_2_naming_the_key(capsys):
@@ -80,44 +75,3 @@ def test_print_config_shows_resolved_values(capsys):
     assert main(["train", str(ROOT / "configs/digits_ce.yaml"), "train.epochs=3", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 3" in out and "name: digits_lt" in out
-
-
-@pytest.mark.ray
-def test_train_end_to_end_with_ray_and_a_storage_uri(tmp_path, monkeypatch, capsys):
-    # Exercises the re-sampling dataset, mixup and a re-weighted loss inside Ray Train as well. Outputs
-    # go to a filesystem URI (as s3://... on a cluster), through a local staging folder.
-    staging = {"IOISRAY_STAGING": str(tmp_path / "staging")}
-    args = ["train", "configs/digits_ce.yaml", *TINY, "train.epochs=2", "name=e2e",
-            f"output_dir=file://{tmp_path}/store", "method.sampling=class_balanced", "method.mixup_alpha=0.2",
-            "method.loss=cb_focal"]
-    r = run_cli(*args, env=staging)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "| balanced_accuracy |" in r.stdout and "epoch 2/2" in r.stdout + r.stderr
-    run = tmp_path / "store" / "e2e"
-    assert f"results: file://{run}/metrics.json" in r.stdout
-    # Rank 0 wrote its checkpoints straight to the URI, each with its manifest; the final one holds the results.
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_00001", "epoch_00002", "final"]
-    assert (run / "checkpoints" / "final" / "manifest.json").is_file() and not (run / ".lock").exists()
-    results = json.loads((run / "metrics.json").read_text())
-    for split in ("val", "test"):
-        assert set(results[split]) >= {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "mcc",
-                                       "auc", "per_class_accuracy", "confusion_matrix"}
-    # every test image evaluated once, none dropped
-    assert results["test"]["num_samples"] == results["splits"]["test"]
-    assert sum(map(sum, results["test"]["confusion_matrix"])) == results["splits"]["test"]
-    assert len(results["history"]) == 2
-    assert load_config(run / "config.yaml").name == "e2e"
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert "| metric |" in (run / "metrics.md").read_text()
-    from ioisray.recipes.sample import load_classifier_run  # the tested weights, reloadable on their own
-    model, _, names = load_classifier_run(run)
-    assert names == results["class_names"] and model.fc.out_features == 10
-    # The test split has been used: running the same run again is refused, results untouched, even
-    # from a machine that has no local copy of the run (it is read back from the URI).
-    shutil.rmtree(tmp_path / "staging")
-    monkeypatch.setenv("IOISRAY_STAGING", staging["IOISRAY_STAGING"])
-    monkeypatch.chdir(ROOT)
-    capsys.readouterr()
-    assert main(args) == 2  # in-process: refused before Ray starts
-    assert "has finished (its test split was used once already)" in capsys.readouterr().err
-    assert json.loads((run / "metrics.json").read_text()) == results

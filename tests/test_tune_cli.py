@@ -1,39 +1,42 @@
-"""`ioisray tune` and `ioisray benchmark` through the real entry point, on the embedded digits (CPU)."""
+"""`ioisray tune` and `ioisray benchmark` through the real entry point, on the embedded digits (CPU).
+Trials are CE runs on one Ray Train worker (no synthesis): what is tested is
+the search and the grid, not IOIS (test_job.py runs that)."""
 import csv
 import json
 
+import numpy as np
 import pytest
-from cli_utils import ROOT, run_cli
+from cli_utils import ROOT, interrupt_after, latest_epoch, run_cli
+from PIL import Image
 
 from ioisray.cli import main
 from ioisray.config import load_config
-from ioisray.models.diffusion import create_unet
 
 pytestmark = pytest.mark.ray
 
-TINY = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16",
-        "synthesis.chunk_size=4", "synthesis.num_cpus=0.5", "sampler.steps=4", "baseline=null"]
+TINY_CE = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=1"]
 
 
-@pytest.fixture(scope="module")
-def unet_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("diffusion") / "unet"
-    create_unet("tiny", num_classes=10, image_size=16).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def test_tune_stops_a_weak_trial_early_and_writes_a_best_config_train_accepts(tmp_path, unet_dir):
-    # Two trials, one after the other (one fits in 4 logical CPUs): the second learns nothing
-    # (lr 1e-7), so ASHA stops it at its first rung, after epoch 1 of 2.
-    args = ["tune", "configs/digits.yaml", *TINY, "name=search", f"output_dir={tmp_path}",
-            f"diffusion.model_dir={unet_dir}", "ray.num_workers=1", "synthesis.pool_size=1",
+def test_a_stopped_search_resumes_and_asha_stops_the_weak_trial(tmp_path):
+    # Two trials, one at a time: the second learns nothing (lr 1e-7), so ASHA stops it at its first
+    # rung, after epoch 1 of 2. The search is stopped (Ctrl-C) during the first trial, then rerun.
+    args = ["tune", "configs/digits_ce.yaml", *TINY_CE, "name=search", f"output_dir={tmp_path}",
             "train.epochs=2", "train.optimizer=adamw", "train.warmup_epochs=0",
-            "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-7]}, aas.temperature: {choice: [0.5, 2.0]}, "
-            "synthesis.budget: {grid: [16]}}", "tune.grace_period=1", "tune.reduction_factor=2"]
-    r = run_cli(*args, timeout=900)
+            "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-7]}, aas.temperature: {choice: [0.5, 2.0]}}",
+            "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_concurrent_trials=1"]
+    search = tmp_path / "search"
+
+    def epochs_of_the_first_trial():
+        return max((latest_epoch(t) for t in (search / "trials").glob("trial_*")), default=0)
+
+    done, printed = interrupt_after(args, search, epochs=1, timeout=300, progress=epochs_of_the_first_trial)
+    assert done >= 1 and not (search / "trials.csv").exists(), "the search was not stopped:\n" + printed[-3000:]
+    assert "tune: the search was interrupted; rerun the same command to resume it" in printed
+    assert "Traceback" not in printed, printed[-3000:]
+    r = run_cli(*args, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
-    search = tmp_path / "search"
+    assert f"resuming the search in {search / 'tune'}" in out
     with open(search / "trials.csv") as f:
         trials = {float(t["train.lr"]): t for t in csv.DictReader(f)}
     assert set(trials) == {3e-3, 1e-7}
@@ -41,40 +44,50 @@ def test_tune_stops_a_weak_trial_early_and_writes_a_best_config_train_accepts(tm
     assert trials[1e-7]["status"] == "stopped early" and int(trials[1e-7]["epochs"]) == 1
     assert float(trials[3e-3]["best_val_balanced_accuracy"]) > float(trials[1e-7]["best_val_balanced_accuracy"])
     assert {float(t["aas.temperature"]) for t in trials.values()} <= {0.5, 2.0}
-    # Trials never touch the test split; each trial ran its own synthesis pool.
-    finished = json.loads(next((search / "trials").glob("trial_*/metrics.json")).read_text())
-    assert finished["test"] is None and finished["history"][0]["actors_started"] == 1
+    # The interrupted trial's run was resumed from its checkpoint, or, if it had finished meanwhile, kept:
+    # each epoch in its history once.
+    first = json.loads((search / "trials" / f"trial_{trials[3e-3]['trial']}" / "metrics.json").read_text())
+    assert [h["epoch"] for h in first["history"]] == [0, 1]
+    assert done == 2 or "resumed from epoch 1" in out  # stopped mid-run: the run resumed
+    assert first["test"] is None  # trials never touch the test split
 
-    best = search / "best_config.yaml"
-    cfg = load_config(best)
+    cfg = load_config(search / "best_config.yaml")  # a complete config `ioisray train` accepts
     assert cfg.train.lr == 3e-3 and cfg.aas.temperature == float(trials[3e-3]["aas.temperature"])
     assert cfg.name == "search_best" and cfg.tune.search_space == {}
     assert "best config: " in r.stdout and "stopped early" in (search / "trials.md").read_text()
-    r = run_cli("train", str(best), "train.epochs=1", "ray.num_workers=0", timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert json.loads((tmp_path / "search_best" / "metrics.json").read_text())["test"]["balanced_accuracy"] >= 0
 
 
-def test_benchmark_writes_the_table_and_figures_and_skips_finished_runs(tmp_path, unet_dir, monkeypatch, capsys):
-    args = ["benchmark", "configs/digits.yaml", *TINY, "name=bench", f"output_dir={tmp_path}",
-            # 6 logical CPUs: two runs at a time (2.6 each: a worker, an actor, the trial, Ray Data)
-            f"diffusion.model_dir={unet_dir}", "ray.num_workers=1", "ray.local_num_cpus=6", "synthesis.pool_size=1",
-            "synthesis.budget=8",
-            "train.epochs=1", "benchmark.methods={ce: [synthesis.mode=none], iois: []}", "benchmark.seeds=[0]",
-            "benchmark.baseline=ce"]
-    r = run_cli(*args, timeout=900)
+def _finished_iois_run(path, class_names):
+    """A finished IOIS run as the benchmark reads it: its metrics.json and real-vs-synthetic figure."""
+    path.mkdir(parents=True)
+    acc = {n: 0.5 + 0.05 * i for i, n in enumerate(class_names)}
+    test = {"accuracy": 0.8, "balanced_accuracy": 0.75, "macro_f1": 0.7, "macro_precision": 0.7, "mcc": 0.6,
+            "auc": 0.9, "per_class_accuracy": acc}
+    (path / "metrics.json").write_text(json.dumps({"class_names": class_names, "test": test, "history": [],
+                                                   "seconds": 1.0}))
+    noise = np.random.default_rng(0).integers(0, 256, (100, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path / "real_vs_synthetic.png")
+    return test
+
+
+def test_benchmark_runs_what_has_not_finished_and_tabulates_every_run(tmp_path, monkeypatch, capsys):
+    iois = _finished_iois_run(tmp_path / "bench_iois_s0", [str(i) for i in range(10)])
+    args = ["benchmark", "configs/digits_ce.yaml", *TINY_CE, "name=bench", f"output_dir={tmp_path}",
+            "train.epochs=1", "benchmark.methods={ce: [], iois: [synthesis.mode=online, synthesis.budget=8]}",
+            "benchmark.seeds=[0]", "benchmark.baseline=ce"]
+    r = run_cli(*args, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
-    assert "each trial holds {'CPU': 2.6}; 2 at a time" in r.stdout
-    runs = ["bench_ce_s0", "bench_iois_s0"]  # two runs side by side; means over seeds: test_experiments.py
-    metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in runs}
-    assert "quotas" in metrics["bench_iois_s0"]["history"][0] and "quotas" not in metrics["bench_ce_s0"]["history"][0]
+    assert "2 runs, 1 finished already, 1 to run" in r.stdout and "each trial holds" in r.stdout
+    ce = json.loads((tmp_path / "bench_ce_s0" / "metrics.json").read_text())  # run as a Tune trial
+    assert ce["test"]["num_samples"] == ce["splits"]["test"] and "quotas" not in ce["history"][0]
 
     table = (tmp_path / "bench" / "results.md").read_text()
     with open(tmp_path / "bench" / "results.csv") as f:
         rows = {row["group"]: row for row in csv.DictReader(f)}
     assert set(rows) == {"ce", "iois"} and rows["ce"]["runs"] == "1"
-    assert float(rows["iois"]["balanced_accuracy_mean"]) == pytest.approx(metrics["bench_iois_s0"]["test"]["balanced_accuracy"])
+    assert float(rows["iois"]["balanced_accuracy_mean"]) == pytest.approx(iois["balanced_accuracy"])
+    assert float(rows["ce"]["balanced_accuracy_mean"]) == pytest.approx(ce["test"]["balanced_accuracy"])
     for key in ("accuracy", "macro_f1", "mcc", "auc", "acc[9]"):
         assert f"{key}_std" in rows["iois"] and key in table
     for figure in ("per_class_change_iois_vs_ce.png", "real_vs_synthetic_iois.png"):
@@ -83,15 +96,15 @@ def test_benchmark_writes_the_table_and_figures_and_skips_finished_runs(tmp_path
 
     # Rerun (in-process: with nothing to run, Ray is not started): finished runs are skipped.
     monkeypatch.chdir(ROOT)
-    before = {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n in runs}
+    before = (tmp_path / "bench_ce_s0" / "metrics.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0
     assert "2 runs, 2 finished already, 0 to run" in capsys.readouterr().out
-    assert before == {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n in runs}
+    assert before == (tmp_path / "bench_ce_s0" / "metrics.json").stat().st_mtime_ns
     assert (tmp_path / "bench" / "results.md").read_text() == table
     # One more method: --report-only starts nothing, tabulates what finished and names what did not.
-    assert main([*args[:-3], "benchmark.methods={ce: [synthesis.mode=none], iois: [], focal: [method.loss=focal]}",
-                 *args[-2:], "--report-only"]) == 1
+    methods = "benchmark.methods={ce: [], iois: [synthesis.mode=online, synthesis.budget=8], focal: [method.loss=focal]}"
+    assert main([*args[:-3], methods, *args[-2:], "--report-only"]) == 1
     out, err = capsys.readouterr()
     assert "did not finish: bench_focal_s0" in err and not (tmp_path / "bench_focal_s0").exists()
     assert "2 finished already, 1 to run (not now: --report-only)" in out

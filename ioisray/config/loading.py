@@ -85,6 +85,13 @@ def _compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"invalid config ({path}):\n" + "\n".join(f"  {k}: unknown key" for k in unknown))
     if not isinstance(defaults, list):
         raise ConfigError(f"{path}: `defaults` must be a list of YAML file paths")
+    baseline = data.get("baseline")
+    if isinstance(baseline, str) and baseline.endswith((".yaml", ".yml")) and not Path(baseline).is_absolute():
+        # A baseline config named in a config file is read where that file is, like its `defaults:`,
+        # whatever the working directory (a path that exists from the working directory is kept).
+        beside = path.parent / baseline
+        if beside.is_file() and not Path(baseline).is_file():
+            data["baseline"] = str(beside)
     merged: dict = {}
     for d in defaults:
         merged = _merge(merged, _compose(path.parent / str(d), seen + (path,)))

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
+import threading
 from typing import Callable, Optional
 
 from ioisray import storage
 from ioisray.config import Config
+from ioisray.recipes.console import RAY_DATA_LOGGING, drop_raylet_notices, quiet_data_context, quiet_ray_data
 from ioisray.run import run_location
 
 
@@ -29,6 +32,54 @@ def local_ray_cpus(cfg: Config) -> int:
     return cfg.ray.local_num_cpus or max(2 * (os.cpu_count() or 1), needed)
 
 
+# Ray Train extras that cost a process or a thread per run and serve nothing on one machine: the
+# watcher of spot-node preemption (an actor) and its metrics exporters (metrics collection is off).
+LOCAL_RAY_TRAIN = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
+# Ray's switch for a Ray that is one machine only (its default on macOS and Windows): the node's IP is
+# 127.0.0.1, so the servers that bind to all interfaces unless the node is local (the Prometheus
+# endpoints of the dashboard and of the autoscaler monitor) bind to loopback.
+LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _local_only() -> None:
+    """Make the Ray about to start in this process a loopback-only one (see LOCAL_ONLY): in this process
+    (Ray read the variable when it was imported) and in every process it starts."""
+    from ray._private import ray_constants
+
+    os.environ[LOCAL_ONLY] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _stop_data_executors(timeout: float = 10.0) -> None:
+    """Stop the Ray Data executions still running in this process (a loop stopped by Ctrl-C leaves its
+    dataset's executor thread behind), and wait for them: one that is still running when Ray shuts
+    down touches the shut-down Ray, and Ray then ends the whole process before it can say anything."""
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "StreamingExecutor" and thread.is_alive():
+            try:
+                thread.shutdown(force=True)
+            except Exception:  # noqa: BLE001 - it is being torn down anyway; waiting is what matters
+                pass
+            thread.join(timeout)
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Start the actor Ray Train and Ray Data send their resource requests to, and wait until it
+    answers. Otherwise the first Train run starts it, and on a small machine its first request times
+    out while the actor's process starts, which Ray Train reports with a traceback (harmless)."""
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:  # another Ray: at worst that traceback
+        return
+    ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("ioisray"))
+
+
 @contextlib.contextmanager
 def ray_session(cfg: Config, verbose: Optional[bool] = None):
     """Ray for the block: the cluster `ray.address` names, or a private local Ray, shut down at the end.
@@ -36,40 +87,57 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None):
     job starts Ray once.
 
     The local Ray's address is fixed before it starts and given to every process it starts
-    (RAY_ADDRESS), so Ray's own helpers never guess among other Ray instances on the host; its
-    dashboard listens on loopback only, and its Prometheus exporters, which answer anyone on the
-    network without Ray's token, are off. Logs below WARNING from Ray's processes are dropped unless
+    (RAY_ADDRESS), so Ray's own helpers never guess among other Ray instances on the host. It is a
+    node on 127.0.0.1 (it is local by definition): its dashboard and the Prometheus endpoints of its
+    dashboard and autoscaler monitor, which would answer anyone on the network without Ray's token,
+    listen on loopback only, and its per-process metrics exporters are off. Logs below WARNING from Ray's processes are dropped unless
     `verbose` (default: `ioisray --verbose`, which sets IOISRAY_VERBOSE=1)."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # also in a Tune trial, whose Ray Data settings start from the defaults
+        quiet_data_context()
         yield
         return
     if verbose is None:
         verbose = os.environ.get("IOISRAY_VERBOSE") == "1"
     level = "INFO" if verbose else "WARNING"
-    env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", RAY_DATA_LOGGING,
+                                                  "PYTHONWARNINGS", LOCAL_ONLY, *LOCAL_RAY_TRAIN)}
+    from ray._private import ray_constants
+
+    cluster_before = ray_constants.ENABLE_RAY_CLUSTER
+    if not verbose:
+        quiet_ray_data()
     try:
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, logging_level=level, logging_config=ray.LoggingConfig(log_level=level))
         else:
-            from ray._private.services import get_node_ip_address
-
             port = _free_port()
             os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-            os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+            for k, v in LOCAL_RAY_TRAIN.items():
+                os.environ.setdefault(k, v)
+            os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
+            _local_only()
             ray.init(address="local", num_cpus=local_ray_cpus(cfg), object_store_memory=cfg.ray.object_store_mb * 2**20,
                      dashboard_host="127.0.0.1", logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
                      # Keep idle worker processes a while: Ray Data starts a read task per chunk each epoch,
                      # and a fresh Python process for each costs more CPU than a small machine can spare.
                      _system_config={"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64,
                                      "enable_metrics_collection": False})
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        if not verbose:
+            drop_raylet_notices()
+        _start_autoscaling_coordinator()
+        quiet_data_context()
         yield
+    except KeyboardInterrupt:
+        # Ray threads cut off by Ctrl-C log their errors while Ray shuts down; the recipe says what happened.
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        _stop_data_executors()
+        raise
     finally:
         ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_before
         for k, v in env_before.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -115,7 +183,45 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
         # its buffer is full or the stream ends, which would push the chunks to the end of the epoch.
         dataset_config=ray.train.DataConfig(datasets_to_split=list(split), enable_shard_locality=False),
     )
-    return trainer.fit()
+    return _in_a_thread(trainer.fit, in_process=cfg.ray.num_workers == 0)
+
+
+# Set when Ctrl-C reaches the driver: a training loop running in this process (ray.num_workers=0)
+# stops at its next batch (recipes/worker.py), so that it is not cut off in the middle of a write.
+STOP = threading.Event()
+
+
+def _in_a_thread(fn, in_process: bool):
+    """fn() in a thread of its own, this thread waiting. Ray Train installs a Ctrl-C handler when fit()
+    runs in the main thread, and it ends the process from inside the handler, before the recipe can
+    say where the run stopped; here Ctrl-C reaches this thread as KeyboardInterrupt. A loop running in
+    this process is asked to stop and waited for; remote workers stop when the job's Ray shuts down."""
+    out: dict = {}
+    # Waited for with an Event, not Thread.join: a join cut short by Ctrl-C can leave the thread looking
+    # finished while it runs on (CPython issue 90882), and Ray would be shut down under it.
+    finished = threading.Event()
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread as it is
+            out["error"] = e
+        finally:
+            finished.set()
+
+    STOP.clear()
+    threading.Thread(target=target, name="ioisray-fit", daemon=True).start()
+    try:
+        while not finished.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        STOP.set()
+        if in_process:
+            finished.wait(60)
+        raise
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, float], *, name: str,
@@ -150,4 +256,30 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
                                             metric=metric, mode="max" if metric else None, **tune_config),
                 run_config=tune.RunConfig(name=name, storage_path=run_location(cfg), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=max_failures)))
-        return tuner.fit()
+        grid, stopped = _fit_tuner(tuner)
+        if stopped:
+            from ioisray.run import RunInterrupted
+
+            raise RunInterrupted(f"{name}: the search was interrupted; rerun the same command to resume it")
+        return grid
+
+
+def _fit_tuner(tuner):
+    """tuner.fit(), and whether Ctrl-C stopped it. On Ctrl-C Tune stops the trials, saves the search and
+    returns as if it had ended; its Ctrl-C handler then puts back the handler it found, which is how a
+    stop is told from an end here."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or os.environ.get("TUNE_DISABLE_SIGINT_HANDLER",
+                                                                                     "0") != "0":
+        return tuner.fit(), False  # Tune catches no Ctrl-C: it ends the process as usual
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, ours)
+    try:
+        grid = tuner.fit()
+        return grid, signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, before)

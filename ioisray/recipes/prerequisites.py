@@ -18,8 +18,8 @@ from ioisray.run import Run, run_dir, run_location
 
 def baseline_run(cfg: Config, train: Optional[Callable[[Config], dict]] = None) -> Optional[Path]:
     """The finished run `cfg.baseline` names. An experiment config is trained first with `train` (same
-    output_dir, seed, data and Ray settings) unless its run has finished already; without `train`,
-    None is returned for a baseline that has not finished."""
+    output_dir, seed, data and Ray settings but its own ray.num_workers) unless its run has finished
+    already; without `train`, None is returned for a baseline that has not finished."""
     if storage.is_uri(cfg.baseline):
         cfg = cfg.model_copy(update={"baseline": storage.fetch_dir(cfg.baseline)})
     path = Path(cfg.baseline).expanduser()
@@ -30,7 +30,9 @@ def baseline_run(cfg: Config, train: Optional[Callable[[Config], dict]] = None) 
     if not path.is_file():
         raise ConfigError(f"baseline: config file not found: {path}")
     base = load_config(path, [f"output_dir={cfg.output_dir}", f"seed={cfg.seed}"])
-    base = base.model_copy(update={"ray": cfg.ray, "data": cfg.data})
+    # Where the run runs (cluster, GPUs, resources), with the baseline's own number of workers.
+    ray_settings = cfg.ray.model_copy(update={"num_workers": base.ray.num_workers})
+    base = base.model_copy(update={"ray": ray_settings, "data": cfg.data})
     if base.baseline or base.synthesis.mode != "none":
         raise ConfigError(f"baseline: {path} must be a plain baseline (no synthesis, no baseline of its own)")
     if not Run(base).pull().finished:

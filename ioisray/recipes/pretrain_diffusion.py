@@ -119,6 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = grad_scaler(device, precision)
     unet = ray.train.torch.prepare_model(unet)
 
+    first_epoch = state.epoch
     for epoch in worker.epochs(state, p.epochs):  # noise and timesteps replay on resume
         unet.train()
         start, loss_sum, n_seen = time.perf_counter(), torch.zeros((), device=device), 0
@@ -159,8 +160,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                                             p.sample_steps, device), epoch)
                 if last:  # the product of this recipe: the EMA weights as a diffusers model
                     files = _model_files(ema_unet, noise_scheduler)
-            print(f"[ioisray] diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
-                  f"({rate:.1f} img/s, {seconds:.1f}s)", flush=True)
+            if last or epoch == first_epoch or (epoch + 1) % max(1, p.epochs // 10) == 0:  # ten lines a run
+                print(f"[ioisray] diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
+                      f"({rate:.1f} img/s, {seconds:.1f}s)", flush=True)
             state.epoch = epoch + 1
             state.model, state.optimizer = unwrap(unet).state_dict(), optimizer.state_dict()
             state.scheduler, state.extra["ema"] = lr_schedule.state_dict(), ema.state_dict()

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -51,13 +52,21 @@ def tune_trial(params: dict, *, base: dict, trials_dir: str) -> None:
     is released or has lapsed."""
     import ray.tune
 
+    from ioisray.config import RunFinishedError
     from ioisray.recipes.train import train
     from ioisray.run import STALE_AFTER_SECONDS
 
     cfg = trial_config(Config.model_validate(base), params, output_dir=trials_dir,
                        name=f"trial_{ray.tune.get_context().get_trial_id()}")
-    train(cfg, evaluate_test=False, callbacks=(_epoch_reporter(base["tune"]["metric"]),),
-          lock_wait=STALE_AFTER_SECONDS + 10)
+    metric = base["tune"]["metric"]
+    try:
+        train(cfg, evaluate_test=False, callbacks=(_epoch_reporter(metric),), lock_wait=STALE_AFTER_SECONDS + 10)
+    except RunFinishedError:
+        # The run finished after Tune last heard from it (the search was stopped meanwhile): its epochs
+        # are reported from its results (again for those Tune has: `search` counts epochs, not reports).
+        run = Run(cfg).pull()
+        for h in json.loads((run.dir / run.done_file).read_text())["history"]:
+            ray.tune.report({**h, EPOCHS_DONE: h["epoch"] + 1})
 
 
 def _schedulers(cfg: Config):
@@ -105,7 +114,7 @@ def search(cfg: Config) -> dict:
         history = r.metrics_dataframe
         values = (history[t.metric].dropna().tolist()
                   if history is not None and t.metric in history else [])
-        epochs = len(values)
+        epochs = int(history[EPOCHS_DONE].max()) if values and EPOCHS_DONE in history else 0
         status = (f"error: {str(r.error).splitlines()[0][:80]}" if r.error else
                   "completed" if epochs >= cfg.train.epochs else "stopped early")
         trial_id = (r.metrics or {}).get("trial_id") or (Path(r.path).name if r.path else "?")

@@ -9,7 +9,6 @@ failure resumes from them too.
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterator, Optional
 
 import torch
@@ -45,7 +44,9 @@ class Worker:
 
         from ioisray.precision import configure_device
 
-        logging.getLogger("ray.train").setLevel(logging.WARNING)  # no INFO line per report
+        from ioisray.recipes.console import quiet_ray_train
+
+        quiet_ray_train()
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
         self.cfg = cfg
         ctx = ray.train.get_context()
@@ -67,8 +68,21 @@ class Worker:
         return ray.train.get_dataset_shard(name)
 
     def batches(self, shard, batch_size: int, **options):
-        """A shard's batches for this worker's device (see cpu_batches)."""
-        return shard.iter_torch_batches(batch_size=batch_size, dtypes=None, **cpu_batches(self.device), **options)
+        """A shard's batches for this worker's device (see cpu_batches); in the driver's own process,
+        the loop stops at the next batch once Ctrl-C is pressed (recipes/launch.STOP)."""
+        from ioisray.recipes.launch import STOP
+
+        batches = iter(shard.iter_torch_batches(batch_size=batch_size, dtypes=None, **cpu_batches(self.device),
+                                                **options))
+        try:
+            for batch in batches:
+                if STOP.is_set():
+                    raise KeyboardInterrupt
+                yield batch
+        finally:  # stops the shard's dataset execution now, not when the iterator is collected (after Ray)
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -108,7 +122,7 @@ class Worker:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.events.sync()
+            self.events.close()
 
 
 def locations(run) -> dict:

@@ -1,0 +1,97 @@
+"""What Ray prints to a user's console: by default only warnings, errors and ioisray's own lines; every
+line comes back with `ioisray --verbose` (IOISRAY_VERBOSE=1), and Ray's log files keep everything."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+
+RAY_DATA_LOGGING = "RAY_DATA_LOGGING_CONFIG"
+QUIET_RAY_DATA = """version: 1
+disable_existing_loggers: false
+formatters:
+  ray: {format: "%(asctime)s\\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"}
+filters:
+  notices: {"()": ioisray.recipes.console.DropNotices}
+handlers:
+  file: {class: ray.data._internal.logging.SessionFileHandler, formatter: ray, filename: ray-data.log}
+  console: {class: ray._private.log.PlainRayHandler, formatter: ray, level: WARNING, filters: [notices]}
+loggers:
+  ray.data: {level: DEBUG, handlers: [file, console], propagate: false}
+"""
+
+
+class DropNotices(logging.Filter):
+    """Ray Data's warning that progress bars are off (ioisray turns them off, and prints its own progress)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console handler at WARNING instead of INFO (one line per dataset execution), in this
+    process and every process its Ray starts (Ray Data reads RAY_DATA_LOGGING_CONFIG when it is
+    imported); its log file in the Ray session folder keeps everything."""
+    digest = hashlib.sha1(QUIET_RAY_DATA.encode()).hexdigest()[:12]  # a new file when the text changes
+    path = os.path.join(tempfile.gettempdir(), f"ioisray-ray-data-logging-{os.getuid()}-{digest}.yaml")
+    if not os.path.exists(path):
+        with open(path + f".{os.getpid()}", "w") as f:
+            f.write(QUIET_RAY_DATA)
+        os.replace(path + f".{os.getpid()}", path)
+    os.environ.setdefault(RAY_DATA_LOGGING, path)
+    # In every process: Ray's deprecation notices about its own internals (Ray Train's use of Ray Data),
+    # and torch's notice that Ray Data hands it read-only arrays (zero-copy from Arrow; never written).
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,"
+                                            "ignore:The given NumPy array is not writable:UserWarning")
+
+
+# What the local raylet tells every driver while it starts worker processes on a small machine (a read
+# task per synthetic chunk, the actors, the Train workers): normal for ioisray, alarming to a user.
+RAYLET_NOTICES = ("PYTHON worker processes have been started",)
+
+
+def drop_raylet_notices() -> None:
+    """Filter the raylet notices above out of the worker output Ray forwards to this driver's console
+    (Ray's own dispatcher of worker output; every other line passes unchanged)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray: the notices show, nothing worse
+        return
+
+    def without_notices(handler):
+        def handle(data):
+            if data.get("pid") == "raylet":
+                lines = [line for line in data.get("lines", []) if not any(n in line for n in RAYLET_NOTICES)]
+                if not lines:
+                    return
+                data = {**data, "lines": lines}
+            handler(data)
+        return handle
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, without_notices(h) if name == "ray_print_logs" else h)
+                               for name, h in dispatcher.handlers]
+
+
+def quiet_data_context() -> None:
+    """No Ray Data progress bars or per-execution lines: ioisray prints its own progress."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def quiet_ray_train() -> None:
+    """No INFO line per report from every worker (Ray Train logs them under its module's file name,
+    outside the "ray.train" logger), unless `ioisray --verbose`."""
+    if os.environ.get("IOISRAY_VERBOSE") == "1":
+        return
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray: its lines may show, nothing worse
+        pass
