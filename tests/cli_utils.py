@@ -44,3 +44,21 @@ def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 24
             if proc.poll() is None:
                 proc.kill()
     return progress(), log.read_text()
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process started under it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = set(), [pid]
+    while stack:
+        p = stack.pop()
+        found.add(p)
+        stack += children.get(p, [])
+    return found

@@ -1,4 +1,7 @@
 """The real `ioisray` entry point: bad input fails fast and clearly (a run end to end: test_job.py)."""
+import errno
+from pathlib import Path
+
 import pytest
 from cli_utils import ROOT
 
@@ -75,3 +78,22 @@ def test_print_config_shows_resolved_values(capsys):
     assert main(["train", str(ROOT / "configs/digits_ce.yaml"), "train.epochs=3", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 3" in out and "name: digits_lt" in out
+
+
+@pytest.mark.parametrize("err, why", [(errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left on device")])
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch, err, why):
+    # Root ignores permission bits, so a read-only or full disk is simulated where the run folder is written.
+    real_write_bytes = Path.write_bytes
+
+    def write_bytes(self, data):
+        if str(self).startswith(str(tmp_path)):
+            raise OSError(err, why, str(self))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.chdir(ROOT)
+    assert main(["train", "configs/digits_ce.yaml", f"output_dir={tmp_path}/out", "name=ro"]) == 2
+    err_text = capsys.readouterr().err
+    assert f"output_dir: cannot write the run folder {tmp_path}/out/ro ({why})" in err_text
+    assert "Traceback" not in err_text and len(err_text.strip().splitlines()) == 1
+    assert not list((tmp_path / "out" / "ro").iterdir())  # nothing half-written

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_utils import ENV, ROOT, interrupt_after, latest_epoch
+from cli_utils import ENV, ROOT, descendants, interrupt_after, latest_epoch
 
 from ioisray.aas import quotas
 from ioisray.checkpoint import CheckpointStore
@@ -35,24 +35,9 @@ TINY_IOIS = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16"
              "aas.temperature=0.1", "train.max_failures=2"]
 
 
-def _descendants(pid: int) -> set[int]:
-    rows = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
-    children: dict[int, list[int]] = {}
-    for row in rows:
-        if row.strip():
-            p, pp = map(int, row.split())
-            children.setdefault(pp, []).append(p)
-    found, stack = set(), [pid]
-    while stack:
-        p = stack.pop()
-        found.add(p)
-        stack += children.get(p, [])
-    return found
-
-
 def _train_workers(pid: int) -> list[int]:
     """The Ray Train worker processes started under `pid`."""
-    mine = _descendants(pid)
+    mine = descendants(pid)
     rows = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.split("\n")[1:]
     return [int(r.split()[0]) for r in rows if "RayTrainWorker" in r and r.split() and int(r.split()[0]) in mine]
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_utils import descendants
+
 from ioisray.config import load_config
 from ioisray.recipes.launch import ray_session
 
@@ -50,23 +52,6 @@ def _loopback(ip: str) -> bool:
     return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = set(), [pid]
-    while stack:
-        p = stack.pop()
-        found.add(p)
-        stack += children.get(p, [])
-    return found
-
-
 def test_the_local_ray_has_an_explicit_address_and_listens_on_loopback_only():
     import ray
 
@@ -81,7 +66,7 @@ def test_the_local_ray_has_an_explicit_address_and_listens_on_loopback_only():
             return os.environ.get("RAY_ADDRESS")
 
         assert ray.get(seen_by_a_task.remote()) == gcs  # worker processes are told, too
-        sockets = _listening_sockets(_descendants(os.getpid()))
+        sockets = _listening_sockets(descendants(os.getpid()))
         assert len(sockets) >= 3, f"found too few of this Ray's listening sockets: {sockets}"
         # Nothing beyond loopback: not the GCS, the raylet or the agents, and not the Prometheus
         # /metrics endpoints of the dashboard and the autoscaler monitor (no token asked there).
