@@ -98,12 +98,19 @@ def upload(local_dir: str | os.PathLike, uri: str) -> None:
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = LARGE) -> None:
-    """Copy the files under `uri` into `local_dir`, leaving out the top-level folders in `skip`."""
+def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = LARGE, mirror: bool = False) -> None:
+    """Copy the files under `uri` into `local_dir`, leaving out the top-level folders in `skip`. With
+    `mirror`, files of `local_dir` (outside `skip`) that `uri` does not have are removed."""
     fs, path = _resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return
-    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+    infos = ([] if fs.get_file_info(path).type == pafs.FileType.NotFound
+             else fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    wanted = {info.path[len(path):].lstrip("/") for info in infos if info.type == pafs.FileType.File}
+    if mirror and Path(local_dir).is_dir():
+        for local in Path(local_dir).rglob("*"):
+            rel = local.relative_to(local_dir).as_posix()
+            if local.is_file() and rel.split("/")[0] not in skip and rel not in wanted:
+                local.unlink()
+    for info in infos:
         rel = info.path[len(path):].lstrip("/")
         if info.type != pafs.FileType.File or rel.split("/")[0] in skip:
             continue
@@ -116,9 +123,11 @@ def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = LAR
 
 
 def pull(run_dir: Path, location: str) -> None:
-    """Before a run starts or resumes: the run's small files from its URI into the staging folder."""
+    """Before a run starts or resumes: the staging folder made a copy of the run's small files at its
+    URI. The URI is the truth: a staging file it does not have (left by an earlier run of the same
+    name whose outputs were since removed) is removed, so it cannot make the run look finished."""
     if is_uri(location):
-        download(location, run_dir)
+        download(location, run_dir, mirror=True)
 
 
 def push(run_dir: Path, location: str) -> None:

@@ -42,12 +42,12 @@ def _train_workers(pid: int) -> list[int]:
     return [int(r.split()[0]) for r in rows if "RayTrainWorker" in r and r.split() and int(r.split()[0]) in mine]
 
 
-def _run_killing_a_worker(args, run: Path, after_epochs: int, log: Path, tmpdir: str) -> tuple[int, str]:
+def _run_killing_a_worker(args, run: Path, after_epochs: int, log: Path, env: dict) -> tuple[int, str]:
     """Run `ioisray *args` to the end; once `after_epochs` epochs are checkpointed, kill -9 one of its
     Ray Train workers. Returns (exit code, what it printed)."""
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ioisray", *args], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, env={**ENV, "TMPDIR": tmpdir})
+                                stderr=subprocess.STDOUT, env={**ENV, **env})
         killed = False
         try:
             deadline = time.time() + 600
@@ -90,13 +90,7 @@ def job(tmp_path_factory):
     iois_done, second = interrupt_after(args, run, epochs=1, timeout=480, env=env)
     t2 = time.perf_counter()
     # 3. IOIS resumes; a worker dies mid-epoch; the run finishes.
-    ENV_BEFORE = dict(os.environ)
-    os.environ.update(env)
-    try:
-        code, third = _run_killing_a_worker(args, run, iois_done + 1, root / "third.log", tmpdir)
-    finally:
-        os.environ.clear()
-        os.environ.update(ENV_BEFORE)
+    code, third = _run_killing_a_worker(args, run, iois_done + 1, root / "third.log", env)
     print(f"job: {t1 - t0:.0f} s, {t2 - t1:.0f} s, {time.perf_counter() - t2:.0f} s")
     leftovers = [p.name for p in Path(tmpdir).iterdir() if p.name.startswith(("ioisray-ckpt", "ioisray-tb"))]
     return {"root": root, "args": args, "run": run, "base_run": base_run, "base_done": base_done, "iois_done": iois_done,

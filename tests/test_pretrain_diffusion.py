@@ -11,21 +11,23 @@ from ioisray.data.setup import setup_data
 from ioisray.sampler import SamplerConfig, sample
 
 pytestmark = pytest.mark.ray
+EPOCHS = 12  # of 2 batches each: enough that Ctrl-C after the first lands before the last
 
 
 def test_pretraining_resumes_and_saves_a_reloadable_model(tmp_path, capsys, monkeypatch):
-    common = ["pretrain-diffusion", "configs/pretrain_digits.yaml", "diffusion.image_size=16", "pretrain.epochs=4",
-              "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=2", "pretrain.sample_steps=2",
+    common = ["pretrain-diffusion", "configs/pretrain_digits.yaml", "diffusion.image_size=16",
+              f"pretrain.epochs={EPOCHS}", "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=6",
+              "pretrain.sample_steps=2",
               "ray.num_workers=2"]
     args = common + ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=squaredcos_cap_v2",
                      "name=pd", f"output_dir={tmp_path}"]
     run = tmp_path / "pd"
     done, _ = interrupt_after(args, run, epochs=1)
-    assert not (run / "unet").exists() and 1 <= done < 4
+    assert not (run / "unet").exists() and 1 <= done < EPOCHS, "interrupted too late"
     r = run_cli(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed diffusion pretraining from epoch {done}" in r.stdout + r.stderr
-    assert f"diffusion epoch {done}/4" not in r.stdout + r.stderr  # finished epochs are not redone
+    assert f"diffusion epoch {done}/{EPOCHS}" not in r.stdout + r.stderr  # finished epochs are not redone
     assert (run / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     unet = load_unet(str(run / "unet"), num_classes=10)
     schedule = load_noise_scheduler(run / "unet")  # the model says how it was trained

@@ -32,6 +32,23 @@ def test_push_and_pull_round_trip_without_checkpoints(tmp_path, monkeypatch):
     assert not storage.exists(storage.join(run_location(cfg), "nothing"))
 
 
+def test_a_stale_staging_copy_cannot_make_a_run_look_finished(tmp_path, monkeypatch):
+    # An earlier run of the same name finished, and its outputs were then removed from the store:
+    # its staging copy on this machine must not make a new run of that name look finished.
+    from ioisray.run import Run
+
+    monkeypatch.setenv("IOISRAY_STAGING", str(tmp_path / "staging"))
+    cfg = Config(name="r", output_dir=f"file://{tmp_path}/store/")
+    (run_dir(cfg) / "checkpoints").mkdir(parents=True)
+    (run_dir(cfg) / "metrics.json").write_text("{}")
+    (run_dir(cfg) / "checkpoints" / "kept").write_text("not the staging copy's business")
+    assert not Run(cfg).pull().finished
+    assert _tree(run_dir(cfg)) == ["checkpoints/kept"]  # folders the staging copy skips are left alone
+    (tmp_path / "store" / "r").mkdir(parents=True)
+    (tmp_path / "store" / "r" / "metrics.json").write_text("{}")
+    assert Run(cfg).pull().finished
+
+
 def test_local_output_dir_is_used_in_place(tmp_path):
     cfg = Config(name="r", output_dir=str(tmp_path))
     assert run_dir(cfg) == tmp_path / "r" and run_location(cfg) == str(tmp_path / "r")

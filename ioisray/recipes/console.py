@@ -52,26 +52,27 @@ RAYLET_NOTICES = ("PYTHON worker processes have been started",)
 
 
 def drop_raylet_notices() -> None:
-    """Filter the raylet notices above out of the worker output Ray forwards to this driver's console
-    (Ray's own dispatcher of worker output; every other line passes unchanged)."""
+    """Filter the raylet notices above out of what Ray prints on this driver's console; every other
+    line passes unchanged. The raylet's warnings reach the driver as error messages, which Ray's
+    listener hands to `print_to_stdstream` (worker output reaches that function too)."""
     try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        import ray._private.worker as ray_worker
     except ImportError:  # another Ray: the notices show, nothing worse
         return
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "drops_raylet_notices", False):
+        return
 
-    def without_notices(handler):
-        def handle(data):
-            if data.get("pid") == "raylet":
-                lines = [line for line in data.get("lines", []) if not any(n in line for n in RAYLET_NOTICES)]
-                if not lines:
-                    return
-                data = {**data, "lines": lines}
-            handler(data)
-        return handle
+    def print_to_stdstream(data, ignore_prefix):
+        if data.get("pid") == "raylet":
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAYLET_NOTICES)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        original(data, ignore_prefix)
 
-    with dispatcher._lock:
-        dispatcher.handlers = [(name, without_notices(h) if name == "ray_print_logs" else h)
-                               for name, h in dispatcher.handlers]
+    print_to_stdstream.drops_raylet_notices = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def quiet_data_context() -> None:
