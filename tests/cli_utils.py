@@ -23,6 +23,13 @@ def latest_epoch(run: Path) -> int:
     return int(names[-1].split("_")[1]) if names else 0
 
 
+def ctrl_c_as_usual() -> None:
+    """In the child, before it starts: SIGINT back to its default. A suite started in the background
+    of a script (`cmd &` without job control) inherits SIGINT ignored, and Python then never turns
+    it into KeyboardInterrupt: the Ctrl-C the tests send would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240, env=None,
                     progress=None) -> tuple[int, str]:
     """Start `ioisray *args`, send SIGINT once `epochs` epochs of `run` are checkpointed (or once
@@ -32,7 +39,7 @@ def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 24
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ioisray", *args], cwd=ROOT, env={**ENV, **(env or {})},
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_as_usual)
         try:
             deadline = time.time() + timeout
             while progress() < epochs and time.time() < deadline and proc.poll() is None:
