@@ -32,7 +32,12 @@ def join(base: str, *parts: str) -> str:
 def staging_dir(output_dir: str) -> Path:
     """The local copy of a URI output_dir: under $IOISRAY_STAGING (default ~/.cache/ioisray/staging)."""
     root = Path(os.environ.get("IOISRAY_STAGING", "~/.cache/ioisray/staging")).expanduser()
-    return root / hashlib.sha1(output_dir.rstrip("/").encode()).hexdigest()[:16]
+    return root / _key(output_dir.rstrip("/"))
+
+
+def _key(uri: str) -> str:
+    """A short, stable folder name for a URI."""
+    return hashlib.sha1(uri.encode()).hexdigest()[:16]
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -104,15 +109,14 @@ def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = LAR
     fs, path = _resolve(uri)
     infos = ([] if fs.get_file_info(path).type == pafs.FileType.NotFound
              else fs.get_file_info(pafs.FileSelector(path, recursive=True)))
-    wanted = {info.path[len(path):].lstrip("/") for info in infos if info.type == pafs.FileType.File}
+    files = {info.path[len(path):].lstrip("/"): info for info in infos if info.type == pafs.FileType.File}
     if mirror and Path(local_dir).is_dir():
         for local in Path(local_dir).rglob("*"):
             rel = local.relative_to(local_dir).as_posix()
-            if local.is_file() and rel.split("/")[0] not in skip and rel not in wanted:
+            if local.is_file() and rel.split("/")[0] not in skip and rel not in files:
                 local.unlink()
-    for info in infos:
-        rel = info.path[len(path):].lstrip("/")
-        if info.type != pafs.FileType.File or rel.split("/")[0] in skip:
+    for rel, info in files.items():
+        if rel.split("/")[0] in skip:
             continue
         target = Path(local_dir) / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +148,7 @@ class EventsDir:
     def __init__(self, local: str, uri: str | None):
         self.uri = uri
         if uri:
-            self.path = os.path.join(tempfile.gettempdir(), f"ioisray-tb-{hashlib.sha1(uri.encode()).hexdigest()[:16]}")
+            self.path = os.path.join(tempfile.gettempdir(), f"ioisray-tb-{_key(uri)}")
             os.makedirs(self.path, exist_ok=True)
         else:
             self.path = local

@@ -90,8 +90,9 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None):
     (RAY_ADDRESS), so Ray's own helpers never guess among other Ray instances on the host. It is a
     node on 127.0.0.1 (it is local by definition): its dashboard and the Prometheus endpoints of its
     dashboard and autoscaler monitor, which would answer anyone on the network without Ray's token,
-    listen on loopback only, and its per-process metrics exporters are off. Logs below WARNING from Ray's processes are dropped unless
-    `verbose` (default: `ioisray --verbose`, which sets IOISRAY_VERBOSE=1)."""
+    listen on loopback only, and its per-process metrics exporters are off. Logs below WARNING from
+    Ray's processes are dropped unless `verbose` (default: `ioisray --verbose`, which sets
+    IOISRAY_VERBOSE=1)."""
     import ray
 
     if ray.is_initialized():  # also in a Tune trial, whose Ray Data settings start from the defaults

@@ -43,7 +43,6 @@ class Worker:
         import ray.train.torch
 
         from ioisray.precision import configure_device
-
         from ioisray.recipes.console import quiet_ray_train
 
         quiet_ray_train()
