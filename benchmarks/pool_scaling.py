@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="also run the scheduling before issue 19")
     args = ap.parse_args()
     sizes = [int(a) for a in args.actors.split(",")]
-    ray.init(num_cpus=max(sizes) + 1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=max(sizes) + 1, include_dashboard=False, logging_level="ERROR")
     quotas = even_quotas(args.budget)
     schedulings = ["static", "pull"] if args.compare else ["pull"]
     what = (f"simulated actors at {args.simulate} images/s each, the last at {args.slow}x" if args.simulate else

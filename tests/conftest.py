@@ -19,7 +19,8 @@ def local_ray():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="ERROR",
+    # address="local": a new Ray, never another one running on this host (a concurrent test's)
+    ray.init(address="local", num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="ERROR",
              # as recipes/launch.init_ray: idle workers are kept (the prestart test relies on it)
              _system_config={"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64})
     ray.data.DataContext.get_current().enable_progress_bars = False

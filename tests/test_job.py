@@ -1,11 +1,14 @@
 """The main job's path end to end, through the real `ioisray` entry point, once for this module: a tiny
-IOIS run on the embedded digits that trains its CE baseline first (in-process), with outputs on a
-filesystem URI (as s3://... on a cluster). It is stopped three ways along the way and must lose nothing:
-  1. Ctrl-C during the baseline; the baseline's newest checkpoint is then damaged on disk;
-  2. rerun: the baseline resumes from the checkpoint before, finishes; Ctrl-C during IOIS's epoch 2;
-  3. rerun: IOIS resumes with its AAS state; a Ray Train worker is killed mid-epoch, and Ray Train
-     restarts the workers from the last checkpoint by itself (train.max_failures); the run finishes.
-The tests below read what the three invocations printed and left."""
+IOIS run on the embedded digits that first pretrains its diffusion model (2 Ray Train workers) and trains
+its CE baseline (in-process), with outputs on a filesystem URI (as s3://... on a cluster). It is stopped
+three ways along the way and must lose nothing:
+  1. Ctrl-C during diffusion pretraining; its newest checkpoint is then damaged on disk;
+  2. rerun: pretraining resumes from the checkpoint before and saves the model; the baseline starts;
+     Ctrl-C during the baseline;
+  3. rerun: the baseline resumes and finishes; IOIS runs; a Ray Train worker is killed mid-epoch, and
+     Ray Train restarts the workers from the last checkpoint by itself (train.max_failures), AAS state
+     intact; the run finishes.
+The tests below read what the three invocations printed and left, and fine-tune the pretrained model."""
 import json
 import os
 import shutil
@@ -18,21 +21,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_utils import ENV, ROOT, descendants, interrupt_after, latest_epoch
+import torch
+from cli_utils import ENV, ROOT, descendants, interrupt_after, latest_epoch, run_cli
 
 from ioisray.aas import quotas
 from ioisray.checkpoint import CheckpointStore
 from ioisray.cli import main
 from ioisray.config import load_config
-from ioisray.models.diffusion import create_unet
+from ioisray.data import provenance
+from ioisray.data.setup import setup_data
+from ioisray.models.diffusion import load_noise_scheduler, load_unet
+from ioisray.sampler import SamplerConfig, sample
 
 pytestmark = pytest.mark.ray
 
-BUDGET, EPOCHS = 48, 3
+BUDGET, EPOCHS, PRETRAIN_EPOCHS = 48, 3, 8
 TINY_IOIS = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2",
              f"train.epochs={EPOCHS}", "synthesis.mode=online", f"synthesis.budget={BUDGET}",
              "synthesis.chunk_size=4", "synthesis.pool_size=2", "synthesis.num_cpus=0.5", "sampler.steps=8",
-             "aas.temperature=0.1", "train.max_failures=2"]
+             "aas.temperature=0.1", "train.max_failures=2",
+             # its diffusion model, pretrained first (diffusion.model_dir unset), 2 batches an epoch
+             f"pretrain.epochs={PRETRAIN_EPOCHS}", "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=4",
+             "pretrain.sample_steps=2"]
 
 
 def _train_workers(pid: int) -> list[int]:
@@ -65,51 +75,107 @@ def _run_killing_a_worker(args, run: Path, after_epochs: int, log: Path, env: di
     return proc.returncode, log.read_text()
 
 
+def _pretraining_runs(store: Path) -> list[Path]:
+    return sorted(store.glob("diffusion_*"))
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     tmpdir = tempfile.mkdtemp(prefix="t", dir="/tmp")  # short: Ray's socket paths live under $TMPDIR
-    unet_dir = root / "unet"
-    create_unet("tiny", num_classes=10, image_size=16).save_pretrained(unet_dir, safe_serialization=True)
     baseline = root / "ce_tiny.yaml"  # a variant of the main job's baseline, with sampling, mixup and a loss
     baseline.write_text(f"defaults: [{ROOT / 'configs/digits_ce.yaml'}]\nname: ce_tiny\n"  # that Ray Data and
                         "model: {name: resnet10t}\ntrain: {epochs: 4, batch_size: 16}\nray: {num_workers: 0}\n"
                         "method: {sampling: class_balanced, mixup_alpha: 0.2, loss: cb_focal}\n")  # the loop run
     store = root / "store"
-    args = ["train", "configs/digits.yaml", *TINY_IOIS, f"diffusion.model_dir={unet_dir}", "name=iois",
-            f"output_dir=file://{store}", f"baseline={baseline}"]
+    args = ["train", "configs/digits.yaml", *TINY_IOIS, "name=iois", f"output_dir=file://{store}",
+            f"baseline={baseline}"]
     env = {"TMPDIR": tmpdir, "IOISRAY_STAGING": str(root / "staging")}
     base_run, run = store / "ce_tiny", store / "iois"
-    # 1. Ctrl-C in the baseline, then its newest checkpoint damaged.
+    # 1. Ctrl-C in diffusion pretraining, then its newest checkpoint damaged.
     t0 = time.perf_counter()
-    base_done, first = interrupt_after(args, base_run, epochs=2, env=env)
+    pre_done, first = interrupt_after(args, store / "pretraining", epochs=2, env=env,
+                                      progress=lambda: max(map(latest_epoch, _pretraining_runs(store)), default=0))
     t1 = time.perf_counter()
-    newest = base_run / "checkpoints" / f"epoch_{base_done:05d}" / "state.pt"
+    (pre_run,) = _pretraining_runs(store)
+    newest = pre_run / "checkpoints" / f"epoch_{pre_done:05d}" / "state.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    # 2. The baseline resumes and finishes; Ctrl-C in IOIS after its first epoch.
-    iois_done, second = interrupt_after(args, run, epochs=1, timeout=480, env=env)
+    # 2. Pretraining resumes and saves its model; Ctrl-C in the baseline.
+    base_done, second = interrupt_after(args, base_run, epochs=2, env=env)
     t2 = time.perf_counter()
-    # 3. IOIS resumes; a worker dies mid-epoch; the run finishes.
-    code, third = _run_killing_a_worker(args, run, iois_done + 1, root / "third.log", env)
+    # 3. The baseline resumes and finishes; IOIS runs; a worker dies mid-epoch; the run finishes.
+    code, third = _run_killing_a_worker(args, run, 1, root / "third.log", env)
     print(f"job: {t1 - t0:.0f} s, {t2 - t1:.0f} s, {time.perf_counter() - t2:.0f} s")
     leftovers = [p.name for p in Path(tmpdir).iterdir() if p.name.startswith(("ioisray-ckpt", "ioisray-tb"))]
-    return {"root": root, "args": args, "run": run, "base_run": base_run, "base_done": base_done, "iois_done": iois_done,
-            "first": first, "second": second, "third": third, "code": code, "tmp_leftovers": leftovers}
+    return {"root": root, "args": args, "run": run, "base_run": base_run, "pre_run": pre_run, "pre_done": pre_done,
+            "base_done": base_done, "first": first, "second": second, "third": third, "code": code,
+            "tmp_leftovers": leftovers}
 
 
 def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(job):
-    assert f"run ce_tiny interrupted at epoch {job['base_done'] + 1} of 4" in job["first"], job["first"][-3000:]
-    assert f"run iois interrupted at epoch {job['iois_done'] + 1} of {EPOCHS}" in job["second"], job["second"][-3000:]
+    pre = job["pre_run"].name
+    assert f"run {pre} interrupted at epoch {job['pre_done'] + 1} of {PRETRAIN_EPOCHS}" in job["first"], \
+        job["first"][-3000:]
+    assert f"run ce_tiny interrupted at epoch {job['base_done'] + 1} of 4" in job["second"], job["second"][-3000:]
     for printed in (job["first"], job["second"]):
         assert "rerun the same command to resume" in printed and "Traceback" not in printed
 
 
-def test_the_in_process_baseline_resumes_past_its_damaged_checkpoint_and_finishes_once(job):
-    d = job["base_done"]
-    second = job["second"]
+def test_pretraining_resumes_past_its_damaged_checkpoint_and_saves_a_reloadable_model(job):
+    d, second, pre_run = job["pre_done"], job["second"], job["pre_run"]
+    assert 2 <= d < PRETRAIN_EPOCHS, "interrupted too late:\n" + job["first"][-3000:]
     assert f"skipping checkpoint epoch_{d:05d}" in second and "does not match its checksum" in second
-    assert f"resumed from epoch {d - 1} (checkpoint epoch_{d - 1:05d})" in second
-    assert "baseline ce_tiny: training it first" in job["first"] and "training it first" not in job["third"]
+    assert f"resumed diffusion pretraining from epoch {d - 1} (checkpoint epoch_{d - 1:05d})" in second
+    assert f"diffusion epoch {d}/{PRETRAIN_EPOCHS}" in second  # the damaged epoch again, not the ones before
+    assert f"diffusion epoch {d - 1}/{PRETRAIN_EPOCHS}" not in second
+    assert "pretraining one first" not in job["third"]  # the rerun uses the model it saved
+    unet = load_unet(str(pre_run / "unet"), num_classes=10)
+    schedule = load_noise_scheduler(pre_run / "unet")  # the model says how it was trained
+    assert (schedule.config.prediction_type, schedule.config.beta_schedule) == ("v_prediction", "squaredcos_cap_v2")
+    batch = sample(unet, [0, 9], [1, 2], SamplerConfig(steps=2), scheduler=schedule, output_size=24)
+    assert batch.images.shape == (2, 24, 24, 3) and batch.images.dtype == torch.uint8
+    assert list((pre_run / "tensorboard").glob("events.out.tfevents.*"))
+    # It records the images it trained on: the training split, none of the held-out ones.
+    assert provenance.training_images(pre_run / "unet") == _training_split_keys()
+
+
+def _training_split_keys() -> set:
+    ds, splits = setup_data(load_config(ROOT / "configs/digits.yaml"))
+    return set(provenance.image_keys(ds, splits["train"], None))
+
+
+def test_fine_tuning_starts_from_the_model_and_keeps_its_schedule(job, tmp_path, monkeypatch, capsys):
+    # After one 1-batch epoch at a tiny lr the fine-tuned model is still close to where it started.
+    unet_dir = job["pre_run"] / "unet"
+    common = ["pretrain-diffusion", "configs/pretrain_digits.yaml", "diffusion.image_size=16", "pretrain.epochs=1",
+              "pretrain.max_batches_per_epoch=1", "pretrain.sample_every=0", f"output_dir={tmp_path}"]
+    tuned = run_cli(*common, "pretrain.lr=1e-7", "ray.num_workers=0",  # in-process: no Train worker start-up
+                    f"diffusion.model_dir={unet_dir}", "name=ft")
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    before = load_unet(str(unet_dir), num_classes=10).state_dict()
+    after = load_unet(str(tmp_path / "ft" / "unet"), num_classes=10).state_dict()
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
+    assert load_noise_scheduler(tmp_path / "ft" / "unet").config.prediction_type == "v_prediction"
+    assert provenance.training_images(tmp_path / "ft" / "unet") == _training_split_keys()  # same split
+    # In-process from here: each is refused before anything starts.
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    # A finished pretraining run is not silently redone.
+    assert main([*common, f"diffusion.model_dir={unet_dir}", "name=ft"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    # Asking to fine-tune it as an epsilon model is refused, naming the key.
+    assert main([*common, "diffusion.prediction_type=epsilon", f"diffusion.model_dir={unet_dir}", "name=ft3"]) == 2
+    assert "diffusion.prediction_type='epsilon'" in capsys.readouterr().err
+    # A model of another image size is refused before Ray starts, naming the key.
+    assert main([*common, "diffusion.image_size=32", f"diffusion.model_dir={unet_dir}", "name=ft2"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion.model_dir" in err and "16px" in err
+
+
+def test_the_in_process_baseline_resumes_and_finishes_once(job):
+    d = job["base_done"]
+    assert "baseline ce_tiny: training it first" in job["second"]
+    assert f"resumed from epoch {d} (checkpoint epoch_{d:05d})" in job["third"]
     results = json.loads((job["base_run"] / "metrics.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [0, 1, 2, 3]
     assert not job["tmp_leftovers"]  # no temporary checkpoint copies or event folders in $TMPDIR
@@ -118,9 +184,9 @@ def test_the_in_process_baseline_resumes_past_its_damaged_checkpoint_and_finishe
 def test_a_killed_worker_restarts_from_the_last_checkpoint_by_itself(job):
     third = job["third"]
     assert job["code"] == 0, third[-5000:]
-    assert f"resumed from epoch {job['iois_done']}" in third
-    # After the kill Ray Train restarted the workers, which resumed from the run's newest checkpoint.
-    assert third.count("resumed from epoch") >= 2, third[-5000:]
+    # After the kill (once IOIS's first epoch was saved) Ray Train restarted the workers, which resumed
+    # from the run's newest checkpoint.
+    assert "resumed from epoch" in third[third.index("synthesis: quotas"):], third[-5000:]
     history = json.loads((job["run"] / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(EPOCHS))  # every epoch once
 
@@ -134,7 +200,7 @@ def test_iois_streams_each_epochs_quota_with_aas_state_kept_across_every_stop(jo
         assert len(h["images_per_second_per_actor"]) >= 1
     assert history[0]["quotas"] == [5, 5, 5, 5, 5, 5, 5, 5, 4, 4]  # uniform before any accuracy exists
     assert any(h["quotas"] != history[0]["quotas"] for h in history[1:])
-    # AAS after the first epoch, across the Ctrl-C and the worker's death: each epoch's quotas follow
+    # AAS after the first epoch, across the worker's death: each epoch's quotas follow
     # from the previous epoch's per-class training accuracy, restored from the checkpoint.
     for prev, h in zip(history, history[1:]):
         assert h["quotas"] == quotas(list(prev["train_per_class_accuracy"].values()), BUDGET, 0.1).tolist()
