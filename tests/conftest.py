@@ -3,6 +3,19 @@ import os
 import pytest
 import torch
 
+# The end-to-end files that each start Ray several times, slowest first: run first (with
+# `--dist loadfile` each goes to whichever of the two test processes is free), so that the many
+# short files fill the gaps instead of one long file ending the run alone.
+SLOW_FIRST = ["test_job.py", "test_tune_cli.py", "test_cluster.py", "test_gpu_acceptance.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
+
 
 @pytest.fixture
 def one_torch_thread():
