@@ -17,6 +17,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the order within a file is kept
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads_per_test_process():
+    """With the suite in two processes (pytest-xdist) on 2 cores, each takes one core's worth of torch
+    threads: OpenMP threads oversubscribed by the other process and its Ray runs made a 4 s test take 70 s."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    yield
+
+
 @pytest.fixture
 def one_torch_thread():
     # On 2 cores shared with other work, oversubscribed OpenMP threads make small convs ~20x slower.
