@@ -78,9 +78,11 @@ def ray_data() -> None:
                 pass
             seconds[k] = round(time.perf_counter() - t, 2)
 
-        threads = [threading.Thread(target=read, args=(k,)) for k in range(2)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+        readers = [threading.Thread(target=read, args=(k,)) for k in range(2)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
         print(f"Ray Data epoch {e}, 2-way streaming split: seconds per shard {seconds}")
     ray.shutdown()
 

@@ -19,10 +19,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def torch_threads_per_test_process():
-    """With the suite in two processes (pytest-xdist) on 2 cores, each takes one core's worth of torch
+    """With the suite in several processes (pytest-xdist), each takes its share of the cores as torch
     threads: OpenMP threads oversubscribed by the other process and its Ray runs made a 4 s test take 70 s."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if processes > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     yield
 
 
@@ -42,8 +43,9 @@ def local_ray():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # address="local": a new Ray, never another one running on this host (a concurrent test's)
-    ray.init(address="local", num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="ERROR",
-             # as recipes/launch.init_ray: idle workers are kept (the prestart test relies on it)
+    ray.init(address="local", num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False,
+             logging_level="ERROR",
+             # as recipes/launch.ray_session: idle workers are kept (the prestart test relies on it)
              _system_config={"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
