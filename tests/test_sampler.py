@@ -170,14 +170,22 @@ def test_multistep_solvers_reach_ddims_images_in_fewer_steps(unet, solver):
     assert (fast - reference).abs().mean() < (ddim10 - reference).abs().mean()
 
 
-def test_channels_last_gives_the_same_images(unet):
+def test_channels_last_gives_the_same_predictions_and_images(unet):
     import copy
 
-    cfg = SamplerConfig(steps=3, guidance_scale=1.0)
-    a = sample(unet, [0, 2], [1, 2], cfg, classifier=ChannelMeanClassifier()).images.int()
     cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
-    b = sample(cl, [0, 2], [1, 2], cfg, classifier=ChannelMeanClassifier()).images.int()
-    assert (a - b).abs().max() <= 1
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([500, 10]), torch.tensor([0, 2])
+    with torch.no_grad():
+        want = unet(x, t, class_labels=y).sample
+        got = cl(x.contiguous(memory_format=torch.channels_last), t, class_labels=y).sample
+    assert torch.allclose(got, want, atol=1e-4)
+    cfg = SamplerConfig(steps=3, guidance_scale=1.0)
+    a = sample(unet, [0, 2], [1, 2], cfg, classifier=ChannelMeanClassifier()).images.float()
+    b = sample(cl, [0, 2], [1, 2], cfg, classifier=ChannelMeanClassifier()).images.float()
+    # The same images up to rounding: a random-init UNet saturates most pixels and amplifies the
+    # ~1e-6 differences of another conv kernel order into a few grey levels on a few pixels
+    # (measured on one CPU: mean 0.24, 5% of pixels off by more than 1).
+    assert (a - b).abs().mean() < 1.0 and ((a - b).abs() > 2).float().mean() < 0.1
 
 
 def test_solver_options_validated():
