@@ -59,11 +59,17 @@ def tune_trial(params: dict, *, base: dict, trials_dir: str) -> None:
     cfg = trial_config(Config.model_validate(base), params, output_dir=trials_dir,
                        name=f"trial_{ray.tune.get_context().get_trial_id()}")
     metric = base["tune"]["metric"]
+    # A search stopped after a trial's last epoch was saved, but before its results were: resumed, the
+    # run has no epoch left to train and so reports none.
+    trained_every_epoch = Run(cfg).latest_epoch() >= cfg.train.epochs
     try:
         train(cfg, evaluate_test=False, callbacks=(_epoch_reporter(metric),), lock_wait=STALE_AFTER_SECONDS + 10)
     except RunFinishedError:
-        # The run finished after Tune last heard from it (the search was stopped meanwhile): its epochs
-        # are reported from its results (again for those Tune has: `search` counts epochs, not reports).
+        # The run finished after Tune last heard from it (the search was stopped meanwhile).
+        trained_every_epoch = True
+    if trained_every_epoch:
+        # Its epochs are reported from its results (again for those Tune has: `search` counts epochs,
+        # not reports).
         run = Run(cfg).pull()
         for h in json.loads((run.dir / run.done_file).read_text())["history"]:
             ray.tune.report({**h, EPOCHS_DONE: h["epoch"] + 1})
