@@ -3,18 +3,35 @@ import os
 import pytest
 import torch
 
-# The end-to-end files that each start Ray several times, slowest first: run first (with
-# `--dist loadfile` each goes to whichever of the two test processes is free), so that the many
-# short files fill the gaps instead of one long file ending the run alone.
-SLOW_FIRST = ["test_job.py", "test_tune_cli.py", "test_cluster.py", "test_gpu_acceptance.py"]
+# The end-to-end files, each starting Ray and Ray Train several times. Two of them side by side on 2
+# cores took longer than one after the other (the Tune resume: 98 s alone, 268 s beside the job test),
+# so they run in one test process, one after the other, while the other process runs the rest, file by
+# file (a module's Ray is started once).
+END_TO_END = ["test_job.py", "test_tune_cli.py", "test_cluster.py"]
+FIRST = [*END_TO_END, "test_gpu_acceptance.py"]  # the longest first: the short files fill in around them
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         name = item.path.name
-        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+        return FIRST.index(name) if name in FIRST else len(FIRST)
 
     items.sort(key=rank)  # stable: the order within a file is kept
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (the default in pyproject.toml), with the end-to-end files as one unit. (xdist's
+    own `loadgroup` does not group under pytest 9: its group suffix never reaches the node ids.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EndToEndInOneProcess(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "end_to_end" if file.rsplit("/", 1)[-1] in END_TO_END else file
+
+    return EndToEndInOneProcess(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

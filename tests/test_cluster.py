@@ -61,11 +61,16 @@ def _free_ports(n):
     return ports
 
 
+# The nodes' environment, with Ray Train's worker poll as ioisray sets it for its own local Ray
+# (recipes/launch.LOCAL_RAY_TRAIN): every fit starts and ends seconds sooner.
+NODE_ENV = {**ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
 def _ray_start(log, *args):
     ray_cli = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
     with open(log, "w") as out:
         return subprocess.Popen([*ray_cli, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                                 *args], env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                 *args], env=NODE_ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _ray_cli(*args, timeout=120):
