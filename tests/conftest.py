@@ -55,15 +55,15 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A small local Ray for the tests of one module (4 logical CPUs, 128 MB object store)."""
-    import ray
+    """A small local Ray for the tests of one module (4 logical CPUs, 128 MB object store), started as
+    `ioisray` starts its own (recipes/launch.ray_session): a new Ray, never another one running on this
+    host, whose processes are told its address. Ray Train's placement-group cleaner asks the State API
+    whether its run's controller is alive; in a Ray without a dashboard (this fixture's until then) it
+    asks the default dashboard port, where another test's Ray may answer that no such actor exists, and
+    it then removes the live run's workers (a prestart test failed so, once in the suite)."""
+    from ioisray.config import Config
+    from ioisray.recipes.launch import ray_session
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # address="local": a new Ray, never another one running on this host (a concurrent test's)
-    ray.init(address="local", num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False,
-             logging_level="ERROR",
-             # as recipes/launch.ray_session: idle workers are kept (the prestart test relies on it)
-             _system_config={"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    with ray_session(Config(ray={"local_num_cpus": 4, "object_store_mb": 128})):
+        yield
