@@ -19,6 +19,7 @@ from cli_utils import ENV, ROOT
 
 from ioisray.config import load_config
 from ioisray.models.diffusion import create_unet
+from ioisray.recipes.launch import LOCAL_RAY_TRAIN
 
 
 def test_cluster_yaml_passes_the_autoscaler_schema_and_opens_no_ray_port():
@@ -61,9 +62,9 @@ def _free_ports(n):
     return ports
 
 
-# The nodes' environment, with Ray Train's worker poll as ioisray sets it for its own local Ray
-# (recipes/launch.LOCAL_RAY_TRAIN): every fit starts and ends seconds sooner.
-NODE_ENV = {**ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# The nodes' environment, with Ray Train's worker poll as ioisray sets it for its own local Ray: every
+# fit starts and ends seconds sooner.
+NODE_ENV = {**ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": LOCAL_RAY_TRAIN["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
 
 
 def _ray_start(log, *args):

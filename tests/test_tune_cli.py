@@ -78,7 +78,7 @@ def test_benchmark_tabulates_every_finished_run_skips_them_and_names_the_missing
     from ioisray.recipes.benchmark import benchmark_trial
 
     iois = _finished_iois_run(tmp_path / "bench_iois_s0", [str(i) for i in range(10)])
-    args = ["benchmark", "configs/digits_ce.yaml", *TINY_CE[:-1], "ray.num_workers=0", "name=bench",
+    args = ["benchmark", "configs/digits_ce.yaml", *TINY_CE, "ray.num_workers=0", "name=bench",
             f"output_dir={tmp_path}", "train.epochs=1",
             "benchmark.methods={ce: [], iois: [synthesis.mode=online, synthesis.budget=8]}",
             "benchmark.seeds=[0]", "benchmark.baseline=ce"]
