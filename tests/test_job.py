@@ -152,10 +152,16 @@ def test_fine_tuning_starts_from_the_model_and_keeps_its_schedule(job, tmp_path,
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the subprocesses' (cli_utils.ENV)
     # In this process, training in it too: neither a Python nor a Train worker start-up.
-    assert main([*common, "pretrain.lr=1e-7", "ray.num_workers=0", f"diffusion.model_dir={unet_dir}", "name=ft"]) == 0
+    assert main([*common, "pretrain.lr=1e-7", "ray.num_workers=0", f"diffusion.model_dir={unet_dir}", "name=ft",
+                 "pretrain.epochs=2", "pretrain.snapshot_every=1"]) == 0
     before = load_unet(str(unet_dir), num_classes=10).state_dict()
     after = load_unet(str(tmp_path / "ft" / "unet"), num_classes=10).state_dict()
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
+    # The EMA model after epoch 1 was kept as a model folder of its own; the last epoch's is the run's unet.
+    assert sorted(p.name for p in (tmp_path / "ft" / "snapshots").iterdir()) == ["epoch_00001"]
+    snapshot = load_unet(str(tmp_path / "ft" / "snapshots" / "epoch_00001"), num_classes=10).state_dict()
+    assert max((snapshot[k] - after[k]).abs().max().item() for k in before) < 1e-3
+    assert provenance.training_images(tmp_path / "ft" / "snapshots" / "epoch_00001") == _training_split_keys()
     assert load_noise_scheduler(tmp_path / "ft" / "unet").config.prediction_type == "v_prediction"
     assert provenance.training_images(tmp_path / "ft" / "unet") == _training_split_keys()  # same split
     # Each of these is refused before anything starts.

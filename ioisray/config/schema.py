@@ -158,6 +158,9 @@ class PretrainConfig(_Strict):
     vflip: bool = False
     sample_every: int = Field(5, ge=0)  # epochs between sample grids in TensorBoard; 0 = only at the end
     sample_steps: int = Field(25, ge=1)  # DDIM steps for those grids
+    # epochs between EMA model folders kept in <run>/snapshots/epoch_<n> (to judge samples against
+    # training length, benchmarks/sample_quality.py); 0 = only the final model
+    snapshot_every: int = Field(0, ge=0)
     max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
 
 

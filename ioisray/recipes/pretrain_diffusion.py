@@ -5,7 +5,8 @@
     train    workers: from a fresh UNet of `diffusion.preset`, or fine-tuning `diffusion.model_dir`;
              noise (epsilon) or velocity (v) prediction loss on DDPM-noised images, DDP, an EMA copy of the
              weights, a sample grid in TensorBoard every `pretrain.sample_every` epochs, a checkpoint
-             (UNet, EMA, optimizer, lr schedule, epoch) every epoch
+             (UNet, EMA, optimizer, lr schedule, epoch) every epoch, the EMA model as a diffusers folder
+             in <run>/snapshots every `pretrain.snapshot_every` epochs
     save     driver: the EMA weights as a diffusers model folder, <run>/unet (safetensors), with the
              noise scheduler it was trained with and the record of the images it trained on
     cleanup  driver: shut down the Ray it started, release the run
@@ -34,6 +35,7 @@ from ioisray.run import Run, run_location
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
 
 UNET_DIR = "unet"  # in the final checkpoint and in the run folder
+SNAPSHOTS = "snapshots"  # <run>/snapshots/epoch_<n>: EMA models along the way (pretrain.snapshot_every)
 
 
 def diffusion_image_size(cfg: Config) -> int:
@@ -154,12 +156,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             rate = n_seen * worker.world / max(seconds, 1e-9)
             for key, value in (("loss", metrics["loss"]), ("lr", metrics["lr"]), ("images_per_second", rate)):
                 worker.writer.add_scalar(f"pretrain/{key}", value, epoch)
-            if last or (p.sample_every and (epoch + 1) % p.sample_every == 0):
+            grid, snapshot = (every and (epoch + 1) % every == 0 for every in (p.sample_every, p.snapshot_every))
+            if last or grid or snapshot:
                 ema_unet = _ema_copy(unwrap(unet), ema)
+            if last or grid:
                 worker.writer.add_image("pretrain/samples_ema", sample_grid(ema_unet, noise_scheduler, num_classes, 8,
                                                                             p.sample_steps, device), epoch)
-                if last:  # the product of this recipe: the EMA weights as a diffusers model
-                    files = _model_files(ema_unet, noise_scheduler)
+            if last:  # the product of this recipe: the EMA weights as a diffusers model
+                files = _model_files(ema_unet, noise_scheduler)
+            elif snapshot:
+                _write_snapshot(loop_config["snapshots"], epoch + 1,
+                                {**_model_files(ema_unet, noise_scheduler), **loop_config["training_record"]})
             if last or epoch == first_epoch or (epoch + 1) % max(1, p.epochs // 10) == 0:  # ten lines a run
                 print(f"[ioisray] diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
                       f"({rate:.1f} img/s, {seconds:.1f}s)", flush=True)
@@ -177,6 +184,14 @@ def _model_files(unet, noise_scheduler) -> dict[str, bytes]:
         save_diffusion_model(unet, noise_scheduler, tmp)
         return {f"{UNET_DIR}/{f.relative_to(tmp).as_posix()}": f.read_bytes()
                 for f in Path(tmp).rglob("*") if f.is_file()}
+
+
+def _write_snapshot(location: str, epoch: int, files: dict[str, bytes]) -> None:
+    """<location>/epoch_<n>/: the model folder of `files`, its weights written last, so a folder cut short
+    by an interruption has no weights and fails to load, by name, instead of loading half a model."""
+    folder = storage.join(location, f"epoch_{epoch:05d}")
+    for name in sorted(files, key=lambda n: n.endswith(".safetensors")):
+        storage.write_bytes(storage.join(folder, name[len(UNET_DIR) + 1:]), files[name])
 
 
 def _ema_copy(unet, ema):
@@ -220,8 +235,12 @@ def pretrain_diffusion(cfg: Config) -> Path:
             raise ConfigError(f"diffusion.image_size / diffusion.preset / diffusion.model_dir: {e}") from None
         run.start()
         train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
+        with tempfile.TemporaryDirectory() as tmp:  # the record of training images each model folder carries
+            record_training_images(cfg, ds, splits["train"], Path(tmp))
+            record = {f"{UNET_DIR}/{f.name}": f.read_bytes() for f in Path(tmp).iterdir()}
         loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes,
-                       "image_size": image_size, **locations(run)}
+                       "image_size": image_size, "snapshots": run.uri(SNAPSHOTS), "training_record": record,
+                       **locations(run)}
         try:
             fit(cfg, train_loop_per_worker, loop_config,
                 lambda _: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
@@ -233,12 +252,12 @@ def pretrain_diffusion(cfg: Config) -> Path:
         # Written next to the run, then renamed: a half-written folder never looks done.
         final = run.dir / UNET_DIR
         tmp = Path(tempfile.mkdtemp(dir=run.dir, prefix=".unet-"))
-        for name in run.checkpoints.files(FINAL):
+        model = {name: run.checkpoints.read(FINAL, name) for name in run.checkpoints.files(FINAL)}
+        for name, data in {**model, **record}.items():
             if name.startswith(f"{UNET_DIR}/"):
                 target = tmp / name[len(UNET_DIR) + 1:]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(run.checkpoints.read(FINAL, name))
-        record_training_images(cfg, ds, splits["train"], tmp)
+                target.write_bytes(data)
         tmp.rename(final)
         load_unet(str(final), ds.num_classes)  # fail here, not later, if it does not reload
         load_noise_scheduler(final)
