@@ -109,15 +109,13 @@ def test_idle_actors_pull_the_next_chunk_so_a_slow_actor_makes_fewer(local_ray):
     pool = start_pool(lambda: SeedImages(ray.get(book.take.remote())), 2)
     ds = epoch_stream(pool, chunk_sizes(96, 4, 2), (SIZE, SIZE, 3), concurrency=4)
     chunks = plan([48, 48], 0, run_seed=1, chunk_size=4)
-    started = time.time()
     pool.start_epoch(0, chunks, None)
     rows = read_epoch(ds)
-    wall = time.time() - started
     assert sorted(zip(rows["label"].tolist(), rows["seed"].tolist())) == pairs(chunks)
     fast, slow = sorted(pool.epoch_stats()["images"], reverse=True)
-    assert fast >= 2.5 * slow  # work followed speed, with no split decided in advance
-    # A static even split would take about half the chunks x 0.2 s on the slow actor.
-    assert wall < 0.75 * (len(chunks) / 2 * 0.2)
+    # Work followed speed, with no split decided in advance (a static even split gives 48 and 48). No
+    # wall-clock bound: on 2 loaded cores one failed at 2.9 s for 2.2 s; the split is the behaviour.
+    assert fast >= 2.5 * slow
     pool.shutdown()
     ray.kill(book)
 
