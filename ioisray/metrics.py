@@ -10,7 +10,6 @@ import warnings
 from typing import Sequence
 
 import numpy as np
-from sklearn import metrics as skm
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "mcc", "auc")
 
@@ -21,6 +20,8 @@ def _ovr_auc(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> float:
     sklearn's multi-class `roc_auc_score` refuses a split that lacks a class; a small validation split
     of a long-tailed set often does, so average the binary AUCs of the classes that can be scored.
     """
+    from sklearn import metrics as skm
+
     aucs = []
     for c in range(num_classes):
         pos = y_true == c
@@ -31,6 +32,8 @@ def _ovr_auc(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> float:
 
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     # Mean recall over the classes present in y_true; sklearn warns when y_pred has other classes.
+    from sklearn import metrics as skm
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return float(skm.balanced_accuracy_score(y_true, y_pred))
@@ -38,6 +41,10 @@ def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
     """Metrics of predictions `probs` (N, C) against integer labels `y_true` (N,)."""
+    # Imported here: scikit-learn takes 1-3 s to import, and most processes that import this module (Ray
+    # Train workers other than rank 0, synthesis actors) never compute a metric.
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     num_classes = len(class_names)
