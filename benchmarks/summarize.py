@@ -1,10 +1,11 @@
 """Summarise finished runs: `python benchmarks/summarize.py outputs/*/metrics.json`.
 
 Prints one Markdown row per run (test balanced accuracy, macro-F1, per-class accuracy, seconds per
-epoch) and, grouping runs whose names differ only in a trailing _s<seed>, the mean ± std over seeds of
+epoch, and for synthesis runs the mean seconds an epoch's synthetic images took to generate) and, grouping runs whose names differ only in a trailing _s<seed>, the mean ± std over seeds of
 every test metric (the table `ioisray benchmark` writes).
 """
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -12,18 +13,24 @@ from pathlib import Path
 from ioisray.experiments import aggregate, results_markdown
 
 
+def _generation(results: dict) -> float:
+    """Mean over epochs of the seconds the pool took to make an epoch's synthetic images (NaN: none)."""
+    seconds = [h["generation_seconds"] for h in results.get("history", []) if h.get("generation_seconds") is not None]
+    return sum(seconds) / len(seconds) if seconds else math.nan
+
+
 def main(paths: list[str]) -> None:
     runs = {Path(p).parent.name: json.loads(Path(p).read_text()) for p in paths}
     if not runs:
         sys.exit("no metrics.json given")
     names = next(iter(runs.values()))["class_names"]
-    print("| run | test BACC | test macro-F1 | " + " | ".join(names) + " | best epoch | s/epoch |")
-    print("|---|---|---|" + "---|" * len(names) + "---|---|")
+    print("| run | test BACC | test macro-F1 | " + " | ".join(names) + " | best epoch | s/epoch | generation s/epoch |")
+    print("|---|---|---|" + "---|" * len(names) + "---|---|---|")
     for run, r in sorted(runs.items()):
         t = r["test"]
         pc = " | ".join(f"{t['per_class_accuracy'][n]:.3f}" for n in names)
         print(f"| {run} | {t['balanced_accuracy']:.4f} | {t['macro_f1']:.4f} | {pc} | "
-              f"{r['best_epoch'] + 1} | {r.get('mean_epoch_seconds', float('nan')):.1f} |")
+              f"{r['best_epoch'] + 1} | {r.get('mean_epoch_seconds', math.nan):.1f} | {_generation(r):.1f} |")
     print()
     print(results_markdown(aggregate(runs, {run: re.sub(r"_s\d+$", "", run) for run in sorted(runs)})), end="")
 
