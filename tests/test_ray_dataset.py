@@ -34,6 +34,27 @@ def test_ordered_and_natural_yield_every_row_once(local_ray):
     assert np.array_equal(natural["label"], labels[ids])  # labels travel with their images
 
 
+def test_an_ordered_dataset_keeps_its_order_behind_a_slow_block(local_ray):
+    # Evaluation writes row i of its predictions for row i of the split: blocks must leave in order.
+    from ioisray.data.ray_dataset import to_ray_dataset
+
+    def _slow_first_block(batch):  # nested: pickled by value (this module is not importable in workers)
+        import time
+
+        if (batch["image"][:, 0, 0, :2] == 0).all(axis=1).any():  # row 0's id: the first block finishes last
+            time.sleep(1.0)
+        return batch
+
+    images, labels = data((600, 200, 100))  # 3 blocks
+    ds = to_ray_dataset(images, labels, sampling="ordered").map_batches(_slow_first_block, batch_format="numpy")
+    assert np.array_equal(row_ids(ds.take_batch(10_000)), np.arange(len(labels)))
+    # Ray Data's default hands blocks on as they finish: the check above could fail.
+    control = to_ray_dataset(images, labels, sampling="ordered")
+    control.context.execution_options.preserve_order = False
+    ids = row_ids(control.map_batches(_slow_first_block, batch_format="numpy").take_batch(10_000))
+    assert sorted(ids) == list(range(len(labels))) and not np.array_equal(ids, np.arange(len(labels)))
+
+
 def test_natural_order_is_new_each_epoch_and_replays_for_the_same_epoch(local_ray):
     from ioisray.data.ray_dataset import start_epoch_counter, to_ray_dataset
 
@@ -67,10 +88,12 @@ def test_class_balanced_draws_classes_evenly_and_anew_each_epoch(local_ray):
 
 def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_path):
     # They do only if the prestarted workers have the runtime environment Ray Train gives those reads.
+    # The same run checks that a dataset Train does not split (validation, test) reaches rank 0 in order.
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from ioisray.data.ray_dataset import prestart_read_workers
+    from ioisray.recipes.launch import train_data_config
 
     def reader_pid(batch):  # nested: pickled by value (this test module is not importable in workers)
         return {"pid": np.full(len(batch["id"]), os.getpid())}
@@ -80,11 +103,24 @@ def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_p
     def train_loop(_):
         shard = ray.train.get_dataset_shard("train")
         out.write_text(json.dumps([int(p) for b in shard.iter_batches(batch_size=None) for p in b["pid"]]))
+        val = ray.train.get_dataset_shard("val")
+        order.write_text(json.dumps([int(i) for b in val.iter_batches(batch_size=None) for i in b["id"]]))
+
+    def slow_first(batch):
+        if 0 in batch["id"]:
+            import time
+
+            time.sleep(1.0)
+        return batch
 
     prestarted = set(ray.get(prestart_read_workers(2)))
     assert len(prestarted) == 2
-    ds = ray.data.range(2, override_num_blocks=2).map_batches(reader_pid, num_cpus=0, batch_size=None)
-    TorchTrainer(train_loop, datasets={"train": ds}, scaling_config=ray.train.ScalingConfig(num_workers=1),
+    order = tmp_path / "order.json"
+    datasets = {"train": ray.data.range(2, override_num_blocks=2).map_batches(reader_pid, num_cpus=0, batch_size=None),
+                "val": ray.data.range(30, override_num_blocks=3).map_batches(slow_first, num_cpus=0, batch_size=None)}
+    TorchTrainer(train_loop, datasets=datasets, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                 dataset_config=train_data_config(datasets, ("train",)),
                  run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="prestart")).fit()
     pids = json.loads(out.read_text())
     assert len(pids) == 2 and set(pids) <= prestarted, (pids, prestarted)
+    assert json.loads(order.read_text()) == list(range(30))

@@ -139,5 +139,19 @@ def to_ray_dataset(images: np.ndarray, labels: np.ndarray, *, sampling: Sampling
     if sampling == "natural":
         ds = ds.map_batches(_epoch_ids, fn_kwargs={"n": n, "seed": seed, "counter": epoch_counter},
                             num_cpus=num_cpus, batch_format="numpy")
-    return ds.map_batches(_gather_batch, fn_kwargs={"arrays": [ref], "sampling": sampling},
-                          num_cpus=num_cpus, batch_format="numpy")
+    ds = ds.map_batches(_gather_batch, fn_kwargs={"arrays": [ref], "sampling": sampling},
+                        num_cpus=num_cpus, batch_format="numpy")
+    if sampling == "ordered":
+        keep_order(ds)
+    return ds
+
+
+def keep_order(ds: "ray.data.Dataset") -> None:
+    """Blocks of `ds` leave in order, not as their read tasks finish (Ray Data's default), so that row i
+    of an evaluation's predictions is row i of its split (in the driver's process; Ray Train's workers
+    read with recipes/launch.train_data_config's options)."""
+    import copy
+
+    options = copy.deepcopy(ds.context.execution_options)  # this dataset's own, not the process's
+    options.preserve_order = True
+    ds.context.execution_options = options

@@ -183,12 +183,24 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=list(callbacks)),
         datasets=datasets,
-        # No shard locality: with it, Ray Data holds back blocks that have no node location (small
-        # ones live in their owner's memory, like the synthetic chunks of a small image size) until
-        # its buffer is full or the stream ends, which would push the chunks to the end of the epoch.
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(split), enable_shard_locality=False),
+        dataset_config=train_data_config(datasets, split),
     )
     return _in_a_thread(trainer.fit, in_process=cfg.ray.num_workers == 0)
+
+
+def train_data_config(datasets: dict, split: tuple[str, ...]):
+    """How Ray Train hands `datasets` to its workers: those named in `split` divided among them, the others
+    (validation, test: rank 0 evaluates them whole) read in order, so that row i of a prediction file is
+    row i of its split."""
+    import ray.train
+
+    in_order = ray.train.DataConfig.default_ingest_options()
+    in_order.preserve_order = True
+    # No shard locality: with it, Ray Data holds back blocks that have no node location (small
+    # ones live in their owner's memory, like the synthetic chunks of a small image size) until
+    # its buffer is full or the stream ends, which would push the chunks to the end of the epoch.
+    return ray.train.DataConfig(datasets_to_split=list(split), enable_shard_locality=False,
+                                execution_options={name: in_order for name in datasets if name not in split})
 
 
 # Set when Ctrl-C reaches the driver: a training loop running in this process (ray.num_workers=0)
