@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ioisray.config import Config, ConfigError, apply_overrides, build_config
-from ioisray.metrics import SUMMARY_KEYS
+from ioisray.metrics import PAIRED_KEYS, SUMMARY_KEYS, paired_bootstrap
 
 # ---------------------------------------------------------------------------------------------
 # Trial configs
@@ -189,3 +189,43 @@ def results_csv(rows: Iterable[dict]) -> str:
         w.writeheader()
         w.writerows(rows)
     return buf.getvalue()
+
+
+def comparisons(methods: Sequence[str], baseline: str | None, extra: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (method, against) pairs a benchmark tabulates: every method against the baseline, then `extra`."""
+    pairs = [(m, baseline) for m in methods if baseline is not None and m != baseline] + [tuple(p) for p in extra]
+    return list(dict.fromkeys(pairs))
+
+
+def paired_rows(predictions: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], pairs: Sequence[tuple[str, str]],
+                num_classes: int, resamples: int = 2000) -> list[dict]:
+    """Per (method, against) pair, over the seeds both have (`predictions`: (method, seed) -> (labels,
+    predicted classes) on one test split), metrics.paired_bootstrap's differences and 95% intervals."""
+    rows = []
+    for a, b in pairs:
+        seeds = sorted(s for (m, s) in predictions if m == a and (b, s) in predictions)
+        if not seeds:
+            continue
+        y = predictions[(a, seeds[0])][0]
+        diff = paired_bootstrap(y, [predictions[(a, s)][1] for s in seeds], [predictions[(b, s)][1] for s in seeds],
+                                num_classes, resamples=resamples)
+        row: dict[str, Any] = {"method": a, "against": b, "seeds": len(seeds)}
+        for k in PAIRED_KEYS:
+            row[f"{k}_diff"], row[f"{k}_low"], row[f"{k}_high"] = diff[k]
+        rows.append(row)
+    return rows
+
+
+def paired_markdown(rows: Sequence[dict], resamples: int = 2000) -> str:
+    """The paired differences as a table; an interval that excludes 0 is marked *."""
+    head = ("Paired differences on the same test images, mean over the seeds both methods have, with a 95% "
+            f"bootstrap interval over the test images ({resamples} resamples; * excludes 0):\n\n"
+            "| method | against | seeds | " + " | ".join(f"Δ {k} [95% CI]" for k in PAIRED_KEYS) + " |\n"
+            "|---|---|---|" + "---|" * len(PAIRED_KEYS) + "\n")
+
+    def cell(r, k):
+        d, lo, hi = r[f"{k}_diff"], r[f"{k}_low"], r[f"{k}_high"]
+        return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("*" if lo > 0 or hi < 0 else "")
+
+    return head + "".join(f"| {r['method']} | {r['against']} | {r['seeds']} | "
+                          + " | ".join(cell(r, k) for k in PAIRED_KEYS) + " |\n" for r in rows)

@@ -92,3 +92,55 @@ def predictions_csv(labels: np.ndarray, probs: np.ndarray, class_names: Sequence
     rows += [f"{class_names[y]},{class_names[int(p.argmax())]}," + ",".join(f"{v:.6f}" for v in p)
              for y, p in zip(labels, probs)]
     return "\n".join(rows) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Is a difference between two methods more than the test set's luck? (`ioisray benchmark`)
+
+PAIRED_KEYS = ("balanced_accuracy", "macro_f1")
+
+
+def _bacc_and_macro_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced accuracy and macro-F1 of confusion matrices (..., C, C) (rows: true class), over the
+    classes present, as classification_metrics computes them; vectorised for the bootstrap below."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(float)
+    support, predicted = cm.sum(axis=-1), cm.sum(axis=-2)
+    present = support > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, tp / np.maximum(support, 1), 0.0)
+        denominator = support + predicted  # 2 tp + fp + fn
+        f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+    n = present.sum(axis=-1)
+    return (recall * present).sum(axis=-1) / n, (f1 * present).sum(axis=-1) / n
+
+
+def paired_bootstrap(y_true: np.ndarray, pred_a: Sequence[np.ndarray], pred_b: Sequence[np.ndarray],
+                     num_classes: int, resamples: int = 2000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Method A against method B on the same test images: the mean over paired runs (seeds) of A's minus
+    B's balanced accuracy and macro-F1, and a 95% percentile interval of that mean over bootstrap
+    resamples of the test images, each resample the same images for every run. It says how much of a
+    difference the test set's sampling alone could make; seed-to-seed spread is the table's ± std.
+    Returns {metric: (difference, low, high)}."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if len(pred_a) != len(pred_b) or not pred_a:
+        raise ValueError(f"paired runs needed: {len(pred_a)} of A, {len(pred_b)} of B")
+    runs = np.stack([np.asarray(p, dtype=np.int64) for p in (*pred_a, *pred_b)])  # (2R, N)
+    if runs.shape[1] != len(y_true):
+        raise ValueError(f"predictions of {runs.shape[1]} images for {len(y_true)} labels")
+    cells = y_true * num_classes + runs  # (2R, N): each image's confusion-matrix cell in each run
+    half, c2 = len(pred_a), num_classes * num_classes
+
+    def differences(rows: np.ndarray) -> np.ndarray:  # rows: (B, N) image indices -> (B, metrics)
+        b = len(rows)
+        picked = cells[:, rows]  # (2R, B, N)
+        offsets = (np.arange(len(cells))[:, None] * b + np.arange(b)[None, :]) * c2
+        cm = np.bincount((picked + offsets[..., None]).ravel(), minlength=len(cells) * b * c2)
+        scores = np.stack(_bacc_and_macro_f1(cm.reshape(len(cells), b, num_classes, num_classes)), -1)
+        return (scores[:half] - scores[half:]).mean(axis=0)  # (B, metrics)
+
+    point = differences(np.arange(len(y_true))[None, :])[0]
+    rng, boot = np.random.default_rng(seed), []
+    for start in range(0, resamples, 250):  # in slices: (2R, 250, N) cells at a time
+        boot.append(differences(rng.integers(0, len(y_true), (min(250, resamples - start), len(y_true)))))
+    low, high = np.percentile(np.concatenate(boot), [2.5, 97.5], axis=0)
+    return {k: (float(point[i]), float(low[i]), float(high[i])) for i, k in enumerate(PAIRED_KEYS)}

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from ioisray.metrics import classification_metrics, format_table
+from ioisray.metrics import classification_metrics, format_table, paired_bootstrap
 
 NAMES = ["a", "b", "c"]
 
@@ -65,3 +65,40 @@ def test_table_has_every_metric_and_class():
     for key in ("balanced_accuracy", "macro_f1", "mcc", "auc", "acc[a] (n=1)", "acc[c]"):
         assert key in table
     assert "| balanced_accuracy | 1.0000 | 1.0000 |" in table
+
+
+def _noisy(y, right, rng, n_classes=7):
+    """Predictions that are right on a share `right` of the images and random elsewhere."""
+    return np.where(rng.random(len(y)) < right, y, rng.integers(0, n_classes, len(y)))
+
+
+def test_paired_differences_are_the_mean_over_seeds_of_the_metric_differences():
+    rng = np.random.default_rng(1)
+    y = np.concatenate([np.full(300, 0), rng.integers(1, 6, 200)])  # class 6 absent from the test split
+    a, b = [_noisy(y, 0.6, rng) for _ in range(3)], [_noisy(y, 0.5, rng) for _ in range(3)]
+    names = list("abcdefg")
+
+    def mean_diff(key):
+        return np.mean([classification_metrics(y, np.eye(7)[p], names)[key]
+                        - classification_metrics(y, np.eye(7)[q], names)[key] for p, q in zip(a, b)])
+
+    diff = paired_bootstrap(y, a, b, num_classes=7, resamples=200)
+    for key in ("balanced_accuracy", "macro_f1"):
+        d, low, high = diff[key]
+        assert d == pytest.approx(mean_diff(key), abs=1e-12)
+        assert low < d < high
+
+
+def test_a_paired_interval_separates_a_better_method_and_not_a_method_from_itself():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 7, 2000)
+    better, worse = [_noisy(y, 0.7, rng) for _ in range(2)], [_noisy(y, 0.5, rng) for _ in range(2)]
+    d, low, high = paired_bootstrap(y, better, worse, num_classes=7)["balanced_accuracy"]
+    assert 0 < low < d < high
+    assert paired_bootstrap(y, better, better, num_classes=7)["macro_f1"] == (0.0, 0.0, 0.0)
+    # Fewer test images: the same kind of difference is less certain.
+    _, low_small, high_small = paired_bootstrap(y[:200], [p[:200] for p in better], [p[:200] for p in worse],
+                                                num_classes=7)["balanced_accuracy"]
+    assert high_small - low_small > 2 * (high - low)
+    with pytest.raises(ValueError, match="paired runs"):
+        paired_bootstrap(y, better, worse[:1], num_classes=7)

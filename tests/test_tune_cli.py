@@ -88,6 +88,13 @@ def test_benchmark_tabulates_every_finished_run_skips_them_and_names_the_missing
     benchmark_trial({"run": "bench_ce_s0"}, configs={"bench_ce_s0": runs["bench_ce_s0"].config.model_dump(mode="json")})
     ce = json.loads((tmp_path / "bench_ce_s0" / "metrics.json").read_text())
     assert ce["test"]["num_samples"] == ce["splits"]["test"] and "quotas" not in ce["history"][0]
+    # The fabricated IOIS run is right on every test image of CE's predictions file: a paired difference.
+    with open(tmp_path / "bench_ce_s0" / "test_predictions.csv", newline="") as f:
+        ce_rows = list(csv.DictReader(f))
+    with open(tmp_path / "bench_iois_s0" / "test_predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ce_rows[0]))
+        w.writeheader()
+        w.writerows({**r, "predicted": r["label"]} for r in ce_rows)
 
     capsys.readouterr()
     assert main(args) == 0  # with nothing to run, Ray is not started
@@ -101,6 +108,13 @@ def test_benchmark_tabulates_every_finished_run_skips_them_and_names_the_missing
     assert float(rows["ce"]["balanced_accuracy_mean"]) == pytest.approx(ce["test"]["balanced_accuracy"])
     for key in ("accuracy", "macro_f1", "mcc", "auc", "acc[9]"):
         assert f"{key}_std" in rows["iois"] and key in table
+    with open(tmp_path / "bench" / "paired.csv") as f:
+        (paired,) = list(csv.DictReader(f))
+    assert (paired["method"], paired["against"], paired["seeds"]) == ("iois", "ce", "1")
+    gap = 1 - ce["test"]["balanced_accuracy"]
+    assert float(paired["balanced_accuracy_diff"]) == pytest.approx(gap)
+    assert 0 < float(paired["balanced_accuracy_low"]) <= gap <= float(paired["balanced_accuracy_high"])
+    assert "Paired differences on the same test images" in table and "| iois | ce | 1 |" in table
     for figure in ("per_class_change_iois_vs_ce.png", "real_vs_synthetic_iois.png"):
         assert (tmp_path / "bench" / figure).stat().st_size > 1000
         assert f"figure: {tmp_path / 'bench' / figure}" in out

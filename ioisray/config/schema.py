@@ -249,6 +249,9 @@ class BenchmarkSettings(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     datasets: dict[str, list[str]] = Field(default_factory=dict)  # name -> overrides; empty: this config's data
     baseline: Optional[str] = None  # a method name: the per-class change figure compares the others with it
+    # [method, other method] pairs whose paired differences are tabulated too (every method is against
+    # `baseline`); a pair with a method not in `methods` (a grid narrowed on the command line) is left out
+    compare: list[tuple[str, str]] = Field(default_factory=list)
     max_concurrent_trials: Optional[int] = Field(None, ge=1)  # default: as many as the cluster can hold at once
     max_failures: int = Field(2, ge=0)
 

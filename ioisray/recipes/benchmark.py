@@ -8,11 +8,14 @@
              over a cluster; a failed run is retried from its last checkpoint
     save     <output_dir>/<name>/: results.md and results.csv (mean and std over seeds of accuracy, balanced
              accuracy, macro-F1, MCC, AUC and per-class accuracy), the per-class accuracy change of each
-             method against `benchmark.baseline`, and a real-vs-synthetic grid per synthesis method
+             method against `benchmark.baseline`, a real-vs-synthetic grid per synthesis method, and
+             paired.csv: each method's balanced-accuracy and macro-F1 difference from the baseline (and
+             `benchmark.compare` pairs) on the same test images, with a 95% bootstrap interval
     cleanup  stop the Ray this process started
 """
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -20,7 +23,8 @@ import numpy as np
 from ioisray import report as figures, storage
 from ioisray.atomic import atomic_write_bytes, atomic_write_text
 from ioisray.config import Config, save_config
-from ioisray.experiments import aggregate, benchmark_runs, results_csv, results_markdown, trial_resources
+from ioisray.experiments import (aggregate, benchmark_runs, comparisons, paired_markdown, paired_rows, results_csv,
+                                 results_markdown, trial_resources)
 from ioisray.recipes.launch import run_trials
 from ioisray.recipes.prerequisites import shared_diffusion_model
 from ioisray.run import Run, run_dir, run_location
@@ -87,15 +91,43 @@ def benchmark(cfg: Config, report_only: bool = False) -> dict:
             continue
         prefix = f"{dataset}_" if dataset else ""
         title = f"### {dataset}" if dataset else ""
-        tables.append((results_markdown(rows, title), results_csv(rows), prefix))
+        paired = _paired(cfg, [r for r in runs if r.dataset == dataset], results)
+        tables.append((results_markdown(rows, title) + (f"\n{paired_markdown(paired)}" if paired else ""),
+                       {"results.csv": results_csv(rows), **({"paired.csv": results_csv(paired)} if paired else {})},
+                       prefix))
         made += _figures(cfg, [r for r in runs if r.dataset == dataset], results, out_dir, prefix)
     seeds_note = f"Test split, mean ± std over seeds {cfg.benchmark.seeds}; runs in {cfg.output_dir}.\n\n"
     atomic_write_text(out_dir / "results.md", seeds_note + "\n".join(t[0] for t in tables))
-    for _, csv_text, prefix in tables:
-        atomic_write_text(out_dir / f"{prefix}results.csv", csv_text)
+    for _, csv_files, prefix in tables:
+        for name, text in csv_files.items():
+            atomic_write_text(out_dir / f"{prefix}{name}", text)
     storage.push(out_dir, run_location(cfg))
     return {"table": (out_dir / "results.md").read_text(), "missing": missing, "run_dir": run_location(cfg),
             "figures": [storage.join(run_location(cfg), p.name) for p in made]}
+
+
+def _paired(cfg: Config, runs, results: dict) -> list[dict]:
+    """experiments.paired_rows over the finished runs' test predictions (each run's test_predictions.csv,
+    row i = image i of the test split); none when the runs were not all tested on the same images."""
+    from ioisray.recipes.train import TEST_PREDICTIONS_FILE
+
+    predictions, names = {}, None
+    for r in runs:
+        path = run_dir(r.config) / TEST_PREDICTIONS_FILE
+        if r.name not in results or not path.is_file():
+            continue
+        names = results[r.name]["class_names"]
+        index = {n: i for i, n in enumerate(names)}
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        predictions[(r.method, r.seed)] = (np.array([index[row["label"]] for row in rows]),
+                                           np.array([index[row["predicted"]] for row in rows]))
+    if len({y.tobytes() for y, _ in predictions.values()}) > 1:
+        print("[ioisray] warning: the runs were not tested on the same images (another data.split_seed or "
+              "split?): no paired differences", flush=True)
+        return []
+    b = cfg.benchmark
+    return paired_rows(predictions, comparisons(list(b.methods), b.baseline, b.compare), len(names)) if names else []
 
 
 def _figures(cfg: Config, runs, results: dict, out_dir, prefix: str) -> list:
