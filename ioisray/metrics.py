@@ -87,11 +87,17 @@ def format_table(results: dict[str, dict], class_names: Sequence[str]) -> str:
 
 
 def predictions_csv(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> str:
-    """One row per image: its label, the predicted class and the probability of every class."""
-    rows = ["label,predicted," + ",".join(f"prob_{n}" for n in class_names)]
-    rows += [f"{class_names[y]},{class_names[int(p.argmax())]}," + ",".join(f"{v:.6f}" for v in p)
-             for y, p in zip(labels, probs)]
-    return "\n".join(rows) + "\n"
+    """One row per image, in the split's order: its label, the predicted class and the probability of
+    every class (quoted as CSV needs: class names come from folder names and label files)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["label", "predicted", *(f"prob_{n}" for n in class_names)])
+    writer.writerows([class_names[y], class_names[int(p.argmax())], *(f"{v:.6f}" for v in p)]
+                     for y, p in zip(labels, probs))
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import pyarrow.fs as pafs
 
 RAY_TRAIN = "ray_train"  # Ray Train's own records inside a run
 CHECKPOINTS = "checkpoints"  # the run's checkpoints (ioisray/checkpoint.py)
-LARGE = (RAY_TRAIN, CHECKPOINTS)  # folders that never go through the staging copy
+SNAPSHOTS = "snapshots"  # a pretraining run's models along the way (recipes/pretrain_diffusion.py)
+LARGE = (RAY_TRAIN, CHECKPOINTS, SNAPSHOTS)  # folders that never go through the staging copy
 
 
 def is_uri(path: str | os.PathLike) -> bool:

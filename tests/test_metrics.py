@@ -74,7 +74,8 @@ def _noisy(y, right, rng, n_classes=7):
 
 def test_paired_differences_are_the_mean_over_seeds_of_the_metric_differences():
     rng = np.random.default_rng(1)
-    y = np.concatenate([np.full(300, 0), rng.integers(1, 6, 200)])  # class 6 absent from the test split
+    # Class 6 absent from the test split, class 5 two images: many resamples lack it (checked below).
+    y = np.concatenate([np.full(300, 0), rng.integers(1, 5, 200), [5, 5]])
     a, b = [_noisy(y, 0.6, rng) for _ in range(3)], [_noisy(y, 0.5, rng) for _ in range(3)]
     names = list("abcdefg")
 
@@ -87,6 +88,12 @@ def test_paired_differences_are_the_mean_over_seeds_of_the_metric_differences():
         d, low, high = diff[key]
         assert d == pytest.approx(mean_diff(key), abs=1e-12)
         assert low < d < high
+    # A resample without class 5 scores over the classes it has, as classification_metrics does.
+    without_5 = np.flatnonzero(y != 5)
+    one = paired_bootstrap(y[without_5], [p[without_5] for p in a[:1]], [p[without_5] for p in b[:1]], 7, resamples=1)
+    ref = {k: classification_metrics(y[without_5], np.eye(7)[a[0][without_5]], names)[k]
+           - classification_metrics(y[without_5], np.eye(7)[b[0][without_5]], names)[k] for k in one}
+    assert {k: v[0] for k, v in one.items()} == pytest.approx(ref, abs=1e-12)
 
 
 def test_a_paired_interval_separates_a_better_method_and_not_a_method_from_itself():

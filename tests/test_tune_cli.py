@@ -88,7 +88,11 @@ def test_benchmark_tabulates_every_finished_run_skips_them_and_names_the_missing
     benchmark_trial({"run": "bench_ce_s0"}, configs={"bench_ce_s0": runs["bench_ce_s0"].config.model_dump(mode="json")})
     ce = json.loads((tmp_path / "bench_ce_s0" / "metrics.json").read_text())
     assert ce["test"]["num_samples"] == ce["splits"]["test"] and "quotas" not in ce["history"][0]
-    # The fabricated IOIS run is right on every test image of CE's predictions file: a paired difference.
+    # The fabricated IOIS run, tested on CE's test split, is right on every one of its images: a paired difference.
+    fabricated = json.loads((tmp_path / "bench_iois_s0" / "metrics.json").read_text())
+    fabricated.update(split_ids=ce["split_ids"], test_predictions_in_split_order=True)
+    (tmp_path / "bench_iois_s0" / "metrics.json").write_text(json.dumps(fabricated))
+    assert ce["test_predictions_in_split_order"]
     with open(tmp_path / "bench_ce_s0" / "test_predictions.csv", newline="") as f:
         ce_rows = list(csv.DictReader(f))
     with open(tmp_path / "bench_iois_s0" / "test_predictions.csv", "w", newline="") as f:

@@ -159,7 +159,7 @@ class PretrainConfig(_Strict):
     sample_every: int = Field(5, ge=0)  # epochs between sample grids in TensorBoard; 0 = only at the end
     sample_steps: int = Field(25, ge=1)  # DDIM steps for those grids
     # epochs between EMA model folders kept in <run>/snapshots/epoch_<n> (to judge samples against
-    # training length, benchmarks/sample_quality.py); 0 = only the final model
+    # training length, benchmarks/judge_curve.sh), but the last epoch's, which is <run>/unet; 0 = none
     snapshot_every: int = Field(0, ge=0)
     max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
 

@@ -101,6 +101,10 @@ def benchmark(cfg: Config, report_only: bool = False) -> dict:
     for _, csv_files, prefix in tables:
         for name, text in csv_files.items():
             atomic_write_text(out_dir / f"{prefix}{name}", text)
+        if "paired.csv" not in csv_files:  # not an earlier report's numbers next to this one's table
+            (out_dir / f"{prefix}paired.csv").unlink(missing_ok=True)
+            if storage.is_uri(cfg.output_dir):
+                storage.delete(storage.join(run_location(cfg), f"{prefix}paired.csv"))
     storage.push(out_dir, run_location(cfg))
     return {"table": (out_dir / "results.md").read_text(), "missing": missing, "run_dir": run_location(cfg),
             "figures": [storage.join(run_location(cfg), p.name) for p in made]}
@@ -111,22 +115,38 @@ def _paired(cfg: Config, runs, results: dict) -> list[dict]:
     row i = image i of the test split); none when the runs were not all tested on the same images."""
     from ioisray.recipes.train import TEST_PREDICTIONS_FILE
 
-    predictions, names = {}, None
+    predictions, names, test_splits, left_out = {}, None, set(), []
     for r in runs:
-        path = run_dir(r.config) / TEST_PREDICTIONS_FILE
-        if r.name not in results or not path.is_file():
+        path, m = run_dir(r.config) / TEST_PREDICTIONS_FILE, results.get(r.name)
+        if m is None or not path.is_file():
             continue
-        names = results[r.name]["class_names"]
+        if not m.get("test_predictions_in_split_order"):  # finished before evaluation read its split in order
+            left_out.append(r.name)
+            continue
+        names = m["class_names"]
         index = {n: i for i, n in enumerate(names)}
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        predictions[(r.method, r.seed)] = (np.array([index[row["label"]] for row in rows]),
-                                           np.array([index[row["predicted"]] for row in rows]))
-    if len({y.tobytes() for y, _ in predictions.values()}) > 1:
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            predictions[(r.method, r.seed)] = (np.array([index[row["label"]] for row in rows]),
+                                               np.array([index[row["predicted"]] for row in rows]))
+        except (KeyError, ValueError, UnicodeDecodeError) as e:
+            print(f"[ioisray] warning: {path} is not a predictions file of this run's classes ({e!r}): "
+                  f"{r.name} left out of the paired differences", flush=True)
+            continue
+        test_splits.add(m.get("split_ids", {}).get("test"))
+    if left_out:
+        print(f"[ioisray] warning: {', '.join(left_out)} finished before test predictions were written in the "
+              f"split's order: left out of the paired differences", flush=True)
+    if len(test_splits) > 1 or len({y.tobytes() for y, _ in predictions.values()}) > 1:
         print("[ioisray] warning: the runs were not tested on the same images (another data.split_seed or "
               "split?): no paired differences", flush=True)
         return []
     b = cfg.benchmark
+    unknown = sorted({m for pair in b.compare for m in pair} - set(b.methods))
+    if unknown:
+        print(f"[ioisray] benchmark.compare names methods that are not in benchmark.methods: {unknown} "
+              f"(their pairs are left out)", flush=True)
     return paired_rows(predictions, comparisons(list(b.methods), b.baseline, b.compare), len(names)) if names else []
 
 

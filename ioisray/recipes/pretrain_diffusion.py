@@ -6,7 +6,8 @@
              noise (epsilon) or velocity (v) prediction loss on DDPM-noised images, DDP, an EMA copy of the
              weights, a sample grid in TensorBoard every `pretrain.sample_every` epochs, a checkpoint
              (UNet, EMA, optimizer, lr schedule, epoch) every epoch, the EMA model as a diffusers folder
-             in <run>/snapshots every `pretrain.snapshot_every` epochs
+             in <run>/snapshots/epoch_<n> every `pretrain.snapshot_every` epochs (but the last: that is
+             the run's model)
     save     driver: the EMA weights as a diffusers model folder, <run>/unet (safetensors), with the
              noise scheduler it was trained with and the record of the images it trained on
     cleanup  driver: shut down the Ray it started, release the run
@@ -35,7 +36,6 @@ from ioisray.run import Run, run_location
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
 
 UNET_DIR = "unet"  # in the final checkpoint and in the run folder
-SNAPSHOTS = "snapshots"  # <run>/snapshots/epoch_<n>: EMA models along the way (pretrain.snapshot_every)
 
 
 def diffusion_image_size(cfg: Config) -> int:
@@ -239,7 +239,7 @@ def pretrain_diffusion(cfg: Config) -> Path:
             record_training_images(cfg, ds, splits["train"], Path(tmp))
             record = {f"{UNET_DIR}/{f.name}": f.read_bytes() for f in Path(tmp).iterdir()}
         loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes,
-                       "image_size": image_size, "snapshots": run.uri(SNAPSHOTS), "training_record": record,
+                       "image_size": image_size, "snapshots": run.uri(storage.SNAPSHOTS), "training_record": record,
                        **locations(run)}
         try:
             fit(cfg, train_loop_per_worker, loop_config,

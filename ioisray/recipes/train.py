@@ -236,6 +236,9 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
         out = json.loads(run.checkpoints.read(FINAL, RESULTS_FILE))
         out.update({"class_names": ds.class_names, "splits": {k: len(v) for k, v in splits.items()},
                     "split_ids": split_ids, "train_class_counts": counts.tolist(), "run_dir": run.location,
+                    # test_predictions.csv row i is test image i (read in order since 1956acf; runs without
+                    # this mark may have it in another order, and are not paired image by image)
+                    "test_predictions_in_split_order": True,
                     "seconds": time.perf_counter() - t0, **({"diffusion_model_dir": model_dir} if model_dir else {})})
         made = _save_outputs(run, out, train_ds, baseline)
         out["figures"] = [run.uri(f.relative_to(run.dir).as_posix()) for f in made]
