@@ -192,9 +192,14 @@ def train_data_config(datasets: dict, split: tuple[str, ...]):
     """How Ray Train hands `datasets` to its workers: those named in `split` divided among them, the others
     (validation, test: rank 0 evaluates them whole) read in order, so that row i of a prediction file is
     row i of its split."""
-    import ray.train
+    import copy
 
-    in_order = ray.train.DataConfig.default_ingest_options()
+    import ray.train
+    from ray.data import DataContext
+
+    # Train's default options for them are the process's Ray Data options (`DataConfig.default_ingest_options`,
+    # which also prints a deprecation warning for one of its arguments): a copy of those, in order.
+    in_order = copy.deepcopy(DataContext.get_current().execution_options)
     in_order.preserve_order = True
     # No shard locality: with it, Ray Data holds back blocks that have no node location (small
     # ones live in their owner's memory, like the synthetic chunks of a small image size) until
