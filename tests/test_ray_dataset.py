@@ -92,7 +92,7 @@ def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_p
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ioisray.data.ray_dataset import prestart_read_workers
+    from ioisray.data.ray_dataset import keep_order, prestart_read_workers
     from ioisray.recipes.launch import train_data_config
 
     def reader_pid(batch):  # nested: pickled by value (this test module is not importable in workers)
@@ -118,6 +118,7 @@ def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_p
     order = tmp_path / "order.json"
     datasets = {"train": ray.data.range(2, override_num_blocks=2).map_batches(reader_pid, num_cpus=0, batch_size=None),
                 "val": ray.data.range(30, override_num_blocks=3).map_batches(slow_first, num_cpus=0, batch_size=None)}
+    keep_order(datasets["val"])  # as to_ray_dataset marks its `ordered` (evaluation) datasets
     TorchTrainer(train_loop, datasets=datasets, scaling_config=ray.train.ScalingConfig(num_workers=1),
                  dataset_config=train_data_config(datasets, ("train",)),
                  run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="prestart")).fit()

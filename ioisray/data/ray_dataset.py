@@ -148,8 +148,9 @@ def to_ray_dataset(images: np.ndarray, labels: np.ndarray, *, sampling: Sampling
 
 def keep_order(ds: "ray.data.Dataset") -> None:
     """Blocks of `ds` leave in order, not as their read tasks finish (Ray Data's default), so that row i
-    of an evaluation's predictions is row i of its split (in the driver's process; Ray Train's workers
-    read with recipes/launch.train_data_config's options)."""
+    of an evaluation's predictions is row i of its split (in the driver's process, and in Ray Train's
+    workers, which read the datasets they do not split with the datasets' own options:
+    recipes/launch.train_data_config)."""
     import copy
 
     options = copy.deepcopy(ds.context.execution_options)  # this dataset's own, not the process's

@@ -190,22 +190,17 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
 
 def train_data_config(datasets: dict, split: tuple[str, ...]):
     """How Ray Train hands `datasets` to its workers: those named in `split` divided among them, the others
-    (validation, test: rank 0 evaluates them whole) read in order, so that row i of a prediction file is
-    row i of its split."""
-    import copy
-
+    (validation, test: rank 0 evaluates them whole) read with their own Ray Data options, so that an
+    `ordered` dataset (data/ray_dataset.keep_order) is read in order there too and row i of a prediction
+    file is row i of its split."""
     import ray.train
-    from ray.data import DataContext
 
-    # Train's default options for them are the process's Ray Data options (`DataConfig.default_ingest_options`,
-    # which also prints a deprecation warning for one of its arguments): a copy of those, in order.
-    in_order = copy.deepcopy(DataContext.get_current().execution_options)
-    in_order.preserve_order = True
     # No shard locality: with it, Ray Data holds back blocks that have no node location (small
     # ones live in their owner's memory, like the synthetic chunks of a small image size) until
     # its buffer is full or the stream ends, which would push the chunks to the end of the epoch.
     return ray.train.DataConfig(datasets_to_split=list(split), enable_shard_locality=False,
-                                execution_options={name: in_order for name in datasets if name not in split})
+                                execution_options={name: ds.context.execution_options
+                                                   for name, ds in datasets.items() if name not in split})
 
 
 # Set when Ctrl-C reaches the driver: a training loop running in this process (ray.num_workers=0)
