@@ -101,12 +101,10 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     driver (0.1 CPU) and room for Ray Data's read tasks (1 CPU: a `ray.data.range` read asks for one),
     by resource name."""
     r = cfg.ray
-    if r.num_workers == 0:  # Ray Train's in-process mode refuses to run inside a Tune trial
-        raise ConfigError("ray.num_workers=0 (training in the driver process) cannot run as a Tune trial; "
-                          "use ray.num_workers=1 or more")
-    # As recipes/launch._fit asks Ray Train for them (num_workers=0 trains in the trial's own process).
+    # As recipes/launch._fit asks Ray Train for them; with num_workers=0 the loop trains in the trial's
+    # own process, which then holds one worker's share.
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {}), **r.resources_per_worker}
-    need: dict[str, float] = {k: v * r.num_workers for k, v in per_worker.items()}
+    need: dict[str, float] = {k: v * max(1, r.num_workers) for k, v in per_worker.items()}
     need["CPU"] = need.get("CPU", 0.0) + 0.1 + 1.0
     s = cfg.synthesis
     if s.mode != "none":

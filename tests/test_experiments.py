@@ -9,6 +9,7 @@ import pytest
 from ioisray.config import ConfigError, load_config
 from ioisray.experiments import (aggregate, benchmark_runs, check_search_space, max_concurrent_trials,
                                  results_csv, results_markdown, trial_config, trial_resources)
+from ioisray.recipes.launch import _trial_process_resources
 
 
 def test_unknown_search_key_is_an_error_naming_it():
@@ -83,8 +84,13 @@ def test_trial_resources_and_how_many_trials_fit():
         load_config("configs/ham10000.yaml", ["data.root=/x"]))) == 1  # 1 training + 4 synthesis GPUs
     with pytest.raises(ConfigError, match="needs 1 GPU"):
         max_concurrent_trials({"CPU": 64.0}, need)
-    with pytest.raises(ConfigError, match="ray.num_workers=0"):
-        trial_resources(load_config("configs/digits.yaml", ["ray.num_workers=0"]))
+    # A trial whose run trains in the trial's own process (ray.num_workers=0) holds one worker's share,
+    # and that process is given it.
+    in_process = load_config("configs/digits.yaml", ["ray.num_workers=0", "ray.cpus_per_worker=3",
+                                                     "ray.use_gpu=true", "synthesis.mode=none"])
+    assert trial_resources(in_process) == pytest.approx({"CPU": 3 + 1.1, "GPU": 1.0})
+    assert _trial_process_resources(in_process) == pytest.approx({"cpu": 3.1, "gpu": 1.0})
+    assert _trial_process_resources(load_config("configs/digits.yaml", ["ray.num_workers=2"])) == {"cpu": 0.1}
 
 
 def _result(bacc, per_class, seconds=10.0):

@@ -1,6 +1,7 @@
 """`ioisray tune` and `ioisray benchmark` through the real entry point, on the embedded digits (CPU).
-Trials are CE runs on one Ray Train worker (no synthesis): what is tested is the search, its resumption
-and the grid's tables, not IOIS (test_job.py runs that)."""
+Trials are CE runs trained in the trial's own process (ray.num_workers=0, as configs/digits.yaml has it;
+no synthesis): what is tested is the search, its resumption and the grid's tables, not IOIS (test_job.py
+runs that) or Ray Train's workers (test_job.py, test_cluster.py)."""
 import csv
 import json
 
@@ -14,7 +15,7 @@ from ioisray.config import load_config
 
 pytestmark = pytest.mark.ray
 
-TINY_CE = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=1"]
+TINY_CE = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=0"]
 
 
 def test_a_stopped_search_resumes_and_asha_stops_the_weak_trial(tmp_path):
@@ -72,13 +73,13 @@ def _finished_iois_run(path, class_names):
 
 def test_benchmark_tabulates_every_finished_run_skips_them_and_names_the_missing(tmp_path, monkeypatch, capsys):
     # The Tune machinery that runs a grid's unfinished runs as trials is the search's (the test above):
-    # here the CE run is made by the benchmark's own trial function, in this process (ray.num_workers=0),
+    # here the CE run is made by the benchmark's own trial function, in this process,
     # and the IOIS run is a finished one as the benchmark reads it.
     from ioisray.experiments import benchmark_runs
     from ioisray.recipes.benchmark import benchmark_trial
 
     iois = _finished_iois_run(tmp_path / "bench_iois_s0", [str(i) for i in range(10)])
-    args = ["benchmark", "configs/digits_ce.yaml", *TINY_CE, "ray.num_workers=0", "name=bench",
+    args = ["benchmark", "configs/digits_ce.yaml", *TINY_CE, "name=bench",
             f"output_dir={tmp_path}", "train.epochs=1",
             "benchmark.methods={ce: [], iois: [synthesis.mode=online, synthesis.budget=8]}",
             "benchmark.seeds=[0]", "benchmark.baseline=ce"]

@@ -153,19 +153,29 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None):
 def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
         make_datasets: Callable[[dict], dict], split: tuple[str, ...] = ("train",),
         services: Optional[Callable[[], contextlib.AbstractContextManager]] = None, callbacks: tuple = ()):
-    """One Ray Train run of `train_loop` on `cfg.ray`'s workers (`ray.num_workers=0`: in this process).
+    """One Ray Train run of `train_loop` on `cfg.ray`'s workers (`ray.num_workers=0`: in this process,
+    without Ray Train).
 
     `services()`, entered once Ray is up, yields a dict of handles (e.g. the synthesis pool) that is
     merged into the loop config and given to `make_datasets`; it is exited (and so stopped) whatever
     happens. A worker that dies restarts the workers from the run's last checkpoint, up to
     `train.max_failures` times (the loop resumes from its own checkpoints, see recipes/worker.py).
-    Returns Ray Train's Result.
+    Returns Ray Train's Result (None for a loop run in this process).
     """
     with ray_session(cfg), (services() if services else contextlib.nullcontext({})) as handles:
         return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), split, callbacks)
 
 
 def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
+    if cfg.ray.num_workers == 0:  # the loop in this process, without Ray Train (recipes/worker.in_process)
+        from ioisray.recipes.worker import in_process
+
+        def run_here():
+            with in_process(datasets, callbacks):
+                train_loop(loop_config)
+
+        return _in_a_thread(run_here, in_process=True)
+
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -185,7 +195,7 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
         datasets=datasets,
         dataset_config=train_data_config(datasets, split),
     )
-    return _in_a_thread(trainer.fit, in_process=cfg.ray.num_workers == 0)
+    return _in_a_thread(trainer.fit, in_process=False)
 
 
 def train_data_config(datasets: dict, split: tuple[str, ...]):
@@ -259,7 +269,7 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
         concurrent = max_concurrent_trials(ray.cluster_resources(), per_trial, limit)
         print(f"[ioisray] {name}: each trial holds {per_trial}; {concurrent} at a time on this cluster "
               f"({ {k: v for k, v in ray.cluster_resources().items() if k in per_trial} })", flush=True)
-        trainable = tune.with_resources(trainable, {"cpu": 0.1})  # the trial's driver; its runs ask for the rest
+        trainable = tune.with_resources(trainable, _trial_process_resources(cfg))
         path = storage.join(run_location(cfg), name)
         if tune.Tuner.can_restore(path):
             print(f"[ioisray] {name}: resuming the search in {path}", flush=True)
@@ -279,6 +289,17 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
 
             raise RunInterrupted(f"{name}: the search was interrupted; rerun the same command to resume it")
         return grid
+
+
+def _trial_process_resources(cfg: Config) -> dict:
+    """What a trial's own process holds: its driver's 0.1 CPU (its runs' Ray Train workers ask for the
+    rest), plus one worker's share when its runs train in that process (ray.num_workers=0), so that Ray
+    gives the process the GPU it trains on."""
+    r = cfg.ray
+    if r.num_workers:
+        return {"cpu": 0.1}
+    return {"cpu": 0.1 + r.cpus_per_worker, "gpu": r.resources_per_worker.get("GPU", 1.0) if r.use_gpu else 0.0,
+            **{k: v for k, v in r.resources_per_worker.items() if k not in ("CPU", "GPU")}}
 
 
 def _fit_tuner(tuner):

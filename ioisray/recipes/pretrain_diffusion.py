@@ -98,7 +98,6 @@ def sample_grid(unet, noise_scheduler, num_classes: int, per_class: int, steps: 
 def train_loop_per_worker(loop_config: dict) -> None:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    import ray.train.torch
 
     cfg = Config.model_validate(loop_config["config"])
     p = cfg.pretrain
@@ -119,7 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ema.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     scaler = grad_scaler(device, precision)
-    unet = ray.train.torch.prepare_model(unet)
+    unet = worker.prepare(unet)
 
     first_epoch = state.epoch
     for epoch in worker.epochs(state, p.epochs):  # noise and timesteps replay on resume

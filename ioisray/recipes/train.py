@@ -49,8 +49,6 @@ SYNTHETIC_EXAMPLES_FILE = "synthetic_examples.safetensors"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train.torch
-
     from ioisray.data.ray_dataset import set_epoch
 
     cfg = Config.model_validate(loop_config["config"])
@@ -71,7 +69,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = grad_scaler(worker.device, precision)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = worker.prepare(model)
     transform = TrainTransform(cfg.data.image_size, cfg.train.augment)
     shuffle = ({"local_shuffle_buffer_size": cfg.train.shuffle_buffer} if cfg.train.shuffle_buffer else {})
     n_train = sum(counts) + (cfg.synthesis.budget if iois else 0)

@@ -3,12 +3,13 @@
 loads, seed each epoch, checkpoint (rank 0) and report (every rank, as Ray Train requires the same
 number of reports from each), and keep TensorBoard events on rank 0.
 
-Runs inside a Ray Train worker, or in the driver with `ray.num_workers=0`; the checkpoints are the
-run's own (ioisray/checkpoint.py), so both resume the same way, and Ray Train's restart after a worker
-failure resumes from them too.
+Runs inside a Ray Train worker, or in the driver's own process with `ray.num_workers=0` (see
+`in_process`); the checkpoints are the run's own (ioisray/checkpoint.py), so both resume the same way,
+and Ray Train's restart after a worker failure resumes from them too.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -34,23 +35,48 @@ def epoch_generator(cfg: Config, rank: int, epoch: int) -> torch.Generator:
     return gen
 
 
+# The run whose loop runs in this process, without Ray Train (`ray.num_workers=0`, recipes/launch._fit):
+# its datasets, read whole, and the Ray Train callbacks its epoch reports go to. Ray Train's own
+# in-process mode is not used: it calls no callbacks, and it refuses to run inside a Ray Tune trial, so
+# a search's trials could not train in their own process.
+_IN_PROCESS: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def in_process(datasets: dict, callbacks: tuple = ()):
+    """Run a training loop in this process for the block: its `Worker` reads `datasets` and hands each
+    epoch's report to `callbacks` (`after_report`, as Ray Train calls them for remote workers)."""
+    global _IN_PROCESS
+    _IN_PROCESS = {"datasets": datasets, "callbacks": callbacks}
+    try:
+        yield
+    finally:
+        _IN_PROCESS = None
+
+
 class Worker:
     """One training process of a run. `loop_config` carries where the run's checkpoints and
     TensorBoard events go (see `locations`)."""
 
     def __init__(self, cfg: Config, loop_config: dict):
-        import ray.train
-        import ray.train.torch
-
         from ioisray.precision import configure_device
-        from ioisray.recipes.console import quiet_ray_train
 
-        quiet_ray_train()
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
         self.cfg = cfg
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.local = _IN_PROCESS
+        if self.local is not None:
+            self.rank, self.world = 0, 1
+            self.device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
+        else:
+            import ray.train
+            import ray.train.torch
+
+            from ioisray.recipes.console import quiet_ray_train
+
+            quiet_ray_train()
+            ctx = ray.train.get_context()
+            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+            self.device = ray.train.torch.get_device()
         # A worker holding a fraction of a GPU (ray.resources_per_worker) caps its memory to that share.
         configure_device(self.device, cfg.ray.resources_per_worker.get("GPU", 1.0) if cfg.ray.use_gpu else 1.0)
         self.checkpoints = CheckpointStore(loop_config["checkpoints"])
@@ -62,9 +88,20 @@ class Worker:
             self.writer = SummaryWriter(self.events.path)
 
     def shard(self, name: str):
+        """This worker's part of the run's dataset `name` (all of it in this process, or when not split)."""
+        if self.local is not None:
+            return self.local["datasets"][name]
         import ray.train
 
         return ray.train.get_dataset_shard(name)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this worker's device, wrapped for data-parallel training when there are several."""
+        if self.local is not None:
+            return model.to(self.device)
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
 
     def batches(self, shard, batch_size: int, **options):
         """A shard's batches for this worker's device (see cpu_batches); in the driver's own process,
@@ -109,13 +146,17 @@ class Worker:
     def end_epoch(self, metrics: dict, state: Optional[TrainingState] = None, files: Optional[dict] = None,
                   name: Optional[str] = None) -> None:
         """Rank 0 writes the checkpoint (`state`, extra `files`), then every rank reports `metrics`."""
-        import ray.train
-
         if self.rank == 0:
             if state is not None:
                 self.checkpoints.save(state, files, name)
             self.writer.flush()
             self.events.sync()
+        if self.local is not None:
+            for callback in self.local["callbacks"]:
+                callback.after_report(None, [metrics], None)
+            return
+        import ray.train
+
         ray.train.report(metrics)
 
     def close(self) -> None:
