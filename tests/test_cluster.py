@@ -19,7 +19,7 @@ from cli_utils import ENV, ROOT
 
 from ioisray.config import load_config
 from ioisray.models.diffusion import create_unet
-from ioisray.recipes.launch import LOCAL_RAY_TRAIN
+from ioisray.recipes.launch import LOCAL_RAY_SYSTEM, LOCAL_RAY_TRAIN
 
 
 def test_cluster_yaml_passes_the_autoscaler_schema_and_opens_no_ray_port():
@@ -62,16 +62,17 @@ def _free_ports(n):
     return ports
 
 
-# The nodes' environment, with Ray Train's worker poll as ioisray sets it for its own local Ray: every
-# fit starts and ends seconds sooner.
-NODE_ENV = {**ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": LOCAL_RAY_TRAIN["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
+# The nodes run as ioisray runs its own local Ray (recipes/launch.py): Ray Train's worker poll, no
+# preemption watcher or metrics, idle workers kept a while (Ray's default ends them after 1 s, and Ray
+# Data then starts a fresh Python process for every read task). They change no behaviour tested here.
+NODE_ENV = {**ENV, **LOCAL_RAY_TRAIN}
 
 
-def _ray_start(log, *args):
+def _ray_start(log, env, *args):
     ray_cli = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
     with open(log, "w") as out:
         return subprocess.Popen([*ray_cli, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                                 *args], env=NODE_ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                 *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _ray_cli(*args, timeout=120):
@@ -113,12 +114,16 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
     address = f"http://127.0.0.1:{dash}"
     nodes = []
     try:
-        nodes.append(_ray_start(tmp_path / "head.log", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                                f"--ray-client-server-port={client_port}", "--num-cpus=4", f"--temp-dir={temp_dir}",
+        # Every process the nodes start is told the cluster's address, as ioisray tells its local Ray's: Ray
+        # Train's placement-group cleaner otherwise guesses, and fails, when another Ray runs on the host.
+        env = {**NODE_ENV, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+        nodes.append(_ray_start(tmp_path / "head.log", env, "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                                "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client_port}", "--num-cpus=4",
+                                f"--temp-dir={temp_dir}", f"--system-config={json.dumps(LOCAL_RAY_SYSTEM)}",
                                 *_node_ports(node_ports[:5])))
         client = _connect(address)
         for attempt in range(3):  # ports picked in advance may have been taken since: pick again
-            worker = _ray_start(tmp_path / "worker.log", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+            worker = _ray_start(tmp_path / "worker.log", env, f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
                                 '--resources={"synthesis": 2}', f"--temp-dir={temp_dir}",
                                 *_node_ports(node_ports[5:10] if attempt == 0 else _free_ports(5)))
             nodes.append(worker)

@@ -41,6 +41,13 @@ LOCAL_RAY_TRAIN = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRIC
                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
+# Ray's settings for the private local Ray. Idle worker processes are kept a while: Ray Data starts a read
+# task per chunk each epoch, and a fresh Python process for each costs more CPU than a small machine can
+# spare (Ray's default ends an idle worker after 1 s).
+LOCAL_RAY_SYSTEM = {"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64,
+                    "enable_metrics_collection": False}
+
+
 # Ray's switch for a Ray that is one machine only (its default on macOS and Windows): the node's IP is
 # 127.0.0.1, so the servers that bind to all interfaces unless the node is local (the Prometheus
 # endpoints of the dashboard and of the autoscaler monitor) bind to loopback.
@@ -125,10 +132,7 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None):
             _local_only()
             ray.init(address="local", num_cpus=local_ray_cpus(cfg), object_store_memory=cfg.ray.object_store_mb * 2**20,
                      dashboard_host="127.0.0.1", logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
-                     # Keep idle worker processes a while: Ray Data starts a read task per chunk each epoch,
-                     # and a fresh Python process for each costs more CPU than a small machine can spare.
-                     _system_config={"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64,
-                                     "enable_metrics_collection": False})
+                     _system_config=LOCAL_RAY_SYSTEM)
         if not verbose:
             drop_raylet_notices()
         _start_autoscaling_coordinator()
