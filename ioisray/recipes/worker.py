@@ -66,7 +66,8 @@ class Worker:
         self.local = _IN_PROCESS
         if self.local is not None:
             self.rank, self.world = 0, 1
-            self.device = torch.device("cuda" if cfg.ray.use_gpu else "cpu")
+            # With an index, as Ray Train's devices have one (a per-device setting needs it).
+            self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.ray.use_gpu else torch.device("cpu")
         else:
             import ray.train
             import ray.train.torch

@@ -1,0 +1,47 @@
+"""The training worker's skeleton in the driver's own process (ray.num_workers=0): no Ray Train, its
+datasets read whole, its epoch reports handed to the run's callbacks (how a Tune trial hears of them)."""
+import torch
+from cli_utils import ROOT
+
+from ioisray.checkpoint import TrainingState
+from ioisray.config import load_config
+from ioisray.recipes.worker import Worker, in_process
+
+
+class Recorder:
+    def __init__(self):
+        self.reports = []
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.reports.append((run_context, metrics, checkpoint))
+
+
+def _loop_config(tmp_path):
+    return {"checkpoints": str(tmp_path / "checkpoints"), "tensorboard_dir": str(tmp_path / "tb"),
+            "tensorboard_uri": None}
+
+
+def test_in_process_worker_reads_its_datasets_and_reports_to_the_callbacks(tmp_path):
+    cfg = load_config(ROOT / "configs/digits.yaml", ["ray.num_workers=0"])
+    datasets, recorder = {"train": object(), "val": object()}, Recorder()
+    model = torch.nn.Linear(2, 2)
+    with in_process(datasets, (recorder,)):
+        worker = Worker(cfg, _loop_config(tmp_path))
+        assert (worker.rank, worker.world, worker.device) == (0, 1, torch.device("cpu"))
+        assert worker.shard("train") is datasets["train"] and worker.shard("val") is datasets["val"]
+        assert worker.prepare(model) is model  # on the CPU, no DDP wrapper
+        state = TrainingState(epoch=1, model=model.state_dict(), optimizer={}, scheduler={}, seed=0)
+        worker.end_epoch({"epoch": 0, "val_balanced_accuracy": 0.5}, state)
+        worker.close()
+    assert recorder.reports == [(None, [{"epoch": 0, "val_balanced_accuracy": 0.5}], None)]
+    assert worker.checkpoints.names() == ["epoch_00001"]  # rank 0 saved the epoch's checkpoint
+
+
+def test_in_process_worker_on_a_gpu_names_the_device_index(tmp_path, monkeypatch):
+    # A per-device CUDA setting (the memory cap of a fractional GPU) needs "cuda:N", not "cuda".
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cfg = load_config(ROOT / "configs/digits.yaml", ["ray.num_workers=0", "ray.use_gpu=true"])
+    with in_process({}):
+        worker = Worker(cfg, _loop_config(tmp_path))
+    assert worker.device == torch.device("cuda", 0)
+    worker.close()
