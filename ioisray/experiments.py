@@ -96,15 +96,19 @@ def benchmark_runs(cfg: Config) -> list[BenchmarkRun]:
 # Resources: trials must never wait on each other's CPUs or GPUs
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one training worker holds, by resource name, as recipes/launch._fit asks Ray Train for it."""
+    r = cfg.ray
+    return {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {}), **r.resources_per_worker}
+
+
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What one run holds while it trains: its Ray Train workers, its synthesis actors, the trial's own
     driver (0.1 CPU) and room for Ray Data's read tasks (1 CPU: a `ray.data.range` read asks for one),
     by resource name."""
     r = cfg.ray
-    # As recipes/launch._fit asks Ray Train for them; with num_workers=0 the loop trains in the trial's
-    # own process, which then holds one worker's share.
-    per_worker = {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {}), **r.resources_per_worker}
-    need: dict[str, float] = {k: v * max(1, r.num_workers) for k, v in per_worker.items()}
+    # With num_workers=0 the loop trains in the trial's own process, which then holds one worker's share.
+    need: dict[str, float] = {k: v * max(1, r.num_workers) for k, v in worker_resources(cfg).items()}
     need["CPU"] = need.get("CPU", 0.0) + 0.1 + 1.0
     s = cfg.synthesis
     if s.mode != "none":

@@ -89,8 +89,8 @@ def test_trial_resources_and_how_many_trials_fit():
     in_process = load_config("configs/digits.yaml", ["ray.num_workers=0", "ray.cpus_per_worker=3",
                                                      "ray.use_gpu=true", "synthesis.mode=none"])
     assert trial_resources(in_process) == pytest.approx({"CPU": 3 + 1.1, "GPU": 1.0})
-    assert _trial_process_resources(in_process) == pytest.approx({"cpu": 3.1, "gpu": 1.0})
-    assert _trial_process_resources(load_config("configs/digits.yaml", ["ray.num_workers=2"])) == {"cpu": 0.1}
+    assert _trial_process_resources(in_process) == pytest.approx({"CPU": 3.1, "GPU": 1.0})
+    assert _trial_process_resources(load_config("configs/digits.yaml", ["ray.num_workers=2"])) == {"CPU": 0.1}
 
 
 def _result(bacc, per_class, seconds=10.0):

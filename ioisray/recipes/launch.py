@@ -299,11 +299,12 @@ def _trial_process_resources(cfg: Config) -> dict:
     """What a trial's own process holds: its driver's 0.1 CPU (its runs' Ray Train workers ask for the
     rest), plus one worker's share when its runs train in that process (ray.num_workers=0), so that Ray
     gives the process the GPU it trains on."""
-    r = cfg.ray
-    if r.num_workers:
-        return {"cpu": 0.1}
-    return {"cpu": 0.1 + r.cpus_per_worker, "gpu": r.resources_per_worker.get("GPU", 1.0) if r.use_gpu else 0.0,
-            **{k: v for k, v in r.resources_per_worker.items() if k not in ("CPU", "GPU")}}
+    from ioisray.experiments import worker_resources
+
+    if cfg.ray.num_workers:
+        return {"CPU": 0.1}
+    share = worker_resources(cfg)
+    return {**share, "CPU": share["CPU"] + 0.1}
 
 
 def _fit_tuner(tuner):
