@@ -5,7 +5,8 @@ from cli_utils import ROOT
 
 from ioisray.checkpoint import TrainingState
 from ioisray.config import load_config
-from ioisray.recipes.worker import Worker, in_process
+from ioisray.recipes.launch import in_process
+from ioisray.recipes.worker import Worker
 
 
 class Recorder:

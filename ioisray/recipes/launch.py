@@ -170,10 +170,33 @@ def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
         return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), split, callbacks)
 
 
-def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
-    if cfg.ray.num_workers == 0:  # the loop in this process, without Ray Train (recipes/worker.in_process)
-        from ioisray.recipes.worker import in_process
+# The run whose loop runs in this process, without Ray Train (`ray.num_workers=0`, _fit):
+# its datasets, read whole, and the Ray Train callbacks its epoch reports go to. Ray Train's own
+# in-process mode is not used: it calls no callbacks, and it refuses to run inside a Ray Tune trial, so
+# a search's trials could not train in their own process.
+_IN_PROCESS: Optional[dict] = None
 
+
+@contextlib.contextmanager
+def in_process(datasets: dict, callbacks: tuple = ()):
+    """Run a training loop in this process for the block: its `Worker` (recipes/worker.py) reads
+    `datasets` and hands each epoch's report to `callbacks` (`after_report`, as Ray Train calls them for
+    remote workers)."""
+    global _IN_PROCESS
+    _IN_PROCESS = {"datasets": datasets, "callbacks": callbacks}
+    try:
+        yield
+    finally:
+        _IN_PROCESS = None
+
+
+def in_process_run() -> Optional[dict]:
+    """The run whose loop runs in this process ({"datasets", "callbacks"}), or None (a Ray Train worker)."""
+    return _IN_PROCESS
+
+
+def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
+    if cfg.ray.num_workers == 0:  # the loop in this process, without Ray Train (in_process)
         def run_here():
             with in_process(datasets, callbacks):
                 train_loop(loop_config)

@@ -4,12 +4,11 @@ loads, seed each epoch, checkpoint (rank 0) and report (every rank, as Ray Train
 number of reports from each), and keep TensorBoard events on rank 0.
 
 Runs inside a Ray Train worker, or in the driver's own process with `ray.num_workers=0` (see
-`in_process`); the checkpoints are the run's own (ioisray/checkpoint.py), so both resume the same way,
+recipes/launch.in_process); the checkpoints are the run's own (ioisray/checkpoint.py), so both resume the same way,
 and Ray Train's restart after a worker failure resumes from them too.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -35,35 +34,17 @@ def epoch_generator(cfg: Config, rank: int, epoch: int) -> torch.Generator:
     return gen
 
 
-# The run whose loop runs in this process, without Ray Train (`ray.num_workers=0`, recipes/launch._fit):
-# its datasets, read whole, and the Ray Train callbacks its epoch reports go to. Ray Train's own
-# in-process mode is not used: it calls no callbacks, and it refuses to run inside a Ray Tune trial, so
-# a search's trials could not train in their own process.
-_IN_PROCESS: Optional[dict] = None
-
-
-@contextlib.contextmanager
-def in_process(datasets: dict, callbacks: tuple = ()):
-    """Run a training loop in this process for the block: its `Worker` reads `datasets` and hands each
-    epoch's report to `callbacks` (`after_report`, as Ray Train calls them for remote workers)."""
-    global _IN_PROCESS
-    _IN_PROCESS = {"datasets": datasets, "callbacks": callbacks}
-    try:
-        yield
-    finally:
-        _IN_PROCESS = None
-
-
 class Worker:
     """One training process of a run. `loop_config` carries where the run's checkpoints and
     TensorBoard events go (see `locations`)."""
 
     def __init__(self, cfg: Config, loop_config: dict):
         from ioisray.precision import configure_device
+        from ioisray.recipes.launch import in_process_run
 
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
         self.cfg = cfg
-        self.local = _IN_PROCESS
+        self.local = in_process_run()
         if self.local is not None:
             self.rank, self.world = 0, 1
             # With an index, as Ray Train's devices have one (a per-device setting needs it).
