@@ -100,7 +100,7 @@ def _wait_for_job(client, job_id, timeout):
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return status
-        time.sleep(2)
+        time.sleep(1)
     client.stop_job(job_id)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{client.get_job_logs(job_id)[-4000:]}")
 
@@ -122,6 +122,12 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
                                 f"--temp-dir={temp_dir}", f"--system-config={json.dumps(LOCAL_RAY_SYSTEM)}",
                                 *_node_ports(node_ports[:5])))
         client = _connect(address)
+        # A job with a bad config, submitted now: it runs while the second node joins.
+        bad = f"bad_{uuid.uuid4().hex[:6]}"
+        submit = _ray_cli("job", "submit", f"--address={address}", "--working-dir", ".", "--runtime-env",
+                          "configs/cluster/runtime_env.yaml", f"--submission-id={bad}", "--no-wait", "--",
+                          sys.executable, "-m", "ioisray.cli", "train", "configs/digits.yaml", "train.epochs=0")
+        assert submit.returncode == 0, submit.stdout + submit.stderr
         for attempt in range(3):  # ports picked in advance may have been taken since: pick again
             worker = _ray_start(tmp_path / "worker.log", env, f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
                                 '--resources={"synthesis": 2}', f"--temp-dir={temp_dir}",
@@ -161,12 +167,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
             assert h["synthetic_per_class"] == h["quotas"] and sum(h["quotas"]) == 24
             assert h["synthesis_node_ids"] == [synthesis_node], "synthesis ran off the synthesis node"
 
-        # A job with a bad config fails fast, and says why in `ray job logs`.
-        bad = f"bad_{name}"
-        submit = _ray_cli("job", "submit", f"--address={address}", "--working-dir", ".", "--runtime-env",
-                          "configs/cluster/runtime_env.yaml", f"--submission-id={bad}", "--no-wait", "--",
-                          sys.executable, "-m", "ioisray.cli", "train", "configs/digits.yaml", "train.epochs=0")
-        assert submit.returncode == 0, submit.stdout + submit.stderr
+        # The job with a bad config failed fast, and says why in `ray job logs`.
         assert _wait_for_job(client, bad, timeout=120) == JobStatus.FAILED
         logs = _ray_cli("job", "logs", f"--address={address}", bad)
         assert "train.epochs" in logs.stdout, logs.stdout[-2000:] + logs.stderr[-2000:]
