@@ -64,29 +64,41 @@ def per_class_change_from_runs(run_dir: Path, baseline_dir: Path) -> Path:
 
 def real_vs_synthetic(class_names: Sequence[str], real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray],
                       path: Path) -> Path:
-    """One row per class: real training images on the left, synthetic ones on the right (uint8 HWC)."""
+    """One row per class: real training images on the left, synthetic ones on the right (uint8 HWC).
+    Each side is one tiled image (two axes, not one per image: 160 axes took 3 of the 4.6 s it cost)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = max([len(r) for r in real] + [len(s) for s in synthetic] + [1])
-    fig, axes = plt.subplots(len(class_names), 2 * k, figsize=(2 * k * 0.8, len(class_names) * 0.85),
-                             squeeze=False)
-    for c, name in enumerate(class_names):
-        for j in range(2 * k):
-            ax = axes[c, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            images = real[c] if j < k else synthetic[c]
-            if j % k < len(images):
-                ax.imshow(images[j % k])
-            else:
-                ax.axis("off")
-        axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    axes[0, 0].set_title("real", fontsize=8, loc="left")
-    axes[0, k].set_title("synthetic (last epoch)", fontsize=8, loc="left")
+    shown = [np.asarray(im) for images in (*real, *synthetic) for im in images]
+    cell = (max([im.shape[0] for im in shown] + [1]), max([im.shape[1] for im in shown] + [1]))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * k * 0.8, len(class_names) * 0.85), squeeze=False)
+    for ax, side, title in zip(axes[0], (real, synthetic), ("real", "synthetic (last epoch)")):
+        ax.imshow(_mosaic(side, k, cell), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=8, loc="left")
+    axes[0, 0].set_yticks([_GAP + r * (cell[0] + _GAP) + cell[0] / 2 for r in range(len(class_names))],
+                          list(class_names), fontsize=8)
     return _save(fig, path)
+
+
+_GAP = 2  # white pixels between tiles
+
+
+def _mosaic(rows: Sequence[np.ndarray], k: int, cell: tuple[int, int]) -> np.ndarray:
+    """Row r: the images of rows[r] (at most k), each top-left in a `cell`-sized tile, on white."""
+    h, w = cell
+    out = np.full((len(rows) * (h + _GAP) + _GAP, k * (w + _GAP) + _GAP, 3), 255, np.uint8)
+    for r, images in enumerate(rows):
+        for j, image in enumerate(list(images)[:k]):
+            image = np.asarray(image)
+            image = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+            y, x = _GAP + r * (h + _GAP), _GAP + j * (w + _GAP)
+            out[y:y + image.shape[0], x:x + image.shape[1]] = image
+    return out
 
 
 def confusion_matrix(class_names: Sequence[str], matrix: Sequence[Sequence[int]], path: Path, title: str) -> Path:

@@ -31,6 +31,10 @@ def test_real_vs_synthetic_grid_handles_classes_without_synthetic_images(tmp_pat
     synthetic = [rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8), np.zeros((0,), np.uint8)]
     png = report.real_vs_synthetic(["a", "b"], real, synthetic, tmp_path / "grid.png")
     assert Image.open(png).size[0] > 100 and not list(tmp_path.glob(".*"))  # no temp file left
+    # The tiles: class b's row holds its 3 real images and no synthetic one (white).
+    mosaic = report._mosaic(real, 3, (8, 8))
+    assert np.array_equal(mosaic[2 + 10:2 + 18, 2 + 20:2 + 28], real[1][2])
+    assert (report._mosaic(synthetic, 3, (8, 8))[12:20] == 255).all()
 
 
 def test_confusion_matrix_figure_takes_a_class_without_images(tmp_path):
