@@ -38,7 +38,7 @@ pytestmark = pytest.mark.ray
 BUDGET, EPOCHS, PRETRAIN_EPOCHS = 48, 2, 5
 TINY_IOIS = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2",
              f"train.epochs={EPOCHS}", "synthesis.mode=online", f"synthesis.budget={BUDGET}",
-             "synthesis.chunk_size=4", "synthesis.pool_size=2", "synthesis.num_cpus=0.5", "sampler.steps=8",
+             "synthesis.chunk_size=4", "synthesis.pool_size=1", "synthesis.num_cpus=0.5", "sampler.steps=8",
              "aas.temperature=0.1", "train.max_failures=2",
              # its diffusion model, pretrained first (diffusion.model_dir unset), 2 batches an epoch
              f"pretrain.epochs={PRETRAIN_EPOCHS}", "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=4",

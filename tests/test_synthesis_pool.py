@@ -104,6 +104,39 @@ class Delays:
         return self.delays.pop(0)
 
 
+class LoadsWhenAllowed(SeedImages):
+    """Stand-in whose model load waits until `flag` exists (or fails, when the flag file says "fail")."""
+
+    def __init__(self, flag: str):
+        super().__init__()
+        while not os.path.exists(flag):
+            time.sleep(0.05)
+        if open(flag).read() == "fail":
+            raise OSError("cannot read the model's weights")
+
+
+def test_the_pool_starts_without_waiting_and_its_first_epoch_waits_for_the_actors(local_ray, tmp_path):
+    flag = tmp_path / "loaded"
+    pool = start_pool(lambda: LoadsWhenAllowed(str(flag)), 2)  # returns while the actors cannot load yet
+    chunks = plan([3, 2], 0, 0, chunk_size=2)
+    started = threading.Thread(target=pool.start_epoch, args=(0, chunks, None), daemon=True)
+    started.start()
+    started.join(1.0)
+    assert started.is_alive(), "the epoch started before its actors had loaded their model"
+    flag.write_text("ok")
+    started.join(60)
+    assert not started.is_alive() and pool.wait_until_made(timeout=60)["finished"]
+    pool.shutdown()
+
+    # An actor whose model cannot load: the first epoch says so, naming the cause.
+    broken = tmp_path / "broken"
+    broken.write_text("fail")
+    pool = start_pool(lambda: LoadsWhenAllowed(str(broken)), 1)
+    with pytest.raises(Exception, match="(?s)synthesis actor could not start.*cannot read the model's weights"):
+        pool.start_epoch(0, chunks, None)
+    pool.shutdown()
+
+
 def test_idle_actors_pull_the_next_chunk_so_a_slow_actor_makes_fewer(local_ray):
     book = ray.remote(Delays).remote([0.05, 0.2])  # the second actor is 4x slower
     pool = start_pool(lambda: SeedImages(ray.get(book.take.remote())), 2)

@@ -95,6 +95,7 @@ class PoolCoordinator:
         self.actors = [self._start_actor() for _ in range(size)]
         self.pids: list[Optional[int]] = [None] * size
         self.actors_started = size  # replacements and Ray's restarts counted too
+        self._up = False  # every actor answered once (ready)
         self.epoch: Optional[_Epoch] = None
         self._feeding: Optional[asyncio.Future] = None
 
@@ -105,14 +106,21 @@ class PoolCoordinator:
                                                   **self._options).remote(self._make_generator)
 
     async def ready(self) -> list[dict]:
-        """Waits until every actor has loaded its model; their pid and node."""
-        infos = await asyncio.gather(*(a.info.remote() for a in self.actors))
-        self.pids = [i["pid"] for i in infos]
+        """Waits until every actor has loaded its model; their pid and node. An actor that could not
+        start (its model failed to load) is a RuntimeError that says so."""
+        try:
+            infos = await asyncio.gather(*(a.info.remote() for a in self.actors))
+        except RECOVERABLE as e:
+            raise RuntimeError(f"a synthesis actor could not start: {e}") from None
+        self.pids, self._up = [i["pid"] for i in infos], True
         return infos
 
     async def start_epoch(self, plan_epoch: int, chunks: list[Chunk], weights: list, reuse: bool = False) -> None:
         """Start making `chunks`; `weights` is [ObjectRef of the guide's weights] or [None] (unguided).
-        reuse=True keeps what was made for the same plan epoch (offline synthesis: one set, made once)."""
+        reuse=True keeps what was made for the same plan epoch (offline synthesis: one set, made once).
+        The first call waits until the actors are up, so the epoch's clock starts with a loaded model."""
+        if not self._up:
+            await self.ready()
         e = self.epoch
         if reuse and e is not None and e.plan_epoch == plan_epoch and len(e.chunks) == len(chunks) \
                 and not any(e.errors):
@@ -214,15 +222,18 @@ class SynthesisPool:
 
     @classmethod
     def start(cls, make_generator: Callable, size: int, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
-              resources: Optional[dict] = None, max_retries: int = 3) -> "SynthesisPool":
-        """`size` actors (each `num_cpus`, `num_gpus`, custom `resources`) with their models loaded."""
+              resources: Optional[dict] = None, max_retries: int = 3, wait: bool = False) -> "SynthesisPool":
+        """`size` actors (each `num_cpus`, `num_gpus`, custom `resources`), loading their models. Returns
+        at once: a run's training workers start while the actors load (both take seconds), and the
+        first `start_epoch` waits for the actors; `wait=True` waits here."""
         # "DEFAULT" scheduling: started from a Tune trial, the actors would otherwise be placed in the
         # trial's own placement group (0.1 CPU), where they do not fit.
         options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {}),
                    "scheduling_strategy": "DEFAULT"}
         coordinator = ray.remote(PoolCoordinator).options(num_cpus=0, scheduling_strategy="DEFAULT").remote(
             make_generator, size, options, max_retries)
-        ray.get(coordinator.ready.remote())
+        if wait:
+            ray.get(coordinator.ready.remote())
         return cls(coordinator, size)
 
     @classmethod
