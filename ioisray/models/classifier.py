@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ioisray.config import Config, ModelConfig
+from ioisray.models.wrapping import cpu_state_dict, unwrap  # noqa: F401 - here for the classifier's users
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -104,13 +105,3 @@ def build_classifier(cfg: Config, num_classes: int, *, pretrained: bool = True) 
     possibly on a node that does not have that file."""
     model_cfg = cfg.model if pretrained else cfg.model.model_copy(update={"weights": None})
     return create_classifier(model_cfg, num_classes, cosine_head=cfg.method.loss == "ldam_drw")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module inside DDP: a forward on one rank alone must not wait for the others."""
-    return model.module if hasattr(model, "module") else model
-
-
-def cpu_state_dict(model: torch.nn.Module) -> dict:
-    """The bare module's weights as CPU tensors of their own (training may go on changing the live ones)."""
-    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}

@@ -26,7 +26,7 @@ from ioisray.checkpoint import FINAL
 from ioisray.config import Config, ConfigError
 from ioisray.data import provenance
 from ioisray.data.setup import setup_data
-from ioisray.models import unwrap
+from ioisray.models.wrapping import unwrap
 from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet,
                                      save_diffusion_model)
 from ioisray.precision import autocast, grad_scaler, resolve_precision
