@@ -147,7 +147,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
         store, name = tmp_path / "store", f"job_{uuid.uuid4().hex[:6]}"
         entry = [sys.executable, "-m", "ioisray.cli", "train", "configs/digits.yaml", "ray.address=auto",
                  "model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "train.epochs=1",
-                 "ray.num_workers=1", "synthesis.budget=24", "synthesis.chunk_size=4", "synthesis.pool_size=2",
+                 "ray.num_workers=1", "synthesis.budget=24", "synthesis.chunk_size=4", "synthesis.pool_size=1",
                  "synthesis.num_cpus=0.5",
                  "sampler.steps=4", "synthesis.resources={synthesis: 1}", f"diffusion.model_dir=file://{unet}",
                  "baseline=null", f"name={name}", f"output_dir=file://{store}"]
