@@ -19,7 +19,8 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bf16 natively."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # including_emulation=False: a V100 or T4 can emulate bf16 (slowly); only Ampere on is native
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False

@@ -28,6 +28,16 @@ def test_defaults_follow_native_bf16(monkeypatch):
     assert precision.sampler_dtype("bfloat16", CPU) == "bfloat16"
 
 
+def test_a_gpu_that_only_emulates_bf16_defaults_to_fp32(monkeypatch):
+    # torch counts emulated bf16 as supported by default; a V100 or T4 would then train slower in bf16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not precision.native_bf16(torch.device("cuda"))
+    assert precision.resolve_precision(None, torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere on
+    assert precision.resolve_precision(None, torch.device("cuda")) == "bf16"
+
+
 def test_fp16_needs_cuda_and_only_fp16_scales_gradients():
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         precision.resolve_precision("fp16", CPU)
