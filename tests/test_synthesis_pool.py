@@ -4,6 +4,7 @@ The stand-in replaces the diffusion model only (it is slow on purpose, to make s
 timing visible); the actors, the pool and the datasource are the real ones. The real model goes
 through the same code in the end-to-end IOIS test (test_iois_cli.py).
 """
+import asyncio
 import os
 import sys
 import threading
@@ -17,7 +18,7 @@ from ray import cloudpickle  # noqa: E402
 from ray.data.block import BlockAccessor  # noqa: E402
 
 from ioisray.synthesis.plan import SEED_EPOCH, chunk_sizes, plan_epoch  # noqa: E402
-from ioisray.synthesis.pool import SynthesisPool  # noqa: E402
+from ioisray.synthesis.pool import PoolCoordinator, SynthesisPool, _Epoch  # noqa: E402
 from ioisray.synthesis.stream import epoch_stream, epoch_stream_source, stream_order  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -290,3 +291,20 @@ def test_a_real_slice_past_the_head_waits_for_its_chunk(local_ray):
     assert sum(len(b) for b in paced[2]()) == 15 and time.time() - started > 1.5
     assert pool.epoch_stats()["seconds_to_first_chunk"] >= 1.5  # the wait was for the chunk
     pool.shutdown()
+
+
+def test_epoch_stats_count_actors_on_two_nodes_with_the_same_pid_apart():
+    # Actors on different machines can share a process id; their images and rates are two actors'.
+    coordinator = object.__new__(PoolCoordinator)  # the bookkeeping alone, no Ray
+    coordinator.actors_started = 2
+    chunks = plan([8, 8], 0, run_seed=0, chunk_size=4)
+    coordinator.epoch = _Epoch(0, chunks, None)
+    for i, chunk in enumerate(chunks):
+        node = ["node-a", "node-b"][i % 2]
+        coordinator.epoch.timings[i] = {"images": len(chunk), "seconds": len(chunk) / (4.0 if node == "node-a" else 2.0),
+                                        "pid": 4242, "node_id": node, "gpu_memory_mb": None}
+        coordinator.epoch.done_after[i] = float(i + 1)
+    stats = asyncio.run(coordinator.epoch_stats())
+    assert sum(stats["images"]) == 16 and len(stats["images"]) == 2
+    assert stats["images_per_second"] == pytest.approx([4.0, 2.0])
+    assert stats["node_ids"] == ["node-a", "node-b"] and stats["generation_seconds"] == len(chunks)

@@ -186,17 +186,17 @@ class PoolCoordinator:
         e = self.epoch
         if e is None:
             return {}
-        by_pid: dict[int, list[dict]] = {}
+        by_actor: dict[tuple, list[dict]] = {}
         for t in e.timings:
-            if t is not None:
-                by_pid.setdefault(t["pid"], []).append(t)
+            if t is not None:  # a pid names a process on its own node only
+                by_actor.setdefault((t["node_id"], t["pid"]), []).append(t)
         done = [d for d in e.done_after if d is not None]
         return {
             "images_per_second": [sum(t["images"] for t in ts) / max(sum(t["seconds"] for t in ts), 1e-9)
-                                  for ts in by_pid.values()],
-            "images": [sum(t["images"] for t in ts) for ts in by_pid.values()],
-            "node_ids": sorted({t["node_id"] for ts in by_pid.values() for t in ts}),
-            "gpu_memory_mb": [max((t["gpu_memory_mb"] or 0) for t in ts) or None for ts in by_pid.values()],
+                                  for ts in by_actor.values()],
+            "images": [sum(t["images"] for t in ts) for ts in by_actor.values()],
+            "node_ids": sorted({t["node_id"] for ts in by_actor.values() for t in ts}),
+            "gpu_memory_mb": [max((t["gpu_memory_mb"] or 0) for t in ts) or None for ts in by_actor.values()],
             "seconds_to_first_chunk": min(done, default=None),
             "generation_seconds": max(done) if e.finished else None,
             "finished": e.finished,
