@@ -1,5 +1,6 @@
-"""What Ray prints to a user's console: by default only warnings, errors and ioisray's own lines; every
-line comes back with `ioisray --verbose` (IOISRAY_VERBOSE=1), and Ray's log files keep everything."""
+"""What Ray prints to a user's console: by default only warnings, errors and ioisray's own lines; Ray's
+INFO lines come back with `ioisray --verbose` (IOISRAY_VERBOSE=1; Ray Data's progress bars stay off,
+ioisray prints its own progress), and Ray's log files keep everything."""
 from __future__ import annotations
 
 import hashlib
@@ -76,12 +77,13 @@ def drop_raylet_notices() -> None:
 
 
 def quiet_data_context() -> None:
-    """No Ray Data progress bars or per-execution lines: ioisray prints its own progress."""
+    """No Ray Data progress bars (ioisray prints its own progress), and no per-execution lines unless
+    `ioisray --verbose`."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    ctx.print_on_execution_start = os.environ.get("IOISRAY_VERBOSE") == "1"
 
 
 def quiet_ray_train() -> None:
