@@ -23,6 +23,12 @@ loggers:
 """
 
 
+def verbose() -> bool:
+    """Whether the user asked for Ray's own lines (`ioisray --verbose` sets IOISRAY_VERBOSE=1 for every
+    process of the run)."""
+    return os.environ.get("IOISRAY_VERBOSE") == "1"
+
+
 class DropNotices(logging.Filter):
     """Ray Data's warning that progress bars are off (ioisray turns them off, and prints its own progress)."""
 
@@ -83,13 +89,13 @@ def quiet_data_context() -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = os.environ.get("IOISRAY_VERBOSE") == "1"
+    ctx.print_on_execution_start = verbose()
 
 
 def quiet_ray_train() -> None:
     """No INFO line per report from every worker (Ray Train logs them under its module's file name,
     outside the "ray.train" logger), unless `ioisray --verbose`."""
-    if os.environ.get("IOISRAY_VERBOSE") == "1":
+    if verbose():
         return
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:

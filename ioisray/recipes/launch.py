@@ -11,7 +11,8 @@ from typing import Callable, Optional
 
 from ioisray import storage
 from ioisray.config import Config
-from ioisray.recipes.console import RAY_DATA_LOGGING, drop_raylet_notices, quiet_data_context, quiet_ray_data
+from ioisray.recipes.console import (RAY_DATA_LOGGING, drop_raylet_notices, quiet_data_context, quiet_ray_data,
+                                     verbose as verbose_asked)
 from ioisray.run import run_location
 
 
@@ -111,7 +112,7 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None):
         yield
         return
     if verbose is None:
-        verbose = os.environ.get("IOISRAY_VERBOSE") == "1"
+        verbose = verbose_asked()
     level = "INFO" if verbose else "WARNING"
     env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", RAY_DATA_LOGGING,
                                                   "PYTHONWARNINGS", LOCAL_ONLY, *LOCAL_RAY_TRAIN)}
