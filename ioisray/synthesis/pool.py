@@ -195,7 +195,7 @@ class PoolCoordinator:
             "images_per_second": [sum(t["images"] for t in ts) / max(sum(t["seconds"] for t in ts), 1e-9)
                                   for ts in by_actor.values()],
             "images": [sum(t["images"] for t in ts) for ts in by_actor.values()],
-            "node_ids": sorted({t["node_id"] for ts in by_actor.values() for t in ts}),
+            "node_ids": sorted({node for node, _ in by_actor}),
             "gpu_memory_mb": [max((t["gpu_memory_mb"] or 0) for t in ts) or None for ts in by_actor.values()],
             "seconds_to_first_chunk": min(done, default=None),
             "generation_seconds": max(done) if e.finished else None,
