@@ -48,6 +48,11 @@ def epoch_class_counts(real_counts: Sequence[int], quotas: Optional[Sequence[int
     return counts if quotas is None else counts + np.asarray(quotas, dtype=np.int64)
 
 
+def prior_counts(cfg: Config, real_counts: Sequence[int], quotas: Optional[Sequence[int]]) -> np.ndarray:
+    """The class counts a count-based loss is built from this epoch, as `method.prior_counts` says."""
+    return epoch_class_counts(real_counts, quotas if cfg.method.prior_counts == "real_and_synthetic" else None)
+
+
 def build_loss(cfg: Config, class_counts) -> torch.nn.Module:
     """The loss of `method.loss` for an epoch whose images per class are `class_counts`."""
     m = cfg.method

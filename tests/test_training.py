@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ioisray.config import load_config
-from ioisray.training import COUNT_BASED_LOSSES, build_loss, epoch_class_counts
+from ioisray.training import COUNT_BASED_LOSSES, build_loss, epoch_class_counts, prior_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,3 +31,12 @@ def test_a_prior_from_balanced_epoch_counts_treats_the_classes_alike(loss):
     # The synthetic quota evens the epoch out (90 + 0, 10 + 80): the prior no longer tilts.
     head, tail = per_class(epoch_class_counts([90, 10], [0, 80]))
     assert tail == pytest.approx(head, abs=1e-5)
+
+
+def test_prior_counts_real_leaves_the_synthetic_quota_out_of_the_loss_prior():
+    base = ROOT / "configs/digits_ce.yaml"
+    assert prior_counts(load_config(base), [90, 10], [0, 80]).tolist() == [90, 90]  # the default
+    real = load_config(base, ["method.prior_counts=real"])
+    assert prior_counts(real, [90, 10], [0, 80]).tolist() == [90, 10]
+    with pytest.raises(ValueError, match="prior_counts"):
+        load_config(base, ["method.prior_counts=synthetic"])

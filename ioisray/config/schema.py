@@ -123,6 +123,9 @@ class MethodConfig(_Strict):
     drw_epoch: Optional[int] = Field(None, ge=0)  # default: 80% of train.epochs, as in LDAM-DRW
     drw_beta: float = Field(0.9999, gt=0.0, lt=1.0)
     la_tau: float = Field(1.0, ge=0.0)
+    # The prior of a count-based loss under IOIS: the epoch's real + synthetic images per class (the
+    # distribution trained on), or the real training split's counts only (an ablation of that choice).
+    prior_counts: Literal["real_and_synthetic", "real"] = "real_and_synthetic"
 
 
 class RayConfig(_Strict):

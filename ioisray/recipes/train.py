@@ -35,7 +35,7 @@ from ioisray.recipes import prerequisites
 from ioisray.recipes.launch import fit, ray_session
 from ioisray.recipes.worker import Worker, locations
 from ioisray.run import Run
-from ioisray.training import COUNT_BASED_LOSSES, build_loss, build_optimizer, epoch_class_counts
+from ioisray.training import COUNT_BASED_LOSSES, build_loss, build_optimizer, prior_counts
 from ioisray.transforms import TrainTransform
 
 RESULTS_FILE = "results.json"
@@ -82,7 +82,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if iois is not None:  # IOIS steps 1-2: quotas from AAS; the pool starts this epoch's images
             iois.start_epoch(epoch, unwrap(model))
             if cfg.method.loss in COUNT_BASED_LOSSES:  # the loss's prior: this epoch's real + synthetic images
-                loss_fn = build_loss(cfg, epoch_class_counts(counts, iois.quotas)).to(worker.device)
+                loss_fn = build_loss(cfg, prior_counts(cfg, counts, iois.quotas)).to(worker.device)
         loss_fn.set_epoch(epoch)
         seed = {"local_shuffle_seed": int(worker.generator.initial_seed() % 2**31)} if shuffle else {}
         batches = worker.batches(train_shard, cfg.train.batch_size, **shuffle, **seed)
