@@ -43,13 +43,14 @@ def main(paths: list[str]) -> None:
               f"{r['best_epoch'] + 1} | {r.get('mean_epoch_seconds', math.nan):.1f} | {_generation(r):.1f} |")
     print()
     print(results_markdown(aggregate(runs, {run: re.sub(r"_s\d+$", "", run) for run in sorted(runs)})), end="")
-    synthesis = {run: r for run, r in sorted(runs.items()) if _synthetic_per_epoch(r) is not None}
-    if synthesis:
+    synthetic = {run: _synthetic_per_epoch(r) for run, r in sorted(runs.items())}
+    synthetic = {run: made for run, made in synthetic.items() if made is not None}
+    if synthetic:
         print("\nSynthetic images received per epoch (mean over epochs) / real training images, per class:\n")
         print("| run | " + " | ".join(names) + " | total per epoch |")
         print("|---|" + "---|" * len(names) + "---|")
-        for run, r in synthesis.items():
-            made, real = _synthetic_per_epoch(r), r.get("train_class_counts") or [math.nan] * len(names)
+        for run, made in synthetic.items():
+            real = runs[run].get("train_class_counts") or [math.nan] * len(names)
             cells = " | ".join(f"{m:.0f} / {n} = {m / n:.2f}x" for m, n in zip(made, real))
             print(f"| {run} | {cells} | {sum(made):.0f} |")
 

@@ -81,7 +81,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             set_epoch(loop_config["epoch_counter"], epoch)
         if iois is not None:  # IOIS steps 1-2: quotas from AAS; the pool starts this epoch's images
             iois.start_epoch(epoch, unwrap(model))
-            if cfg.method.loss in COUNT_BASED_LOSSES:  # the loss's prior: this epoch's real + synthetic images
+            if cfg.method.loss in COUNT_BASED_LOSSES:  # the loss's prior as method.prior_counts says
                 loss_fn = build_loss(cfg, prior_counts(cfg, counts, iois.quotas)).to(worker.device)
         loss_fn.set_epoch(epoch)
         seed = {"local_shuffle_seed": int(worker.generator.initial_seed() % 2**31)} if shuffle else {}
