@@ -8,11 +8,16 @@
 #   pretrain:EPOCHS     the tiny diffusion model (configs/pretrain_ham10000_cpu.yaml, in-process),
 #                       EMA snapshots every 10 epochs in OUT_DIR/ham10000_cpu_diffusion/snapshots/
 #   judge:GUIDE,JUDGE   benchmarks/judge_curve.sh on those snapshots, guided by run GUIDE, judged by JUDGE
-# IOIS methods use the generator in $UNET (default: the pretraining run's epoch-10 snapshot).
+# IOIS methods use the generator in $UNET (default: the pretraining run's epoch-10 snapshot, or its final
+# model when it ran 10 epochs: pretraining keeps no snapshot of its last epoch).
 set -euo pipefail
 root=${1:?usage: $0 DATA_ROOT OUT_DIR STEP...}; out=${2:?OUT_DIR}; shift 2
 diffusion="$out/ham10000_cpu_diffusion"
-unet=${UNET:-$diffusion/snapshots/epoch_00010}
+generator() {  # resolved at each run: a pretrain step earlier in the same queue makes it
+  if [ -n "${UNET:-}" ]; then echo "$UNET"
+  elif [ -d "$diffusion/snapshots/epoch_00010" ]; then echo "$diffusion/snapshots/epoch_00010"
+  else echo "$diffusion/unet"; fi
+}
 overrides() {  # the benchmark file's overrides for one method, one per line
   python - "$1" <<'PY'
 import sys, yaml
@@ -37,7 +42,7 @@ for step in "$@"; do
       for s in ${arg//,/ }; do
         name="ham10000_cpu_${kind}_s${s}"
         [ -f "$out/$name/metrics.json" ] && continue
-        ioisray train configs/ham10000_cpu.yaml data.root="$root" diffusion.model_dir="$unet" \
+        ioisray train configs/ham10000_cpu.yaml data.root="$root" diffusion.model_dir="$(generator)" \
           output_dir="$out" seed="$s" name="$name" "${extra[@]}"
       done ;;
   esac
