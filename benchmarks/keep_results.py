@@ -1,17 +1,24 @@
 """Keep finished runs' results in the repository, without the data: copies each RUN/metrics.json to
-DEST/<run>/metrics.json minus the image ids of the splits (`split_ids`, taken from the dataset) and the
-machine's path to the run, so `benchmarks/summarize.py DEST/*/metrics.json` can rebuild a table after the
-runs themselves are gone. Predictions stay with the runs (they list the dataset's images).
+DEST/<run>/metrics.json minus the machine's path to the run, and the run's test predictions as
+DEST/<run>/test_predictions.csv with only the label and predicted class of each test image (in the test
+split's order; no image, path or probability), so that after the runs themselves are gone
+`benchmarks/summarize.py DEST/*/metrics.json` rebuilds a table and `ioisray benchmark ... --report-only`
+with `output_dir=DEST` pairs kept runs image by image. `split_ids` are hashes of the splits' image lists
+(they name no image); the report checks them to pair only runs tested on the same images.
 
     python benchmarks/keep_results.py benchmarks/results/ham10000_cpu outputs/ham10000_cpu_*_s?
 """
+import csv
+import io
 import json
 import sys
 from pathlib import Path
 
 from ioisray.atomic import atomic_write_text
 
-DROPPED = ("split_ids", "run_dir")
+DROPPED = ("run_dir",)
+PREDICTIONS = "test_predictions.csv"  # ioisray.recipes.train.TEST_PREDICTIONS_FILE
+KEPT_COLUMNS = ("label", "predicted")
 
 
 def main(dest: str, runs: list[str]) -> None:
@@ -23,8 +30,16 @@ def main(dest: str, runs: list[str]) -> None:
         results = {k: v for k, v in json.loads(source.read_text()).items() if k not in DROPPED}
         target = Path(dest) / run.name / "metrics.json"
         target.parent.mkdir(parents=True, exist_ok=True)
+        if (run / PREDICTIONS).is_file():
+            with open(run / PREDICTIONS, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            out = io.StringIO()
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(KEPT_COLUMNS)
+            writer.writerows([row[c] for c in KEPT_COLUMNS] for row in rows)
+            atomic_write_text(target.parent / PREDICTIONS, out.getvalue())
         atomic_write_text(target, json.dumps(results, indent=1) + "\n")
-        print(f"kept {target}")
+        print(f"kept {target}" + (f" and its {PREDICTIONS}" if (run / PREDICTIONS).is_file() else ""))
 
 
 if __name__ == "__main__":
