@@ -17,7 +17,7 @@ from pathlib import Path
 from ioisray.atomic import atomic_write_text
 
 DROPPED = ("run_dir",)
-PREDICTIONS = "test_predictions.csv"  # ioisray.recipes.train.TEST_PREDICTIONS_FILE
+PREDICTIONS = "test_predictions.csv"  # ioisray.recipes.train.TEST_PREDICTIONS_FILE (importing it loads torch)
 KEPT_COLUMNS = ("label", "predicted")
 
 
@@ -30,8 +30,10 @@ def main(dest: str, runs: list[str]) -> None:
         results = {k: v for k, v in json.loads(source.read_text()).items() if k not in DROPPED}
         target = Path(dest) / run.name / "metrics.json"
         target.parent.mkdir(parents=True, exist_ok=True)
-        if (run / PREDICTIONS).is_file():
-            with open(run / PREDICTIONS, newline="", encoding="utf-8") as f:
+        predictions = run / PREDICTIONS
+        has_predictions = predictions.is_file()
+        if has_predictions:
+            with open(predictions, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
             out = io.StringIO()
             writer = csv.writer(out, lineterminator="\n")
@@ -39,7 +41,7 @@ def main(dest: str, runs: list[str]) -> None:
             writer.writerows([row[c] for c in KEPT_COLUMNS] for row in rows)
             atomic_write_text(target.parent / PREDICTIONS, out.getvalue())
         atomic_write_text(target, json.dumps(results, indent=1) + "\n")
-        print(f"kept {target}" + (f" and its {PREDICTIONS}" if (run / PREDICTIONS).is_file() else ""))
+        print(f"kept {target}" + (f" and its {PREDICTIONS}" if has_predictions else ""))
 
 
 if __name__ == "__main__":
