@@ -302,9 +302,43 @@ def test_epoch_stats_count_actors_on_two_nodes_with_the_same_pid_apart():
     for i, chunk in enumerate(chunks):
         node = ["node-a", "node-b"][i % 2]
         coordinator.epoch.timings[i] = {"images": len(chunk), "seconds": len(chunk) / (4.0 if node == "node-a" else 2.0),
-                                        "pid": 4242, "node_id": node, "gpu_memory_mb": None}
+                                        "pid": 4242, "node_id": node, "gpu_memory_mb": None, "slot": i % 2}
         coordinator.epoch.done_after[i] = float(i + 1)
     stats = asyncio.run(coordinator.epoch_stats())
     assert sum(stats["images"]) == 16 and len(stats["images"]) == 2
     assert stats["images_per_second"] == pytest.approx([4.0, 2.0])
     assert stats["node_ids"] == ["node-a", "node-b"] and stats["generation_seconds"] == len(chunks)
+
+
+class _ScriptedActor:
+    """Stands in for a SynthesisActor handle: each call answers at once from the next (node, pid) given,
+    as an actor whose process Ray restarted (or moved to another node) would."""
+
+    def __init__(self, processes):
+        self.generate, self._processes = self, iter(processes)
+
+    def options(self, **_):
+        return self
+
+    def remote(self, plan_epoch, chunk, weights):
+        node, pid = next(self._processes)
+        timing = asyncio.get_running_loop().create_future()
+        timing.set_result({"chunk": chunk.index, "images": len(chunk), "seconds": len(chunk) / 4.0, "pid": pid,
+                           "node_id": node, "gpu_memory_mb": None})
+        return object(), timing
+
+
+def test_a_restarted_actor_is_counted_as_started_and_reported_as_one_actor():
+    # Ray restarts a dead actor in the same slot, as a new process: on the same node (a new pid) or on
+    # another node, where it may get the same pid. Both are a restart; the slot's images stay one actor's.
+    coordinator = object.__new__(PoolCoordinator)  # the bookkeeping alone, no Ray
+    coordinator._max_retries, coordinator.actors_started = 3, 1
+    chunks = plan([8, 8], 0, run_seed=0, chunk_size=4, actors=1)
+    coordinator.actors = [_ScriptedActor([("node-a", 7)] * 2 + [("node-a", 8)] * 2 + [("node-b", 8)] * (len(chunks) - 4))]
+    coordinator.processes = [("node-a", 7)]
+    coordinator.epoch = _Epoch(0, chunks, None)
+    asyncio.run(coordinator._feed(0, coordinator.epoch))
+    assert coordinator.actors_started == 3  # pid 7 -> 8 on node-a, then node-a -> node-b with pid 8
+    stats = asyncio.run(coordinator.epoch_stats())
+    assert stats["images"] == [16] and stats["images_per_second"] == pytest.approx([4.0])
+    assert stats["node_ids"] == ["node-a", "node-b"] and stats["finished"]

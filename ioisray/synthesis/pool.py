@@ -93,7 +93,7 @@ class PoolCoordinator:
     def __init__(self, make_generator: Callable, size: int, actor_options: dict, max_retries: int = 3):
         self._make_generator, self._options, self._max_retries = make_generator, actor_options, max_retries
         self.actors = [self._start_actor() for _ in range(size)]
-        self.pids: list[Optional[int]] = [None] * size
+        self.processes: list[Optional[tuple]] = [None] * size  # per slot: (node id, pid) of its actor's process
         self.actors_started = size  # replacements and Ray's restarts counted too
         self._up = False  # every actor answered once (ready)
         self.epoch: Optional[_Epoch] = None
@@ -112,7 +112,7 @@ class PoolCoordinator:
             infos = await asyncio.gather(*(a.info.remote() for a in self.actors))
         except RECOVERABLE as e:
             raise RuntimeError(f"a synthesis actor could not start: {e}") from None
-        self.pids, self._up = [i["pid"] for i in infos], True
+        self.processes, self._up = [(i["node_id"], i["pid"]) for i in infos], True
         return infos
 
     async def start_epoch(self, plan_epoch: int, chunks: list[Chunk], weights: list, reuse: bool = False) -> None:
@@ -152,15 +152,16 @@ class PoolCoordinator:
                 epoch.handed_out[i] = asyncio.Event()
                 self._replace(slot)
                 continue
-            if self.pids[slot] is not None and result["pid"] != self.pids[slot]:
-                self.actors_started += 1  # Ray restarted this actor's process
-            self.pids[slot] = result["pid"]
-            epoch.timings[i], epoch.done_after[i] = result, time.monotonic() - epoch.started
+            process = (result["node_id"], result["pid"])  # a pid names a process on its own node only
+            if self.processes[slot] is not None and process != self.processes[slot]:
+                self.actors_started += 1  # Ray restarted this actor's process (perhaps on another node)
+            self.processes[slot] = process
+            epoch.timings[i], epoch.done_after[i] = {**result, "slot": slot}, time.monotonic() - epoch.started
 
     def _replace(self, slot: int) -> None:
         ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = self._start_actor()
-        self.pids[slot] = None
+        self.processes[slot] = None
         self.actors_started += 1
 
     async def chunk(self, i: int, failed: Optional[str] = None):
@@ -181,21 +182,21 @@ class PoolCoordinator:
             await asyncio.sleep(0.05)  # the feeder is replacing the actor that held it
 
     async def epoch_stats(self) -> dict:
-        """This epoch so far: images and images/s per actor slot (the actors' own timings), seconds from
-        the epoch's start to its first and last finished chunk (the coordinator's clock), nodes used."""
+        """This epoch so far: images and images/s per actor slot, in slot order (the actors' own timings;
+        a slot whose actor was restarted or replaced is still one actor), seconds from the epoch's start
+        to its first and last finished chunk (the coordinator's clock), nodes used."""
         e = self.epoch
         if e is None:
             return {}
-        by_actor: dict[tuple, list[dict]] = {}
-        for t in e.timings:
-            if t is not None:  # a pid names a process on its own node only
-                by_actor.setdefault((t["node_id"], t["pid"]), []).append(t)
+        by_actor: dict[int, list[dict]] = {}
+        for t in sorted((t for t in e.timings if t is not None), key=lambda t: t["slot"]):
+            by_actor.setdefault(t["slot"], []).append(t)
         done = [d for d in e.done_after if d is not None]
         return {
             "images_per_second": [sum(t["images"] for t in ts) / max(sum(t["seconds"] for t in ts), 1e-9)
                                   for ts in by_actor.values()],
             "images": [sum(t["images"] for t in ts) for ts in by_actor.values()],
-            "node_ids": sorted({node for node, _ in by_actor}),
+            "node_ids": sorted({t["node_id"] for ts in by_actor.values() for t in ts}),
             "gpu_memory_mb": [max((t["gpu_memory_mb"] or 0) for t in ts) or None for ts in by_actor.values()],
             "seconds_to_first_chunk": min(done, default=None),
             "generation_seconds": max(done) if e.finished else None,
