@@ -5,14 +5,16 @@
 # STEP is one of
 #   METHOD:SEEDS        e.g. ce:0,1,2  -> runs ham10000_cpu_<METHOD>_s<seed> with the overrides that
 #                       configs/ham10000_cpu_benchmark.yaml gives METHOD
-#   pretrain:EPOCHS     the tiny diffusion model (configs/pretrain_ham10000_cpu.yaml, in-process),
-#                       EMA snapshots every 10 epochs in OUT_DIR/ham10000_cpu_diffusion/snapshots/
+#   pretrain:EPOCHS     the diffusion model (configs/pretrain_ham10000_cpu.yaml, in-process), EMA
+#                       snapshots every 10 epochs in OUT_DIR/ham10000_cpu_diffusion/snapshots/; with
+#                       PRESET=small32 (any diffusion.preset but tiny) in OUT_DIR/ham10000_cpu_diffusion_small32/
 #   judge:GUIDE,JUDGE   benchmarks/judge_curve.sh on those snapshots, guided by run GUIDE, judged by JUDGE
 # IOIS methods use the generator in $UNET (default: the pretraining run's epoch-10 snapshot, or its final
 # model when it ran 10 epochs: pretraining keeps no snapshot of its last epoch).
 set -euo pipefail
 root=${1:?usage: $0 DATA_ROOT OUT_DIR STEP...}; out=${2:?OUT_DIR}; shift 2
-diffusion="$out/ham10000_cpu_diffusion"
+preset=${PRESET:-tiny}
+diffusion="$out/ham10000_cpu_diffusion"; [ "$preset" = tiny ] || diffusion="${diffusion}_$preset"
 generator() {  # resolved at each run: a pretrain step earlier in the same queue makes it
   if [ -n "${UNET:-}" ]; then echo "$UNET"
   elif [ -d "$diffusion/snapshots/epoch_00010" ]; then echo "$diffusion/snapshots/epoch_00010"
@@ -34,9 +36,9 @@ for step in "$@"; do
     pretrain)
       [ -f "$diffusion/unet/diffusion_pytorch_model.safetensors" ] && continue
       ioisray pretrain-diffusion configs/pretrain_ham10000_cpu.yaml data.root="$root" output_dir="$out" \
-        pretrain.epochs="$arg" ray.num_workers=0 ;;
+        name="$(basename "$diffusion")" diffusion.preset="$preset" pretrain.epochs="$arg" ray.num_workers=0 ;;
     judge)
-      benchmarks/judge_curve.sh "$diffusion" "$out/${arg%,*}" "$out/${arg#*,}" | tee "$out/ham10000_cpu_judge_curve.md" ;;
+      benchmarks/judge_curve.sh "$diffusion" "$out/${arg%,*}" "$out/${arg#*,}" | tee "$diffusion/judge_curve.md" ;;
     *)
       mapfile -t extra < <(overrides "$kind")
       for s in ${arg//,/ }; do

@@ -8,6 +8,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("preset, low, high", [
     ("tiny", 0.5e6, 3e6),
+    ("small32", 4e6, 5e6),
     ("small64", 25e6, 32e6),
     ("adm128", 0.9 * 385e6, 1.1 * 385e6),  # builds in ~6 s on CPU; no forward is run
 ])

@@ -141,7 +141,7 @@ class RayConfig(_Strict):
 
 
 class DiffusionConfig(_Strict):
-    preset: Literal["tiny", "small64", "adm128"] = "tiny"
+    preset: Literal["tiny", "small32", "small64", "adm128"] = "tiny"
     image_size: Optional[int] = Field(None, ge=8, le=1024)  # default: the preset's size
     model_dir: Optional[str] = None  # a trained diffusers UNet2DModel folder (e.g. <run>/unet)
     # How a new model is pretrained (None: "epsilon" and "linear", the paper's ADM). A model in
