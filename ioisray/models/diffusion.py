@@ -28,8 +28,8 @@ PRESETS: dict[str, dict] = {
         attention_head_dim=32,
         norm_num_groups=16,
     ),
-    # 32x32, ~4.4M parameters: tiny at twice the width, for CPU runs that want samples carrying more
-    # of their class than tiny's (issue 22); about 3x tiny's cost per training step and per sample.
+    # 32x32, ~4.4M parameters: tiny at twice the width. On HAM10000 (CPU) it took 2.7x tiny's pretraining
+    # time an epoch and 1.7x its IOIS generation time, and its samples judged no better (benchmarks/RESULTS.md).
     "small32": dict(
         sample_size=32,
         block_out_channels=(64, 128, 128),
