@@ -171,9 +171,10 @@ def sample(
     labels = torch.tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
     if labels.numel() != len(seeds):
         raise ValueError(f"got {labels.numel()} labels but {len(seeds)} seeds")
-    num_classes = unet.config.num_class_embeds
-    if num_classes is None:
+    if unet.config.num_class_embeds is None:
         raise ValueError("the UNet is not class-conditional (config.num_class_embeds is None)")
+    # A null class (label dropout) is no class to sample.
+    num_classes = unet.config.num_class_embeds - (getattr(unet, "null_class_label", None) is not None)
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got {labels.tolist()}")
 

@@ -85,3 +85,46 @@ def test_model_folder_carries_its_noise_schedule(tmp_path):
     DDPMScheduler(prediction_type="sample").save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match=r"diffusion.model_dir.*'sample'"):
         load_noise_scheduler(tmp_path / "plain")
+
+
+def test_null_class_round_trip_and_sampling_range(tmp_path):
+    from ioisray.models.diffusion import num_data_classes, null_class, save_diffusion_model
+    from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
+
+    unet = create_unet("tiny", 3, image_size=8, null_class_label=True)
+    assert unet.config.num_class_embeds == 4 and null_class(unet) == 3 and num_data_classes(unet) == 3
+    save_diffusion_model(unet, make_train_scheduler(), tmp_path / "cfg")
+    loaded = load_unet(str(tmp_path / "cfg"), 3)  # 4 embeddings, but 3 classes: the folder says so
+    assert null_class(loaded) == 3
+    with pytest.raises(ValueError, match="diffusion.model_dir.*built for 3 classes"):
+        load_unet(str(tmp_path / "cfg"), 4)
+    # Without the marker, 4 embeddings mean 4 classes (every model saved before label dropout).
+    (tmp_path / "cfg" / "class_conditioning.json").unlink()
+    assert null_class(load_unet(str(tmp_path / "cfg"), 4)) is None
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        sample(unet.eval(), [3], [0], SamplerConfig(steps=1))  # the null class is no class to sample
+
+
+def test_label_dropout_replaces_labels_by_the_null_class_at_its_rate():
+    from ioisray.recipes.pretrain_diffusion import drop_labels
+
+    torch.manual_seed(0)
+    y = torch.arange(20_000) % 5
+    dropped = drop_labels(y, null=5, p=0.2)
+    share = (dropped == 5).float().mean().item()
+    assert 0.18 < share < 0.22
+    assert torch.equal(dropped[dropped != 5], y[dropped != 5])  # the others are untouched
+    assert torch.equal(drop_labels(y, null=None, p=0.2), y)  # a model without a null class
+
+
+def test_label_dropout_refuses_to_fine_tune_a_model_without_null_class(tmp_path):
+    from ioisray.config import ConfigError, load_config
+    from ioisray.recipes.pretrain_diffusion import initial_unet
+
+    create_unet("tiny", 3, image_size=16).save_pretrained(tmp_path / "u", safe_serialization=True)
+    cfg = load_config("configs/digits.yaml", [f"diffusion.model_dir={tmp_path / 'u'}", "diffusion.image_size=16",
+                                              "diffusion.label_dropout=0.1"])
+    with pytest.raises(ConfigError, match="diffusion.label_dropout"):
+        initial_unet(cfg, 3, 16)
+    fresh = initial_unet(load_config("configs/digits.yaml", ["diffusion.label_dropout=0.1"]), 3, 16)
+    assert fresh.config.num_class_embeds == 4

@@ -148,6 +148,9 @@ class DiffusionConfig(_Strict):
     # model_dir carries its own, which sampling uses; fine-tuning it under a different one is an error.
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     beta_schedule: Optional[Literal["linear", "squaredcos_cap_v2"]] = None
+    # Pretraining replaces a label by the null class with this probability, so the model also learns
+    # the unconditional prediction that classifier-free guidance needs (0: no null class, as before).
+    label_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class PretrainConfig(_Strict):

@@ -4,9 +4,14 @@ Class conditioning uses UNet2DModel's `num_class_embeds` (a label embedding adde
 embedding, as in ADM). Each preset holds the UNet2DModel kwargs plus its default image size.
 A saved model is a diffusers UNet folder that also holds the noise scheduler it was trained with
 (`scheduler_config.json`: beta schedule and prediction type), so sampling always matches training.
+
+A model pretrained with label dropout (`diffusion.label_dropout`, for classifier-free guidance) has one
+more label embedding than the data has classes: the null class, whose index is the class count. Its
+folder says so in `class_conditioning.json`, so a folder alone tells whether it supports CFG.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch.nn as nn
@@ -64,8 +69,23 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def create_unet(preset: str, num_classes: int, image_size: int | None = None) -> UNet2DModel:
-    """A freshly initialised class-conditional UNet; `image_size` overrides the preset's size."""
+CLASS_CONDITIONING_FILE = "class_conditioning.json"
+
+
+def null_class(unet) -> int | None:
+    """The label of the UNet's null class (classifier-free guidance), or None when it has none."""
+    return getattr(unet, "null_class_label", None)
+
+
+def num_data_classes(unet) -> int:
+    """How many real classes the UNet is conditioned on (its label embeddings less the null class)."""
+    return int(unet.config.num_class_embeds) - (null_class(unet) is not None)
+
+
+def create_unet(preset: str, num_classes: int, image_size: int | None = None,
+                null_class_label: bool = False) -> UNet2DModel:
+    """A freshly initialised class-conditional UNet; `image_size` overrides the preset's size;
+    `null_class_label` adds the null class (label `num_classes`) that label dropout trains."""
     if preset not in PRESETS:
         raise ValueError(f"diffusion.preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
     if num_classes < 1:
@@ -78,7 +98,9 @@ def create_unet(preset: str, num_classes: int, image_size: int | None = None) ->
             raise ValueError(
                 f"image_size {image_size} must be a positive multiple of {factor} for preset {preset!r}")
         kwargs["sample_size"] = image_size
-    return UNet2DModel(**kwargs, num_class_embeds=num_classes)
+    unet = UNet2DModel(**kwargs, num_class_embeds=num_classes + int(null_class_label))
+    unet.null_class_label = num_classes if null_class_label else None
+    return unet
 
 
 def load_unet(path: str, num_classes: int) -> UNet2DModel:
@@ -93,13 +115,27 @@ def load_unet(path: str, num_classes: int) -> UNet2DModel:
     except (OSError, ValueError) as e:  # no config.json / no safetensors weights / wrong model type
         raise ValueError(f"diffusion.model_dir: {path!r} is not a diffusers UNet2DModel folder "
                          f"(config.json + diffusion_pytorch_model.safetensors): {e}") from None
-    found = unet.config.num_class_embeds
-    if found is None:
+    if unet.config.num_class_embeds is None:
         raise ValueError(f"UNet at {path!r} is not class-conditional (config.num_class_embeds is None)")
-    if int(found) != num_classes:
-        raise ValueError(
-            f"UNet at {path!r} was built for {found} classes but the dataset has {num_classes}")
+    unet.null_class_label = _saved_null_class(path)
+    found = num_data_classes(unet)
+    if found != num_classes:
+        raise ValueError(f"diffusion.model_dir: the UNet at {path!r} was built for {found} classes but the "
+                         f"dataset has {num_classes}")
     return unet
+
+
+def _saved_null_class(path: str) -> int | None:
+    file = os.path.join(path, CLASS_CONDITIONING_FILE)
+    if not os.path.isfile(file):
+        return None  # a model without label dropout (every model saved before it existed)
+    try:
+        value = json.loads(open(file).read())["null_class"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"diffusion.model_dir: {file!r} is not a valid {CLASS_CONDITIONING_FILE}: {e}") from None
+    if value is not None and not isinstance(value, int):
+        raise ValueError(f"diffusion.model_dir: {file!r}: null_class must be an integer or null, got {value!r}")
+    return value
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -110,6 +146,9 @@ def save_diffusion_model(unet: UNet2DModel, noise_scheduler: DDPMScheduler, path
     """The UNet (safetensors) and the noise scheduler it was trained with, in one diffusers folder."""
     unet.save_pretrained(path, safe_serialization=True)
     noise_scheduler.save_pretrained(path)
+    if null_class(unet) is not None:
+        with open(os.path.join(path, CLASS_CONDITIONING_FILE), "w") as f:
+            json.dump({"null_class": null_class(unet)}, f)
 
 
 def load_noise_scheduler(path: str | os.PathLike) -> DDPMScheduler:

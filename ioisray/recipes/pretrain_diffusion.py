@@ -27,7 +27,7 @@ from ioisray.config import Config, ConfigError
 from ioisray.data import provenance
 from ioisray.data.setup import setup_data
 from ioisray.models.wrapping import unwrap
-from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet,
+from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet, null_class,
                                      save_diffusion_model)
 from ioisray.precision import autocast, grad_scaler, resolve_precision
 from ioisray.recipes.launch import fit
@@ -53,14 +53,26 @@ def to_model_space(images: torch.Tensor, hflip: bool, vflip: bool) -> torch.Tens
 
 
 def initial_unet(cfg: Config, num_classes: int, image_size: int):
-    """A fresh UNet of the preset, or, with diffusion.model_dir set, that model to fine-tune."""
-    if not cfg.diffusion.model_dir:
-        return create_unet(cfg.diffusion.preset, num_classes, image_size)
-    unet = load_unet(cfg.diffusion.model_dir, num_classes)
+    """A fresh UNet of the preset (with a null class when labels are dropped), or, with
+    diffusion.model_dir set, that model to fine-tune."""
+    d = cfg.diffusion
+    if not d.model_dir:
+        return create_unet(d.preset, num_classes, image_size, null_class_label=d.label_dropout > 0)
+    unet = load_unet(d.model_dir, num_classes)
     if int(unet.config.sample_size) != image_size:
-        raise ConfigError(f"diffusion.model_dir: {cfg.diffusion.model_dir!r} makes "
+        raise ConfigError(f"diffusion.model_dir: {d.model_dir!r} makes "
                           f"{unet.config.sample_size}px images but diffusion.image_size is {image_size}")
+    if d.label_dropout > 0 and null_class(unet) is None:
+        raise ConfigError(f"diffusion.label_dropout={d.label_dropout} needs a null class, which the model in "
+                          f"diffusion.model_dir {d.model_dir!r} lacks; fine-tune it with label_dropout=0")
     return unet
+
+
+def drop_labels(y: torch.Tensor, null: int | None, p: float) -> torch.Tensor:
+    """Each label replaced by the null class with probability p (classifier-free guidance training)."""
+    if null is None or p <= 0:
+        return y
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null), y)
 
 
 def training_noise_scheduler(cfg: Config):
@@ -112,6 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=p.warmup_steps)
     noise_scheduler = training_noise_scheduler(cfg)
+    null = null_class(unet)
     state = worker.resume(unet, optimizer, lr_schedule, what="diffusion pretraining ")
     if state.epoch:
         ema.load_state_dict(state.extra["ema"])
@@ -128,7 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if p.max_batches_per_epoch and i >= p.max_batches_per_epoch:
                 break
             x0 = to_model_space(batch["image"].to(device, non_blocking=True), p.hflip, p.vflip)
-            y = batch["label"].to(device, dtype=torch.long, non_blocking=True)
+            y = drop_labels(batch["label"].to(device, dtype=torch.long, non_blocking=True), null,
+                            cfg.diffusion.label_dropout)
             noise = torch.randn_like(x0)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
             x_t = noise_scheduler.add_noise(x0, noise, t)
