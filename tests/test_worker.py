@@ -46,3 +46,38 @@ def test_in_process_worker_on_a_gpu_names_the_device_index(tmp_path, monkeypatch
         worker = Worker(cfg, _loop_config(tmp_path))
     assert worker.device == torch.device("cuda", 0)
     worker.close()
+
+
+def _sgd_run(model):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    return optimizer, scheduler
+
+
+def test_resumed_optimizer_state_lands_on_the_prepared_models_device(tmp_path):
+    # A GPU worker moves the model in `prepare`; an optimizer state loaded before that move stays on
+    # the CPU and the first step mixes devices. Optimizer.load_state_dict casts its state to the
+    # parameters' dtype as it does to their device, and a move to float64 keeps the parameters'
+    # identity as a move to CUDA does (a move to "meta" would not): it stands in for the GPU here.
+    cfg = load_config(ROOT / "configs/digits.yaml", ["ray.num_workers=0"])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer, scheduler = _sgd_run(model)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()  # momentum buffers exist now
+    with in_process({}):
+        worker = Worker(cfg, _loop_config(tmp_path))
+        worker.end_epoch({}, TrainingState(epoch=1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                           scheduler=scheduler.state_dict(), seed=0))
+        worker.close()
+
+        worker = Worker(cfg, _loop_config(tmp_path))
+        worker.prepare = lambda m: m.to(torch.float64)
+        fresh = torch.nn.Linear(3, 2)
+        optimizer, scheduler = _sgd_run(fresh)
+        prepared, state = worker.prepare_and_resume(fresh, optimizer, scheduler)
+        worker.close()
+    assert state.epoch == 1
+    buffers = [(p, optimizer.state[p]["momentum_buffer"]) for p in prepared.parameters()]
+    assert len(buffers) == 2
+    assert all(p.dtype == torch.float64 and b.dtype == p.dtype and b.device == p.device for p, b in buffers)

@@ -125,13 +125,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=p.warmup_steps)
     noise_scheduler = training_noise_scheduler(cfg)
     null = null_class(unet)
-    state = worker.resume(unet, optimizer, lr_schedule, what="diffusion pretraining ")
+    unet, state = worker.prepare_and_resume(unet, optimizer, lr_schedule, what="diffusion pretraining ")
     if state.epoch:
         ema.load_state_dict(state.extra["ema"])
     ema.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     scaler = grad_scaler(device, precision)
-    unet = worker.prepare(unet)
 
     first_epoch = state.epoch
     for epoch in worker.epochs(state, p.epochs):  # noise and timesteps replay on resume

@@ -58,18 +58,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = worker.shard("train")  # first: Ray Data's split coordinator starts while the model is built
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build_classifier(cfg, num_classes)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, model)
     loss_fn = build_loss(cfg, counts).to(worker.device)
     pool = loop_config.get("synthesis_pool")  # None unless synthesis.mode is on
     iois = IOIS(cfg, num_classes, pool, worker.rank) if pool is not None else None
-    state = worker.resume(model, optimizer, scheduler)
+    model, state = worker.prepare_and_resume(model, optimizer, scheduler)
     if iois is not None and state.epoch:
         iois.load_state_dict(state.extra)
     precision = resolve_precision(cfg.train.precision, worker.device)
     scaler = grad_scaler(worker.device, precision)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = worker.prepare(model)
     transform = TrainTransform(cfg.data.image_size, cfg.train.augment)
     shuffle = ({"local_shuffle_buffer_size": cfg.train.shuffle_buffer} if cfg.train.shuffle_buffer else {})
     n_train = sum(counts) + (cfg.synthesis.budget if iois else 0)

@@ -106,18 +106,25 @@ class Worker:
         if self.rank == 0:
             print(message, flush=True)
 
-    def resume(self, model: torch.nn.Module, optimizer, scheduler, what: str = "") -> TrainingState:
-        """The run's newest checkpoint that loads (the final one first), loaded into model, optimizer
-        and scheduler, or a fresh state. Method state (EMA, AAS, ...) is in `state.extra`."""
+    def prepare_and_resume(self, model: torch.nn.Module, optimizer, scheduler,
+                           what: str = "") -> tuple[torch.nn.Module, TrainingState]:
+        """The model prepared (`prepare`), then the run's newest checkpoint that loads (the final one
+        first) loaded into it, the optimizer and the scheduler, or a fresh state. In that order because
+        `Optimizer.load_state_dict` puts its state (momentum, Adam moments) on the parameters' device as
+        they are at load time: loaded before the move, it would stay on the CPU under CUDA parameters.
+        Method state (EMA, AAS, ...) is in `state.extra`."""
+        from ioisray.models.wrapping import unwrap
+
+        model = self.prepare(model)
         found = self.checkpoints.latest(log=self.log)
         if found is None:
-            return TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=self.cfg.seed)
+            return model, TrainingState(epoch=0, model={}, optimizer={}, scheduler={}, seed=self.cfg.seed)
         name, state = found
-        model.load_state_dict(state.model)
+        unwrap(model).load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         self.log(f"[ioisray] resumed {what}from epoch {state.epoch} (checkpoint {name})")
-        return state
+        return model, state
 
     def epochs(self, state: TrainingState, total: int) -> Iterator[int]:
         """The epochs left to run, each with its random streams seeded (`self.generator`)."""
