@@ -72,27 +72,30 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device, dtype=torch.long, non_blocking=True)
+        # Weights, not a boolean mask: masking needs the count of selected rows, a host sync.
+        real = ((batch["synthetic"] == 0).to(device, non_blocking=True).long() if "synthetic" in batch
+                else torch.ones_like(y))
         with autocast(device, precision):
             if mixup_alpha > 0:
-                x, y_a, y_b, lam = mixup_batch(x, y, mixup_alpha, generator=generator)
+                # Label and real flag go through the permutation together: a mixed row counts for the
+                # image whose weight dominates, and only when that image is real.
+                x, counted_a, counted_b, lam = mixup_batch(x, torch.stack([y, real], 1), mixup_alpha,
+                                                           generator=generator)
                 logits = model(x)
-                loss = mixup_loss(loss_fn, logits, y_a, y_b, lam)
-                y_counted = y_a if lam >= 0.5 else y_b
+                loss = mixup_loss(loss_fn, logits, counted_a[:, 0], counted_b[:, 0], lam)
+                y_counted, real_counted = (counted_a if lam >= 0.5 else counted_b).unbind(1)
             else:
                 logits = model(x)
                 loss = loss_fn(logits, y)
-                y_counted = y
+                y_counted, real_counted = y, real
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
             hit = (logits.argmax(dim=1) == y_counted).double()
-            # Weights, not a boolean mask: masking needs the count of selected rows, a host sync.
-            real = ((batch["synthetic"] == 0).to(device, non_blocking=True).double() if "synthetic" in batch
-                    else torch.ones_like(hit))
-            correct.index_add_(0, y_counted, hit * real)
-            total.index_add_(0, y_counted, real)
+            correct.index_add_(0, y_counted, hit * real_counted)
+            total.index_add_(0, y_counted, real_counted.double())
             loss_sum += loss.detach().double() * len(y)
             rows += len(y)
         if log is not None:

@@ -75,3 +75,20 @@ def test_transforms_shapes_and_randomness():
     torch.manual_seed(1)
     b = tf(images)
     assert a.shape == x.shape and not torch.equal(a, b)
+
+
+def test_mixup_counts_for_aas_only_rows_whose_dominant_image_is_real():
+    # Real rows are class 0, synthetic rows class 1: whichever image of a mixed pair is counted, a
+    # class-1 count would be a synthetic image reaching AAS. Beta(0.2, 0.2) puts lam below 0.5 in about
+    # half the batches, where the counted label is the permuted one.
+    images, labels = toy_data((24, 24))
+    synthetic = torch.from_numpy(labels == 1).long()
+    batches = [{"image": torch.from_numpy(images[i::6]), "label": torch.from_numpy(labels[i::6]),
+                "synthetic": synthetic[i::6]} for i in range(6)]
+    model = create_classifier(ModelConfig(name="resnet10t"), 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    stats = train_one_epoch(model, batches, create_loss("ce", [24, 24]), opt, eval_transform, 2,
+                            torch.device("cpu"), mixup_alpha=0.2, generator=gen)
+    assert stats.total[1] == 0 and stats.correct[1] == 0
+    assert 0 < stats.total[0] < 48  # counted: the rows whose dominant image is a real one
