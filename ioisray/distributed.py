@@ -28,7 +28,10 @@ def group_device() -> torch.device:
 
 
 def _move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.to(device, non_blocking=True)
+    # Only a copy to a GPU may skip waiting: it is ordered on the device's stream before the collective.
+    # A non-blocking copy back to the host returns before the data has landed, and the caller reads it
+    # at once (counts, times).
+    return t.to(device, non_blocking=device.type != "cpu")
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
+import gloo_group
 from ioisray import distributed
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ioisray"
@@ -35,8 +37,21 @@ def test_the_scan_catches_a_direct_call():
 
 @pytest.fixture
 def fake_group(monkeypatch):
-    """A process group of 2 workers whose backend the test chooses; records what reaches it."""
-    seen = {"reduced": [], "moved_to": []}
+    """A process group of 2 workers whose backend the test chooses (no CUDA here): records every copy
+    `distributed.py` makes (destination, non_blocking) and where each reduction happens."""
+    seen = {"reduced": [], "copies": []}
+
+    class RecordCopies(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to:
+                device = torch.device(args[1] if len(args) > 1 else kwargs["device"])
+                seen["copies"].append((device, kwargs.get("non_blocking", False)))
+                with torch._C.DisableTorchFunction():
+                    out = args[0].clone()  # keep the data; remember where it was sent
+                out.placed_on = device
+                return out
+            return func(*args, **kwargs)
 
     def use(backend):
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -44,42 +59,54 @@ def fake_group(monkeypatch):
         monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
-        def move(t, device):  # no CUDA here: record where the tensor was sent, keep its data
-            seen["moved_to"].append(torch.device(device))
-            out = t.clone()
-            out.placed_on = torch.device(device)
-            return out
-
         def all_reduce(t, op=None):
             seen["reduced"].append((getattr(t, "placed_on", t.device), op))
             t.mul_(2)  # as if the other worker held the same values
 
-        monkeypatch.setattr(distributed, "_move", move)
         monkeypatch.setattr(dist, "all_reduce", all_reduce)
-        return seen
+        return seen, RecordCopies()
 
     return use
 
 
 def test_nccl_gets_cuda_tensors_and_the_caller_gets_its_own_device_back(fake_group):
-    seen = fake_group("nccl")
+    seen, recording = fake_group("nccl")
     counts = torch.tensor([1.0, 2.0], dtype=torch.float64)  # CPU counters, as the tally keeps them
-    out = distributed.all_reduce_sum(counts)
+    with recording:
+        out = distributed.all_reduce_sum(counts)
     assert seen["reduced"] == [(torch.device("cuda", 0), dist.ReduceOp.SUM)]
-    assert seen["moved_to"] == [torch.device("cuda", 0), torch.device("cpu")]  # there and back
+    # There without waiting (ordered on the GPU's stream), back waiting: the caller reads it at once.
+    assert seen["copies"] == [(torch.device("cuda", 0), True), (torch.device("cpu"), False)]
     assert out.tolist() == [2.0, 4.0]
-    distributed.all_reduce_min(torch.tensor([3.0]))
-    distributed.barrier()
+    with recording:
+        distributed.all_reduce_min(torch.tensor([3.0]))
+        distributed.barrier()
     assert [d for d, _ in seen["reduced"]] == [torch.device("cuda", 0)] * 3
     assert seen["reduced"][1][1] == dist.ReduceOp.MIN
 
 
 def test_gloo_gets_cpu_tensors_in_place(fake_group):
-    seen = fake_group("gloo")
+    seen, recording = fake_group("gloo")
     counts = torch.tensor([1.0, 2.0])
-    out = distributed.all_reduce_sum(counts)
-    assert seen["reduced"] == [(torch.device("cpu"), dist.ReduceOp.SUM)]
+    with recording:
+        out = distributed.all_reduce_sum(counts)
+    assert seen["reduced"] == [(torch.device("cpu"), dist.ReduceOp.SUM)] and seen["copies"] == []
     assert out.tolist() == [2.0, 4.0]
+
+
+def _collectives(rank, tmp_path):
+    assert distributed.is_distributed() and distributed.world_size() == 2
+    assert distributed.group_device() == torch.device("cpu")
+    counts = torch.tensor([rank + 1.0, 10.0 * rank], dtype=torch.float64)
+    total = distributed.all_reduce_sum(counts)
+    low = distributed.all_reduce_min(torch.tensor([5.0 - rank, float("inf") if rank else 2.0]))
+    distributed.barrier()
+    assert total.dtype == torch.float64 and total.tolist() == [3.0, 10.0]
+    assert low.tolist() == [4.0, 2.0]
+
+
+def test_every_collective_on_a_real_two_process_gloo_group(tmp_path):
+    gloo_group.run(_collectives, tmp_path)
 
 
 def test_outside_a_process_group_collectives_return_their_input():
