@@ -86,3 +86,15 @@ def test_ddp_epoch_and_resume_on_two_ranks(tmp_path):
     # The resumed run continues exactly where the straight one went (momentum and lr schedule included).
     assert all(torch.allclose(ranks[0]["straight"][k], ranks[0]["resumed"][k], atol=1e-6) for k in ranks[0]["straight"])
     assert not all(torch.equal(ranks[0]["straight"][k], _fresh()[0].state_dict()[k]) for k in ranks[0]["straight"])
+
+
+def _pretraining_loss(rank, tmp_path):
+    from ioisray.recipes.pretrain_diffusion import epoch_loss
+
+    # Rank 0 saw 3 images with loss 1 each, rank 1 one image with loss 5: the epoch's loss is 8 / 4.
+    loss, images = epoch_loss(torch.tensor(3.0 if rank == 0 else 5.0), 3 if rank == 0 else 1)
+    assert (loss, images) == (2.0, 4)
+
+
+def test_diffusion_pretraining_loss_is_every_ranks():
+    gloo_group.run(_pretraining_loss, None)

@@ -128,3 +128,23 @@ def test_ray_trains_dataset_reads_run_on_the_prestarted_workers(local_ray, tmp_p
     config = train_data_config(datasets, ("train",))
     assert config._resolve_execution_options("val").preserve_order
     assert not config._resolve_execution_options("train").preserve_order
+
+
+def test_diffusion_pretraining_reads_a_new_order_each_epoch(local_ray):
+    from types import SimpleNamespace
+
+    from ioisray.data.ray_dataset import epoch_counter_service, set_epoch
+    from ioisray.recipes.pretrain_diffusion import pretraining_datasets
+
+    images, labels = data()
+    with epoch_counter_service() as handles:
+        split = SimpleNamespace(images=images, labels=labels)  # the training split's arrays
+        ds = pretraining_datasets(SimpleNamespace(seed=0), split, handles)["train"]
+
+        def order(epoch):
+            set_epoch(handles["epoch_counter"], epoch)
+            return row_ids(ds.take_batch(10_000))
+
+        first, second = order(0), order(1)
+    assert sorted(first) == sorted(second) == list(range(len(labels)))
+    assert not np.array_equal(first, second)

@@ -8,6 +8,7 @@ rows with the same `put_arrays` / `row_order` / `gather_rows`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import time
@@ -54,6 +55,16 @@ def current_epoch(counter) -> int:
 def set_epoch(counter, epoch: int) -> None:
     """Tell the read tasks which epoch's order to read (rank 0, before the epoch's stream starts)."""
     ray.get(counter.set.remote(epoch))
+
+
+@contextlib.contextmanager
+def epoch_counter_service():
+    """{"epoch_counter": an EpochCounter} for the length of a run (a `fit` service), then removed."""
+    counter = start_epoch_counter()
+    try:
+        yield {"epoch_counter": counter}
+    finally:
+        ray.kill(counter)
 
 
 def train_read_runtime_env() -> dict:

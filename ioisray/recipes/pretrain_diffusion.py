@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +112,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    from ioisray.data.ray_dataset import set_epoch
+
     cfg = Config.model_validate(loop_config["config"])
     p = cfg.pretrain
     num_classes, image_size = loop_config["num_classes"], loop_config["image_size"]
@@ -134,6 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     first_epoch = state.epoch
     for epoch in worker.epochs(state, p.epochs):  # noise and timesteps replay on resume
+        if worker.rank == 0:  # this epoch's order of the training rows (see data/ray_dataset.py)
+            set_epoch(loop_config["epoch_counter"], epoch)
         unet.train()
         start, loss_sum, n_seen = time.perf_counter(), torch.zeros((), device=device), 0
         for i, batch in enumerate(worker.batches(shard, p.batch_size, local_shuffle_buffer_size=2048)):
@@ -160,12 +165,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if worker.rank == 0 and (i + 1) % 50 == 0:
                 print(f"[ioisray]   batch {i + 1} loss {loss.item():.4f}", flush=True)
         seconds = time.perf_counter() - start
-        metrics = {"epoch": epoch, "loss": float(loss_sum) / max(n_seen, 1), "epoch_seconds": seconds,
-                   "lr": lr_schedule.get_last_lr()[0]}
+        loss, n_seen = epoch_loss(loss_sum, n_seen)  # every worker's images, not rank 0's alone
+        metrics = {"epoch": epoch, "loss": loss, "epoch_seconds": seconds, "lr": lr_schedule.get_last_lr()[0]}
         last = epoch + 1 == p.epochs
         files = {}
         if worker.rank == 0:
-            rate = n_seen * worker.world / max(seconds, 1e-9)
+            rate = n_seen / max(seconds, 1e-9)
             for key, value in (("loss", metrics["loss"]), ("lr", metrics["lr"]), ("images_per_second", rate)):
                 worker.writer.add_scalar(f"pretrain/{key}", value, epoch)
             grid, snapshot = (every and (epoch + 1) % every == 0 for every in (p.sample_every, p.snapshot_every))
@@ -230,9 +235,25 @@ def record_training_images(cfg: Config, ds, train_rows, model_dir: Path) -> None
     provenance.write_training_images(model_dir, cfg.data.name, sorted(keys))
 
 
+def pretraining_datasets(cfg: Config, train_ds, handles: dict) -> dict:
+    """The training split, read in a new order each epoch (the epoch rank 0 gives `handles`' counter)."""
+    from ioisray.data.ray_dataset import to_ray_dataset
+
+    return {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural", seed=cfg.seed,
+                                    epoch_counter=handles["epoch_counter"])}
+
+
+def epoch_loss(loss_sum: torch.Tensor, images: int) -> tuple[float, int]:
+    """(mean loss, images) of an epoch over every worker, from each worker's summed loss and image count."""
+    from ioisray.distributed import all_reduce_sum
+
+    total = all_reduce_sum(torch.tensor([float(loss_sum), float(images)], dtype=torch.float64))
+    return float(total[0]) / max(float(total[1]), 1.0), int(total[1])
+
+
 def pretrain_diffusion(cfg: Config) -> Path:
     """Run the recipe; returns the folder of the saved diffusers UNet."""
-    from ioisray.data.ray_dataset import to_ray_dataset
+    from ioisray.data.ray_dataset import epoch_counter_service
 
     with Run(cfg, done_file=UNET_DIR, when_finished="use its model with diffusion.model_dir="
              f"{run_location(cfg)}/{UNET_DIR}") as run:
@@ -254,9 +275,8 @@ def pretrain_diffusion(cfg: Config) -> Path:
                        "image_size": image_size, "snapshots": run.uri(storage.SNAPSHOTS), "training_record": record,
                        **locations(run)}
         try:
-            fit(cfg, train_loop_per_worker, loop_config,
-                lambda _: {"train": to_ray_dataset(train_ds.images, train_ds.labels, sampling="natural",
-                                                   seed=cfg.seed)})
+            fit(cfg, train_loop_per_worker, loop_config, functools.partial(pretraining_datasets, cfg, train_ds),
+                services=epoch_counter_service)
         except KeyboardInterrupt:
             raise run.interrupted(cfg.pretrain.epochs) from None
         if not run.checkpoints.complete(FINAL):  # Ray Train's own Ctrl-C handler ends fit() quietly

@@ -76,6 +76,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in worker.epochs(state, cfg.train.epochs):
         started = time.time()
+        if worker.device.type == "cuda":  # gpu_memory_mb is this epoch's peak, not the process's
+            torch.cuda.reset_peak_memory_stats(worker.device)
         if worker.rank == 0:  # this epoch's order of the real rows (see data/ray_dataset.py)
             set_epoch(loop_config["epoch_counter"], epoch)
         if iois is not None:  # IOIS steps 1-2: quotas from AAS; the pool starts this epoch's images
@@ -271,26 +273,24 @@ def _prerequisites(cfg: Config, ds, splits: dict, split_ids: dict):
 def _services(cfg: Config, model_dir, num_classes: int):
     """What the run's workers use besides their datasets: the epoch counter the read tasks ask, and for
     IOIS the synthesis pool. Stopped whatever happens."""
-    import ray
-
-    from ioisray.data.ray_dataset import prestart_read_workers, start_epoch_counter
+    from ioisray.data.ray_dataset import epoch_counter_service, prestart_read_workers
     from ioisray.synthesis.pool import SynthesisPool
     from ioisray.synthesis.stream import read_concurrency
 
-    handles = {"epoch_counter": start_epoch_counter()}
-    try:
-        if model_dir:
-            # The stream's read workers start while the actors load the model. Only in the Ray ioisray
-            # starts, which keeps idle workers (a cluster's may reap them first), and not in-process,
-            # where the driver starts the reads in its own runtime environment.
-            if not cfg.ray.address and cfg.ray.num_workers > 0:
-                prestart_read_workers(read_concurrency(cfg.synthesis.pool_size), modules=("ioisray.synthesis.stream",))
-            handles["synthesis_pool"] = SynthesisPool.for_run(cfg, model_dir, num_classes)
-        yield handles
-    finally:
-        if "synthesis_pool" in handles:
-            handles["synthesis_pool"].shutdown()
-        ray.kill(handles["epoch_counter"])
+    with epoch_counter_service() as handles:
+        try:
+            if model_dir:
+                # The stream's read workers start while the actors load the model. Only in the Ray ioisray
+                # starts, which keeps idle workers (a cluster's may reap them first), and not in-process,
+                # where the driver starts the reads in its own runtime environment.
+                if not cfg.ray.address and cfg.ray.num_workers > 0:
+                    prestart_read_workers(read_concurrency(cfg.synthesis.pool_size),
+                                          modules=("ioisray.synthesis.stream",))
+                handles["synthesis_pool"] = SynthesisPool.for_run(cfg, model_dir, num_classes)
+            yield handles
+        finally:
+            if "synthesis_pool" in handles:
+                handles["synthesis_pool"].shutdown()
 
 
 def _save_outputs(run: Run, results: dict, train_ds, baseline) -> list[Path]:
