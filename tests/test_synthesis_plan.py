@@ -82,7 +82,7 @@ def test_tally_counts_synthetic_rows_and_refuses_another_epochs_images():
                                   batch([1, 2, 2, 2], [1, 0, 1, 1], [2, -1, 2, 2])])))
     assert len(seen) == 2
     np.testing.assert_array_equal(tally.per_class, [0, 1, 2])
-    assert tally.seconds_to_first - tally.seconds_to_first_batch >= 0.05 > 0 < tally.seconds_to_first_batch
+    assert 0 < tally.seconds_to_first_batch < tally.seconds_to_first  # the real batch came first
     examples = tally.examples()
     assert [len(e) for e in examples] == [0, 1, 2]
     with pytest.raises(RuntimeError, match="plan epoch 1"):

@@ -185,20 +185,37 @@ def test_ray_kill_of_an_actor_handle_is_survived_too(local_ray):
     pool.shutdown()
 
 
-def test_the_first_chunk_streams_out_before_the_last_is_generated(local_ray):
-    pool, ds = start(budget=40, chunk_size=4, delay=0.8)
-    chunks = plan([20, 20], 0, run_seed=0, chunk_size=4)
-    ray.get(pool.coordinator.ready.remote())  # the clock starts with loaded actors, as generation_seconds does
-    started = time.time()
-    pool.start_epoch(0, chunks, None)
-    first = None
-    n = 0
+class GatedImages(SeedImages):
+    """Each actor makes its first chunk at once and the others only once `gate` exists (or after 120 s)."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.gate, self.calls = gate, 0
+
+    def generate(self, labels, seeds):
+        self.calls += 1
+        for _ in range(1200 if self.calls > 1 else 0):
+            if os.path.exists(self.gate):
+                break
+            time.sleep(0.1)
+        return super().generate(labels, seeds)
+
+
+def test_the_first_chunk_streams_out_before_the_last_is_generated(local_ray, tmp_path):
+    # Chunks after each actor's first are made only once the first rows have reached the reader: a
+    # stream that waited for the whole epoch would hold them back until the gate's time-out.
+    gate = str(tmp_path / "first rows read")
+    pool = start_pool(lambda: GatedImages(gate), 2)
+    ds = epoch_stream(pool, chunk_sizes(40, 4, 2), (SIZE, SIZE, 3), concurrency=4)
+    pool.start_epoch(0, plan([20, 20], 0, run_seed=0, chunk_size=4), None)
+    at_first, n = None, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        first = first or time.time()
+        if at_first is None:
+            at_first = pool.epoch_stats()  # what the pool had made when the first rows arrived
+            open(gate, "w").close()
         n += len(batch["label"])
-    stats = pool.epoch_stats()
-    assert n == 40
-    assert first - started < stats["generation_seconds"] - 0.5  # 5 chunks per actor: ~4 s of generation
+    assert n == 40 and pool.epoch_stats()["finished"]
+    assert not at_first["finished"] and sum(at_first["images"]) <= 8  # at most the two ungated chunks
     pool.shutdown()
 
 
@@ -285,11 +302,10 @@ def test_a_real_slice_past_the_head_waits_for_its_chunk(local_ray):
 
     paced, unpaced = read_tasks(12), read_tasks(None)
     pool.start_epoch(0, plan([12, 12], 0, run_seed=0, chunk_size=4, actors=1), None)
-    started = time.time()
-    assert sum(len(b) for b in unpaced[2]()) == 15 and time.time() - started < 1.0
-    assert sum(len(b) for b in paced[0]()) == 15 and time.time() - started < 1.0
-    assert sum(len(b) for b in paced[2]()) == 15 and time.time() - started > 1.5
-    assert pool.epoch_stats()["seconds_to_first_chunk"] >= 1.5  # the wait was for the chunk
+    assert sum(len(b) for b in unpaced[2]()) == 15 and sum(len(b) for b in paced[0]()) == 15
+    assert pool.epoch_stats()["seconds_to_first_chunk"] is None  # read before chunk 0 was made
+    assert sum(len(b) for b in paced[2]()) == 15
+    assert pool.epoch_stats()["seconds_to_first_chunk"] is not None  # this one waited for chunk 0
     pool.shutdown()
 
 
