@@ -80,3 +80,28 @@ def test_a_last_batch_of_one_image_is_skipped_not_a_batchnorm_crash():
     stats = train_one_epoch(model, numpy_batches(images, labels, 4), create_loss("ce", [5, 2, 2]), opt,
                             eval_transform, 3, CPU)
     assert stats.total.sum() == 8 and np.isfinite(stats.loss)
+
+
+def test_an_fp16_step_with_its_gradient_scaler_runs_and_matches_fp32(one_torch_thread):
+    # The GPU path of train.precision=fp16 (autocast in float16 plus an active GradScaler), executed on
+    # the CPU, where both exist: the scaled loss is unscaled before the step, so the step is fp32's.
+    images, labels = toy_data((16, 16, 16))
+    torch.manual_seed(0)
+    model = create_classifier(ModelConfig(name="resnet10t"), 3)
+    before = copy.deepcopy(model.state_dict())
+    runs = {}
+    for p in ("fp32", "fp16"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=p == "fp16")
+        stats = train_one_epoch(m, numpy_batches(images, labels, 24), create_loss("ce", [16, 16, 16]), opt,
+                                eval_transform, 3, CPU, precision=p, scaler=scaler)
+        runs[p] = (stats, m.state_dict(), scaler)
+    (s32, w32, _), (s16, w16, scaler) = runs["fp32"], runs["fp16"]
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**10  # used, and no overflow to back off from
+    assert np.isfinite(s16.loss) and abs(s16.loss - s32.loss) < 0.05 * s32.loss
+    moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], w16[k])]
+    assert moved  # the scaled steps were taken, not skipped
+    step32 = torch.cat([(w32[k] - before[k]).flatten() for k in moved])
+    step16 = torch.cat([(w16[k] - before[k]).flatten() for k in moved])
+    assert torch.nn.functional.cosine_similarity(step16, step32, dim=0) > 0.9  # unscaled: fp32's step
