@@ -115,3 +115,11 @@ def test_repository_configs_are_valid():
     assert top
     for p in top:
         assert isinstance(load_config(p, ["data.root=/data"]), Config), p
+
+
+def test_two_nccl_ranks_are_never_packed_onto_one_gpu():
+    with pytest.raises(ConfigError, match=r"ray.resources_per_worker.GPU=0.5 with ray.num_workers=2"):
+        load_config(None, ["ray.use_gpu=true", "ray.num_workers=2", "ray.resources_per_worker={GPU: 0.5}"])
+    # One worker may share its GPU (with the synthesis actors), and CPU workers hold no GPU at all.
+    assert load_config(None, ["ray.use_gpu=true", "ray.num_workers=1", "ray.resources_per_worker={GPU: 0.5}"])
+    assert load_config(None, ["ray.num_workers=2", "ray.resources_per_worker={GPU: 0.5}"])

@@ -139,6 +139,17 @@ class RayConfig(_Strict):
     local_num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs for a local Ray (default 2 * cores)
     object_store_mb: int = Field(512, ge=64)  # local Ray only
 
+    @model_validator(mode="after")
+    def _one_gpu_per_nccl_rank(self):
+        # Ray would pack two training workers holding half a GPU each onto one card; both would then
+        # use cuda:0, and NCCL refuses two ranks on one device ("Duplicate GPU detected").
+        share = self.resources_per_worker.get("GPU", 1.0)
+        if self.use_gpu and self.num_workers > 1 and 0 < share < 1:
+            raise ValueError(f"ray.resources_per_worker.GPU={share:g} with ray.num_workers={self.num_workers}: "
+                             "NCCL needs a whole GPU for each training worker; share a GPU only with one "
+                             "worker (ray.num_workers=1), e.g. beside the synthesis actors")
+        return self
+
 
 class DiffusionConfig(_Strict):
     preset: Literal["tiny", "small32", "small64", "adm128"] = "tiny"
