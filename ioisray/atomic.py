@@ -1,7 +1,8 @@
 """Atomic file writes: write a temporary file in the target folder, fsync, then rename over the target.
 
 A crash or a full disk therefore never leaves a half-written checkpoint or results file, and the
-previous version stays intact until the new one is complete.
+previous version stays intact until the new one is complete. The result has the mode `open()` would
+give it under the user's umask (tempfile's own 0600/0700 would hide a run from the user's colleagues).
 """
 from __future__ import annotations
 
@@ -11,11 +12,29 @@ from pathlib import Path
 from typing import Callable, IO
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, which races with other threads)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def temporary_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new folder in `parent` to fill and then rename into place, with the umask's mode."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

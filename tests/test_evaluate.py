@@ -6,6 +6,7 @@ tests check what is written and how classes are matched, not how good the model 
 """
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -182,3 +183,22 @@ def test_predict_refuses_unreadable_images_naming_them(tmp_path, capsys):
         err = capsys.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1, err
     assert not (run / "predictions").exists() and own_files(run) == before
+
+
+@pytest.mark.parametrize("umask, file_mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_follow_the_users_umask(tmp_path, umask, file_mode):
+    # On a shared machine colleagues read a run's results: files get the mode open() would give them.
+    from ioisray.atomic import temporary_dir
+
+    make_imagefolder(tmp_path / "skin_folder")
+    run = make_run(tmp_path, ["benign", "malignant", "normal"])
+    before = os.umask(umask)
+    try:
+        assert main(["evaluate", str(run), "data.name=imagefolder", f"data.root={tmp_path / 'skin_folder'}"]) == 0
+        folder = temporary_dir(tmp_path, ".made-")
+    finally:
+        os.umask(before)
+    written = [p for p in (run / "eval").rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"metrics.json", "predictions.csv"}
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(file_mode)}
+    assert folder.stat().st_mode & 0o777 == file_mode | (0o111 & ~umask)  # a folder: rwx where r

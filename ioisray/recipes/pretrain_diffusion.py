@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ioisray import storage
+from ioisray.atomic import temporary_dir
 from ioisray.checkpoint import FINAL
 from ioisray.config import Config, ConfigError
 from ioisray.data import provenance
@@ -283,7 +284,7 @@ def pretrain_diffusion(cfg: Config) -> Path:
             raise run.interrupted(cfg.pretrain.epochs)
         # Written next to the run, then renamed: a half-written folder never looks done.
         final = run.dir / UNET_DIR
-        tmp = Path(tempfile.mkdtemp(dir=run.dir, prefix=".unet-"))
+        tmp = temporary_dir(run.dir, ".unet-")
         model = {name: run.checkpoints.read(FINAL, name) for name in run.checkpoints.files(FINAL)}
         for name, data in {**model, **record}.items():
             if name.startswith(f"{UNET_DIR}/"):
