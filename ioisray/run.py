@@ -239,6 +239,11 @@ class Run:
         atomic_write_text(self.dir / self.done_file, json.dumps(results, indent=2))
         self.push()
 
+    def drop_checkpoints(self) -> None:
+        """Once the run has finished: its checkpoints go, unless train.keep_checkpoints."""
+        if not self.cfg.train.keep_checkpoints:
+            storage.delete(self.checkpoints.location)
+
     def push(self) -> None:
         """The staging folder's files to the run's URI (nothing to do for a local run)."""
         storage.push(self.dir, self.location)

@@ -39,7 +39,7 @@ BUDGET, EPOCHS, PRETRAIN_EPOCHS = 48, 2, 5
 TINY_IOIS = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", "ray.num_workers=2",
              f"train.epochs={EPOCHS}", "synthesis.mode=online", f"synthesis.budget={BUDGET}",
              "synthesis.chunk_size=4", "synthesis.pool_size=1", "synthesis.num_cpus=0.5", "sampler.steps=8",
-             "aas.temperature=0.1", "train.max_failures=2",
+             "aas.temperature=0.1", "train.max_failures=2", "train.keep_checkpoints=true",
              # its diffusion model, pretrained first (diffusion.model_dir unset), 2 batches an epoch
              f"pretrain.epochs={PRETRAIN_EPOCHS}", "pretrain.max_batches_per_epoch=2", "pretrain.sample_every=4",
              "pretrain.sample_steps=2"]
@@ -159,6 +159,7 @@ def test_fine_tuning_starts_from_the_model_and_keeps_its_schedule(job, tmp_path,
     assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-3
     # The EMA model after epoch 1 was kept as a model folder of its own; the last epoch's is the run's unet.
     assert sorted(p.name for p in (tmp_path / "ft" / "snapshots").iterdir()) == ["epoch_00001"]
+    assert not (tmp_path / "ft" / "checkpoints").exists()  # finished: the model folder is what stays
     snapshot = load_unet(str(tmp_path / "ft" / "snapshots" / "epoch_00001"), num_classes=10).state_dict()
     assert max((snapshot[k] - after[k]).abs().max().item() for k in before) < 1e-3
     assert provenance.training_images(tmp_path / "ft" / "snapshots" / "epoch_00001") == _training_split_keys()
@@ -184,6 +185,9 @@ def test_the_in_process_baseline_resumes_and_finishes_once(job):
     assert f"resumed from epoch {d} (checkpoint epoch_{d:05d})" in job["third"]
     results = json.loads((job["base_run"] / "metrics.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [0, 1, 2, 3]
+    # Finished: its checkpoints are gone (the default), its weights stay; the IOIS run keeps its own.
+    assert not (job["base_run"] / "checkpoints").exists() and (job["base_run"] / "best_model.safetensors").is_file()
+    assert CheckpointStore(job["run"] / "checkpoints").complete("final")
     assert not job["tmp_leftovers"]  # no temporary checkpoint copies or event folders in $TMPDIR
 
 

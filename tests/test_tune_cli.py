@@ -51,6 +51,12 @@ def test_a_stopped_search_resumes_and_asha_stops_the_weak_trial(tmp_path):
     assert [h["epoch"] for h in first["history"]] == [0, 1]
     assert done == 2 or "resumed from epoch 1" in out  # stopped mid-run: the run resumed
     assert first["test"] is None  # trials never touch the test split
+    # Neither the finished trial nor the stopped one keeps checkpoints (train.keep_checkpoints is off):
+    # neither will ever resume; their results and the finished one's weights stay.
+    for t in trials.values():
+        trial = search / "trials" / f"trial_{t['trial']}"
+        assert (trial / "config.yaml").is_file() and not (trial / "checkpoints").exists()
+    assert (search / "trials" / f"trial_{trials[3e-3]['trial']}" / "best_model.safetensors").is_file()
 
     cfg = load_config(search / "best_config.yaml")  # a complete config `ioisray train` accepts
     assert cfg.train.lr == 3e-3 and cfg.aas.temperature == float(trials[3e-3]["aas.temperature"])

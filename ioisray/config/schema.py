@@ -90,6 +90,9 @@ class TrainConfig(_Strict):
     gamma: float = Field(0.1, gt=0.0)
     warmup_epochs: int = Field(0, ge=0)
     max_batches_per_epoch: Optional[int] = Field(None, ge=1)  # for smoke tests
+    # Keep a finished run's checkpoints (and an early-stopped search trial's). Off: a finished run is
+    # never resumed, and its weights and results are files of their own, so its checkpoints go.
+    keep_checkpoints: bool = False
     # Rows each worker mixes before batching (Ray Data's local shuffle). Off by default: real rows
     # already arrive in a new random order every epoch, and a buffer holds back the synthetic images,
     # which join it behind the rows it holds (see benchmarks/RESULTS.md, issue 7).

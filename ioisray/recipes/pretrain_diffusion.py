@@ -295,5 +295,6 @@ def pretrain_diffusion(cfg: Config) -> Path:
         load_unet(str(final), ds.num_classes)  # fail here, not later, if it does not reload
         load_noise_scheduler(final)
         run.push()
+        run.drop_checkpoints()
     print(f"[ioisray] diffusion model saved: {run.uri(UNET_DIR)}", flush=True)
     return final

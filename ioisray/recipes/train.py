@@ -242,6 +242,7 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
         made = _save_outputs(run, out, train_ds, baseline)
         out["figures"] = [run.uri(f.relative_to(run.dir).as_posix()) for f in made]
         run.push()
+        run.drop_checkpoints()
     return out
 
 

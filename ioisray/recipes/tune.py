@@ -127,6 +127,10 @@ def search(cfg: Config) -> dict:
         rows.append({"trial": trial_id,  # its run folder: trials/trial_<id>
                      **{k: r.config.get(k) for k in t.search_space}, "epochs": epochs,
                      f"best_{t.metric}": max(values) if values else math.nan, "status": status})
+    if not cfg.train.keep_checkpoints:  # ASHA's stopped trials are never resumed: their checkpoints go
+        for row in rows:
+            if row["status"] == "stopped early":
+                storage.delete(storage.join(run_location(cfg), TRIALS, f"trial_{row['trial']}", storage.CHECKPOINTS))
     scored = [(row[f"best_{t.metric}"], i) for i, row in enumerate(rows) if not math.isnan(row[f"best_{t.metric}"])]
     if not scored:
         raise RuntimeError(f"no trial reported {t.metric}; see the trials' logs under {run_location(cfg)}")
