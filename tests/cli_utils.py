@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
 
 
-def run_cli(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=ROOT, env={**ENV, **(env or {})},
+def run_cli(*args, timeout=300, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=cwd, env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -31,14 +31,14 @@ def ctrl_c_as_usual() -> None:
 
 
 def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240, env=None,
-                    progress=None) -> tuple[int, str]:
+                    progress=None, cwd=ROOT) -> tuple[int, str]:
     """Start `ioisray *args`, send SIGINT once `epochs` epochs of `run` are checkpointed (or once
     `progress()`, if given, returns at least `epochs`); returns (epochs done, what it printed)."""
     progress = progress or (lambda: latest_epoch(run))
     log = run.parent / f".{run.name}-interrupted.log"
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ioisray", *args], cwd=ROOT, env={**ENV, **(env or {})},
+        proc = subprocess.Popen([sys.executable, "-m", "ioisray", *args], cwd=cwd, env={**ENV, **(env or {})},
                                 stdout=out, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_as_usual)
         try:
             deadline = time.time() + timeout

@@ -123,3 +123,15 @@ def test_two_nccl_ranks_are_never_packed_onto_one_gpu():
     # One worker may share its GPU (with the synthesis actors), and CPU workers hold no GPU at all.
     assert load_config(None, ["ray.use_gpu=true", "ray.num_workers=1", "ray.resources_per_worker={GPU: 0.5}"])
     assert load_config(None, ["ray.num_workers=2", "ray.resources_per_worker={GPU: 0.5}"])
+
+
+def test_local_paths_become_absolute_and_uris_stay(tmp_path):
+    from ioisray.config import with_absolute_paths
+
+    cfg = load_config(None, ["data.name=csv", "data.csv=lists/labels.csv", "model.weights=w.safetensors",
+                             "diffusion.model_dir=s3://bucket/unet", "baseline=runs/ce"])
+    out = with_absolute_paths(cfg, tmp_path)
+    assert out.output_dir == str(tmp_path / "outputs") and out.data.csv == str(tmp_path / "lists/labels.csv")
+    assert out.model.weights == str(tmp_path / "w.safetensors") and out.baseline == str(tmp_path / "runs/ce")
+    assert out.diffusion.model_dir == "s3://bucket/unet" and out.data.root is None
+    assert with_absolute_paths(out, "/elsewhere") == out  # absolute paths are kept

@@ -21,20 +21,23 @@ TINY_CE = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", 
 def test_a_stopped_search_resumes_and_asha_stops_the_weak_trial(tmp_path):
     # Two trials, one at a time: the second learns nothing (lr 1e-7), so ASHA stops it at its first
     # rung, after epoch 1 of 2. The search is stopped (Ctrl-C) during the first trial, then rerun.
-    args = ["tune", "configs/digits_ce.yaml", *TINY_CE, "name=search", f"output_dir={tmp_path}",
+    # Started in tmp_path with the default, relative output_dir: the trials, each in a working folder of
+    # Tune's, write where the user would look (tmp_path/outputs), not below Ray's session folder.
+    args = ["tune", str(ROOT / "configs/digits_ce.yaml"), *TINY_CE, "name=search",
             "train.epochs=2", "train.optimizer=adamw", "train.warmup_epochs=0",
             "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-7]}, aas.temperature: {choice: [0.5, 2.0]}}",
             "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_concurrent_trials=1"]
-    search = tmp_path / "search"
+    search = tmp_path / "outputs" / "search"
 
     def epochs_of_the_first_trial():
         return max((latest_epoch(t) for t in (search / "trials").glob("trial_*")), default=0)
 
-    done, printed = interrupt_after(args, search, epochs=1, timeout=300, progress=epochs_of_the_first_trial)
+    done, printed = interrupt_after(args, search, epochs=1, timeout=300, progress=epochs_of_the_first_trial,
+                                    cwd=tmp_path)
     assert done >= 1 and not (search / "trials.csv").exists(), "the search was not stopped:\n" + printed[-3000:]
     assert "tune: the search was interrupted; rerun the same command to resume it" in printed
     assert "Traceback" not in printed, printed[-3000:]
-    r = run_cli(*args, timeout=600)
+    r = run_cli(*args, timeout=600, cwd=tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
     assert f"resuming the search in {search / 'tune'}" in out
@@ -84,25 +87,25 @@ def test_benchmark_tabulates_every_finished_run_skips_them_and_names_the_missing
     from ioisray.experiments import benchmark_runs
     from ioisray.recipes.benchmark import benchmark_trial
 
-    iois = _finished_iois_run(tmp_path / "bench_iois_s0", [str(i) for i in range(10)])
-    args = ["benchmark", "configs/digits_ce.yaml", *TINY_CE, "name=bench",
-            f"output_dir={tmp_path}", "train.epochs=1",
+    outputs = tmp_path / "outputs"  # the default, relative output_dir, from the folder the command starts in
+    iois = _finished_iois_run(outputs / "bench_iois_s0", [str(i) for i in range(10)])
+    args = ["benchmark", str(ROOT / "configs/digits_ce.yaml"), *TINY_CE, "name=bench", "train.epochs=1",
             "benchmark.methods={ce: [], iois: [synthesis.mode=online, synthesis.budget=8]}",
             "benchmark.seeds=[0]", "benchmark.baseline=ce"]
-    monkeypatch.chdir(ROOT)
-    runs = {r.name: r for r in benchmark_runs(load_config(ROOT / args[1], args[2:]))}
+    monkeypatch.chdir(tmp_path)
+    runs = {r.name: r for r in benchmark_runs(load_config(args[1], args[2:]))}
     assert set(runs) == {"bench_ce_s0", "bench_iois_s0"} and runs["bench_ce_s0"].config.baseline is None
     benchmark_trial({"run": "bench_ce_s0"}, configs={"bench_ce_s0": runs["bench_ce_s0"].config.model_dump(mode="json")})
-    ce = json.loads((tmp_path / "bench_ce_s0" / "metrics.json").read_text())
+    ce = json.loads((outputs / "bench_ce_s0" / "metrics.json").read_text())
     assert ce["test"]["num_samples"] == ce["splits"]["test"] and "quotas" not in ce["history"][0]
     # The fabricated IOIS run, tested on CE's test split, is right on every one of its images: a paired difference.
-    fabricated = json.loads((tmp_path / "bench_iois_s0" / "metrics.json").read_text())
+    fabricated = json.loads((outputs / "bench_iois_s0" / "metrics.json").read_text())
     fabricated.update(split_ids=ce["split_ids"], test_predictions_in_split_order=True)
-    (tmp_path / "bench_iois_s0" / "metrics.json").write_text(json.dumps(fabricated))
+    (outputs / "bench_iois_s0" / "metrics.json").write_text(json.dumps(fabricated))
     assert ce["test_predictions_in_split_order"]
-    with open(tmp_path / "bench_ce_s0" / "test_predictions.csv", newline="") as f:
+    with open(outputs / "bench_ce_s0" / "test_predictions.csv", newline="") as f:
         ce_rows = list(csv.DictReader(f))
-    with open(tmp_path / "bench_iois_s0" / "test_predictions.csv", "w", newline="") as f:
+    with open(outputs / "bench_iois_s0" / "test_predictions.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(ce_rows[0]))
         w.writeheader()
         w.writerows({**r, "predicted": r["label"]} for r in ce_rows)
@@ -111,15 +114,15 @@ def test_benchmark_tabulates_every_finished_run_skips_them_and_names_the_missing
     assert main(args) == 0  # with nothing to run, Ray is not started
     out = capsys.readouterr().out
     assert "2 runs, 2 finished already, 0 to run" in out
-    table = (tmp_path / "bench" / "results.md").read_text()
-    with open(tmp_path / "bench" / "results.csv") as f:
+    table = (outputs / "bench" / "results.md").read_text()
+    with open(outputs / "bench" / "results.csv") as f:
         rows = {row["group"]: row for row in csv.DictReader(f)}
     assert set(rows) == {"ce", "iois"} and rows["ce"]["runs"] == "1"
     assert float(rows["iois"]["balanced_accuracy_mean"]) == pytest.approx(iois["balanced_accuracy"])
     assert float(rows["ce"]["balanced_accuracy_mean"]) == pytest.approx(ce["test"]["balanced_accuracy"])
     for key in ("accuracy", "macro_f1", "mcc", "auc", "acc[9]"):
         assert f"{key}_std" in rows["iois"] and key in table
-    with open(tmp_path / "bench" / "paired.csv") as f:
+    with open(outputs / "bench" / "paired.csv") as f:
         (paired,) = list(csv.DictReader(f))
     assert (paired["method"], paired["against"], paired["seeds"]) == ("iois", "ce", "1")
     gap = 1 - ce["test"]["balanced_accuracy"]
@@ -127,22 +130,22 @@ def test_benchmark_tabulates_every_finished_run_skips_them_and_names_the_missing
     assert 0 < float(paired["balanced_accuracy_low"]) <= gap <= float(paired["balanced_accuracy_high"])
     assert "Paired differences on the same test images" in table and "| iois | ce | 1 |" in table
     for figure in ("per_class_change_iois_vs_ce.png", "real_vs_synthetic_iois.png"):
-        assert (tmp_path / "bench" / figure).stat().st_size > 1000
-        assert f"figure: {tmp_path / 'bench' / figure}" in out
+        assert (outputs / "bench" / figure).stat().st_size > 1000
+        assert f"figure: {outputs / 'bench' / figure}" in out
 
     # Rerun: finished runs are skipped, untouched.
-    before = (tmp_path / "bench_ce_s0" / "metrics.json").stat().st_mtime_ns
+    before = (outputs / "bench_ce_s0" / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0
     assert "2 runs, 2 finished already, 0 to run" in capsys.readouterr().out
-    assert before == (tmp_path / "bench_ce_s0" / "metrics.json").stat().st_mtime_ns
-    assert (tmp_path / "bench" / "results.md").read_text() == table
+    assert before == (outputs / "bench_ce_s0" / "metrics.json").stat().st_mtime_ns
+    assert (outputs / "bench" / "results.md").read_text() == table
     # One more method: --report-only starts nothing, tabulates what finished and names what did not.
     methods = "benchmark.methods={ce: [], iois: [synthesis.mode=online, synthesis.budget=8], focal: [method.loss=focal]}"
     assert main([*args[:-3], methods, *args[-2:], "--report-only"]) == 1
     out, err = capsys.readouterr()
-    assert "did not finish: bench_focal_s0" in err and not (tmp_path / "bench_focal_s0").exists()
+    assert "did not finish: bench_focal_s0" in err and not (outputs / "bench_focal_s0").exists()
     assert "2 finished already, 1 to run (not now: --report-only)" in out
-    assert (tmp_path / "bench" / "results.md").read_text() == table
+    assert (outputs / "bench" / "results.md").read_text() == table
 
 
 def test_a_search_over_an_unknown_key_is_refused_before_ray_starts(tmp_path, capsys):

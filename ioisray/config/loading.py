@@ -154,3 +154,27 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 def config_from_dict(d: dict[str, Any]) -> Config:
     return build_config(d, source="dict")
+
+
+# Keys that hold a path on this machine (or a filesystem URI, which is kept as it is).
+PATH_KEYS = ("output_dir", "data.root", "data.csv", "model.weights", "diffusion.model_dir", "baseline")
+
+
+def with_absolute_paths(cfg: Config, start: str | os.PathLike | None = None) -> Config:
+    """`cfg` with every local path of PATH_KEYS made absolute against `start` (default: the folder the
+    command was started in). A Tune trial runs in a working folder of its own, where a relative
+    `output_dir` would put the runs out of sight; resolved before any trial starts, every trial writes
+    and reads where the user meant."""
+    from ioisray.storage import is_uri
+
+    start = Path(start or os.getcwd())
+    data = cfg.model_dump(mode="json")
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        section = data
+        for part in parents:
+            section = section[part]
+        value = section.get(leaf)
+        if value and not is_uri(value):
+            section[leaf] = str((start / Path(value).expanduser()).resolve())
+    return Config.model_validate(data)

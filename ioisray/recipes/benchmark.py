@@ -22,7 +22,7 @@ import numpy as np
 
 from ioisray import report as figures, storage
 from ioisray.atomic import atomic_write_bytes, atomic_write_text
-from ioisray.config import Config, save_config
+from ioisray.config import Config, save_config, with_absolute_paths
 from ioisray.experiments import (aggregate, benchmark_runs, comparisons, paired_markdown, paired_rows, results_csv,
                                  results_markdown, trial_resources)
 from ioisray.recipes.launch import run_trials
@@ -53,6 +53,7 @@ class NothingFinishedError(RuntimeError):
 def benchmark(cfg: Config, report_only: bool = False) -> dict:
     """Run the grid (with `report_only`, only tabulate the runs that have finished); returns
     {"table", "figures", "missing", "run_dir"}."""
+    cfg = with_absolute_paths(cfg)  # trials run in working folders of their own
     runs = benchmark_runs(cfg)
     todo = [r for r in runs if _finished(r.config) is None]
     print(f"[ioisray] benchmark {cfg.name}: {len(runs)} runs, {len(runs) - len(todo)} finished already, "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ioisray import storage
 from ioisray.atomic import atomic_write_text
-from ioisray.config import Config, save_config, to_yaml
+from ioisray.config import Config, save_config, to_yaml, with_absolute_paths
 from ioisray.experiments import check_search_space, results_csv, trial_config, trial_resources
 from ioisray.recipes.launch import run_trials
 from ioisray.recipes.prerequisites import shared_diffusion_model
@@ -101,6 +101,7 @@ def search(cfg: Config) -> dict:
     from ray import tune
 
     check_search_space(cfg)
+    cfg = with_absolute_paths(cfg)  # trials run in working folders of their own
     base = shared_diffusion_model(cfg.model_copy(update={"baseline": None}))
     run = Run(base).pull()
     run.check_resumable(started=storage.exists(run.uri(SEARCH)))  # a stopped search resumes as it began
