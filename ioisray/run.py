@@ -91,11 +91,13 @@ class RunLock:
             return json.loads(storage.read_bytes(self.path))
         except FileNotFoundError:
             return None
-        except ValueError:  # half-written by a process killed mid-write: nobody holds it
-            return None
+        except ValueError:  # half-written (by a process killed mid-write, or a lease write on a URI)
+            return {}
 
     def _why_taken(self, holder: dict) -> Optional[str]:
         """Why `holder`'s lock may be taken over (None: it may not)."""
+        if not holder:
+            return "its lock file was written only in part"
         age = time.time() - float(holder.get("renewed_at", 0))
         if holder.get("host") == self.me["host"]:
             if holder.get("pid") == self.me["pid"]:
@@ -109,7 +111,13 @@ class RunLock:
 
     def acquire(self, wait: float = 0.0) -> None:
         deadline = time.monotonic() + wait
-        while (holder := self._holder()) is not None and (why := self._why_taken(holder)) is None:
+        while True:
+            holder = self._holder()
+            why = None if holder is None else self._why_taken(holder)
+            if holder is None or why is not None:
+                if self._claim(holder):
+                    break
+                continue  # another process took it first: look again at who holds it now
             if time.monotonic() >= deadline:
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started_at", 0))))
                 raise RunLockedError(
@@ -118,13 +126,58 @@ class RunLock:
             time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
         if holder is not None and why != "it is this process's own":
             print(f"[ioisray] taking over the lock of run {self.name}: {why}", flush=True)
-        self.me["started_at"] = time.time()
-        self._write()
         self._thread = threading.Thread(target=self._renew, name="ioisray-run-lock", daemon=True)
         self._thread.start()
 
+    def _claim(self, stale: Optional[dict]) -> bool:
+        """Write this process's lock where there was none (`stale` None) or `stale`'s, which may be taken
+        over; False if another process claimed it first. In a local folder the claim is one exclusive
+        step (a complete file linked into place, which fails if one is there), so of two runs started
+        at the same instant one gets the lock; on a URI it is a write (a lease, see the class)."""
+        self.me["started_at"] = time.time()
+        if storage.is_uri(self.path):
+            self._write()
+            return True
+        if stale is not None and not self._set_aside(stale):
+            return False
+        tmp = f"{self.path}.{self.me['pid']}.{threading.get_ident()}.tmp"
+        storage.write_bytes(tmp, self._content())
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def _set_aside(self, stale: dict) -> bool:
+        """Move `stale`'s lock file out of the way, if it is still that one (another process taking it
+        over at the same time gets there first, or already put its own in place)."""
+        aside = f"{self.path}.{self.me['pid']}.{threading.get_ident()}.stale"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # gone already: claim it by the exclusive step
+        try:
+            with open(aside) as f:
+                moved = json.loads(f.read())
+        except ValueError:
+            moved = {}
+        if moved == stale or not stale:
+            os.unlink(aside)
+            return True
+        try:  # we moved a newer holder's lock: put it back unless yet another is in place
+            os.link(aside, self.path)
+        except FileExistsError:
+            pass
+        os.unlink(aside)
+        return False
+
+    def _content(self) -> bytes:
+        return json.dumps({**self.me, "renewed_at": time.time()}).encode()
+
     def _write(self) -> None:
-        storage.write_bytes(self.path, json.dumps({**self.me, "renewed_at": time.time()}).encode())
+        storage.write_bytes(self.path, self._content())
 
     def _renew(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):

@@ -87,3 +87,44 @@ def test_a_run_folder_is_only_made_once_its_inputs_are_checked(tmp_path):
     assert (run.dir / "config.yaml").is_file() and (run.dir / LOCK_FILE).is_file()
     run.close()
     assert not (run.dir / LOCK_FILE).exists()
+
+
+def _start_at_once(location, barrier, results, tried):
+    lock = RunLock(location, "r")
+    barrier.wait()
+    try:
+        lock.acquire()
+    except RunLockedError:
+        results.put("refused")
+        return
+    results.put("held")
+    tried.wait(30)  # hold it until both have tried
+    lock.release()
+
+
+def test_of_two_runs_started_at_the_same_instant_one_gets_the_lock(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # no Ray here; a fork starts at once
+    for attempt in range(10):
+        barrier, results, tried = ctx.Barrier(2), ctx.Queue(), ctx.Event()
+        location = str(tmp_path / f"run{attempt}")
+        procs = [ctx.Process(target=_start_at_once, args=(location, barrier, results, tried)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        outcomes = sorted(results.get(timeout=30) for _ in procs)
+        tried.set()
+        for p in procs:
+            p.join(timeout=30)
+        assert outcomes == ["held", "refused"], f"attempt {attempt}: {outcomes}"
+        assert [p.exitcode for p in procs] == [0, 0]
+        assert not list((tmp_path / f"run{attempt}").iterdir())  # released, and no temporary file left
+
+
+def test_a_half_written_lock_is_taken_over(tmp_path, capsys):
+    (tmp_path / LOCK_FILE).write_text('{"host": "node-7", "pi')
+    lock = RunLock(str(tmp_path), "r")
+    lock.acquire()
+    assert "written only in part" in capsys.readouterr().out
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == lock.me["pid"]
+    lock.release()
