@@ -117,8 +117,9 @@ def test_ham10000_missing_column_lists_found_columns(tmp_path):
 
 def test_ham10000_class_without_images(tmp_path):
     make_ham10000_official(tmp_path, classes=[c for c in HAM_CLASSES if c != "df"])
-    with pytest.raises(DataError, match="df"):
+    with pytest.raises(DataError, match="df") as e:
         load_dataset("ham10000", str(tmp_path), image_size=8)
+    assert str(tmp_path / "HAM10000_metadata.csv") in str(e.value)  # the file that lists no df image
 
 
 def test_ham10000_no_metadata(tmp_path):
@@ -145,6 +146,7 @@ def test_corrupt_image_error_and_skip(tmp_path):
     with pytest.raises(DataError) as exc:
         load_dataset("ham10000", str(tmp_path), image_size=8)
     assert str(bad[0]) in str(exc.value) and "1 more" in str(exc.value)
+    assert "data.on_bad_image=skip" in str(exc.value) and "BytesIO" not in str(exc.value)  # the key to set
     ds = load_dataset("ham10000", str(tmp_path), image_size=8, on_bad_image="skip")
     assert [s for s, _ in ds.skipped] == [str(p) for p in bad]
     assert len(ds.labels) == len(ds.sources) == len(ds.groups) == fx["n"] - 2
@@ -490,3 +492,9 @@ def test_image_size_validated(tmp_path):
     make_imagefolder(tmp_path)
     with pytest.raises(DataError, match="image_size"):
         load_dataset("imagefolder", str(tmp_path), image_size=0)
+
+
+def test_a_csv_with_a_header_and_no_rows_is_named(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    with pytest.raises(DataError, match=f"{tmp_path / 'labels.csv'}: no images listed"):
+        load_dataset("csv", str(tmp_path), image_size=8)

@@ -172,11 +172,14 @@ def test_predict_on_a_folder_with_nested_images(tmp_path, capsys):
 def test_predict_refuses_unreadable_images_naming_them(tmp_path, capsys):
     make_imagefolder(tmp_path / "unlabelled")
     corrupt = write_corrupt(tmp_path / "unlabelled" / "normal" / "zz.png")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
     run = make_run(tmp_path, ["benign", "malignant", "normal"])
     before = own_files(run)
     for args, expected in [
         ([str(tmp_path / "unlabelled")], str(corrupt)),
         ([str(tmp_path / "missing.png")], str(tmp_path / "missing.png")),
+        ([str(fifo)], f"{fifo}: not a regular file"),
         ([str(tmp_path / "unlabelled" / "benign" / "a.png"), "--out", str(run / "metrics.json")], "--out"),
     ]:
         assert main(["predict", str(run), *args]) == 2

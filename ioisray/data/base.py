@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,6 +129,12 @@ def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def decode_error(exc: Exception) -> str:
+    """PIL's message without the in-memory buffer it names (`<_io.BytesIO object at 0x...>`): the
+    message's reader knows the file, and the buffer's address means nothing to them."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+
+
 def decode_image(path: str, image_size: int) -> np.ndarray:
     """Decode the regular file `path` as decode_image_bytes does."""
     return decode_image_bytes(read_file_bytes(path), image_size)
@@ -145,19 +152,21 @@ def build_dataset(
     official_split: Sequence[str] | None = None,
     require_all_classes: bool = False,
     origins: Sequence[str] | None = None,
+    source: str | None = None,
 ) -> ImageDataset:
     """Decode `paths` in a thread pool (row order kept) and assemble an ImageDataset.
 
     Unreadable images raise DataError (on_bad_image="error") or are dropped and listed in
     `skipped` (on_bad_image="skip"). Rows that are one image (same resolved path, or same SHA-1
     of the file's bytes) get one group (see duplicates.merge_duplicates); `origins` says where
-    each row comes from (e.g. "labels.csv, line 3") for its error messages.
+    each row comes from (e.g. "labels.csv, line 3") and `source` what listed the rows (a CSV, a
+    folder), for its error messages.
     """
     check_on_bad_image(on_bad_image)
     check_image_size(image_size)
     paths = [str(p) for p in paths]
     if not paths:
-        raise DataError("dataset has no images (no rows/files found)")
+        raise DataError(f"{source or 'the dataset'}: no images listed (no rows or image files found)")
     # Preallocate one array and decode into its rows: avoids a second full-size copy from np.stack.
     images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     real_paths, digests = [""] * len(paths), [""] * len(paths)
@@ -175,7 +184,7 @@ def build_dataset(
         except NotARegularFile as exc:
             return str(exc)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            return f"cannot decode image ({type(exc).__name__}: {exc})"
+            return f"cannot decode image ({type(exc).__name__}: {decode_error(exc)})"
 
     with ThreadPoolExecutor(max(1, int(num_threads))) as pool:
         errors = list(pool.map(work, range(len(paths))))  # map() keeps row order
@@ -184,7 +193,7 @@ def build_dataset(
     if skipped and on_bad_image == "error":
         path, reason = skipped[0]
         more = f" (and {len(skipped) - 1} more bad images)" if len(skipped) > 1 else ""
-        raise DataError(f"{path}: {reason}{more}; pass on_bad_image='skip' to drop bad images")
+        raise DataError(f"{path}: {reason}{more}; set data.on_bad_image=skip to drop bad images")
     keep = np.array([e is None for e in errors])
     if not keep.any():
         raise DataError(f"all {len(paths)} images are unreadable, e.g. {skipped[0][0]}: {skipped[0][1]}")
@@ -209,5 +218,6 @@ def build_dataset(
     if require_all_classes:
         empty = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
         if empty:
-            raise DataError(f"class(es) {empty} have no images (checked after skipping bad images)")
+            raise DataError(f"{source or 'the dataset'}: class(es) {empty} have no images (checked after skipping "
+                            f"bad images)")
     return ds

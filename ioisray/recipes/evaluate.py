@@ -25,7 +25,7 @@ from ioisray import report
 from ioisray.atomic import atomic_write_text
 from ioisray.config import Config, ConfigError, apply_overrides, build_config
 from ioisray.data import DataError, ImageDataset, decode_image, load_dataset, provenance, split_dataset
-from ioisray.data.base import SPLIT_NAMES
+from ioisray.data.base import SPLIT_NAMES, decode_error
 from ioisray.data.loaders import IMAGE_EXTENSIONS
 from ioisray.engine import numpy_batches, predict
 from ioisray.metrics import classification_metrics, format_table
@@ -215,6 +215,8 @@ def image_files(inputs: Iterable[str | Path]) -> list[str]:
             found += files
         elif item.is_file():
             found.append(str(item))
+        elif item.exists():  # a FIFO, a socket, a device: reading it could block or never end
+            raise DataError(f"{item}: not a regular file")
         else:
             raise DataError(f"{item}: file not found")
     return list(dict.fromkeys(found))
@@ -226,7 +228,7 @@ def decode_or_refuse(path: str, image_size: int) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {decode_error(e)})") from None
 
 
 def image_batches(paths: Sequence[str], image_size: int, batch_size: int, threads: int) -> Iterator[dict]:

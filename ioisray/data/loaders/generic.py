@@ -68,7 +68,7 @@ def load_imagefolder(root: str, *, image_size: int, on_bad_image: str = "error",
         paths += [str(p) for p in files]
         labels += [c] * len(files)
     return build_dataset(paths, labels, [d.name for d in class_dirs], image_size=image_size,
-                         on_bad_image=on_bad_image, num_threads=num_threads)
+                         on_bad_image=on_bad_image, num_threads=num_threads, source=str(root))
 
 
 @register("csv")
@@ -103,5 +103,5 @@ def load_csv(root: str | None = None, *, csv: str | None = None, image_size: int
         image_size=image_size, on_bad_image=on_bad_image, num_threads=num_threads,
         groups=[row["group"] or p for (_, row), p in zip(rows, paths)] if has_group else None,
         official_split=[split_value(csv_path, line, row["split"]) for line, row in rows] if has_split else None,
-        origins=[f"{csv_path}, line {line}" for line, _ in rows],
+        origins=[f"{csv_path}, line {line}" for line, _ in rows], source=str(csv_path),
     )

@@ -49,7 +49,8 @@ def load_ham10000(root: str, *, image_size: int, on_bad_image: str = "error", nu
     else:
         raise DataError(f"{root}: neither labels.csv nor HAM10000_metadata.csv found")
     return build_dataset(paths, labels, HAM_CLASSES, image_size=image_size, on_bad_image=on_bad_image,
-                         num_threads=num_threads, groups=groups, require_all_classes=True)
+                         num_threads=num_threads, groups=groups, require_all_classes=True,
+                         source=str(copy_csv if copy_csv.is_file() else official_csv))
 
 
 def _aptos_grade(path: Path, line: int, value: str) -> int:
@@ -82,7 +83,8 @@ def load_aptos(root: str, *, image_size: int, on_bad_image: str = "error", num_t
     else:
         raise DataError(f"{root}: neither labels.csv nor train.csv found")
     return build_dataset(paths, labels, APTOS_CLASSES, image_size=image_size, on_bad_image=on_bad_image,
-                         num_threads=num_threads, require_all_classes=True)
+                         num_threads=num_threads, require_all_classes=True,
+                         source=str(copy_csv if copy_csv.is_file() else official_csv))
 
 
 def _load_medmnist_npz(path: Path, class_names: list[str], image_size: int) -> ImageDataset:
@@ -160,4 +162,4 @@ def load_dermamnist(root: str, *, image_size: int, on_bad_image: str = "error", 
             raise DataError(f"{root}: no labels.csv and no images under {root}/<train|val|test>/<class>/")
     return build_dataset(paths, labels, HAM_CLASSES, image_size=image_size, on_bad_image=on_bad_image,
                          num_threads=num_threads, official_split=splits, require_all_classes=True,
-                         origins=origins)
+                         origins=origins, source=str(label_csv if label_csv.is_file() else root))
