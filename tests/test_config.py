@@ -39,6 +39,7 @@ def test_overrides_are_typed_and_win(tmp_path):
     ("data.split_seed=-1", "data.split_seed"),
     ("train.lr=.inf", "train.lr"),
     ("train.augment.crop_scale=[1.2,0.5]", "train.augment.crop_scale"),
+    ("name=", "name: needs a value"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -124,9 +124,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         unknown = e["type"] in ("extra_forbidden", "unexpected_keyword_argument")
-        msg = "unknown key" if unknown else e["msg"]
-        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if not unknown
-                                          and not isinstance(e.get("input"), dict) else ""))
+        if unknown:
+            lines.append(f"  {key}: unknown key")
+        elif e.get("input") is None:  # `key=` (empty) means "none", which only optional keys take
+            lines.append(f"  {key}: needs a value (it was given none: `{key}=` with nothing after it, or null)")
+        else:
+            lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if not isinstance(e.get("input"), dict)
+                                                   else ""))
     return "\n".join(lines)
 
 
