@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_win(tmp_path):
     ("train.lr=.inf", "train.lr"),
     ("train.augment.crop_scale=[1.2,0.5]", "train.augment.crop_scale"),
     ("name=", "name: needs a value"),
+    ("synthesis.budget=1000000000", "synthesis.budget=1000000000 is more than 10,000,000"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -192,11 +192,16 @@ class AASConfig(_Strict):
     floor: int = Field(0, ge=0)  # every class gets at least this many images per epoch
 
 
+MAX_BUDGET = 10_000_000  # synthetic images an epoch
+
+
 class SynthesisConfig(_Strict):
     """Where the synthetic images come from and how many (see ioisray/synthesis/)."""
 
     mode: Literal["none", "online", "offline"] = "none"  # online = IOIS; offline = one set, made once
-    budget: int = Field(0, ge=0)  # synthetic images per epoch (N)
+    # Synthetic images per epoch (N). At most MAX_BUDGET: the epoch's plan holds a label and a seed per
+    # image in memory, and a billion (a typo) would need about 16 GB before anything is made.
+    budget: int = Field(0, ge=0)
     guidance: bool = True  # classifier guidance by the classifier being trained (online only)
     chunk_size: int = Field(32, ge=1)  # images per actor call and per Ray Data block
     pool_size: int = Field(2, ge=1)  # synthesis actors
@@ -212,6 +217,9 @@ class SynthesisConfig(_Strict):
     def _budget_when_on(self):
         if self.mode != "none" and self.budget < 1:
             raise ValueError(f"synthesis.budget must be >= 1 when synthesis.mode is {self.mode!r}")
+        if self.budget > MAX_BUDGET:
+            raise ValueError(f"synthesis.budget={self.budget} is more than {MAX_BUDGET:,} images an epoch (the paper "
+                             f"makes 2,000; at about 6 images/s per GPU, 10 million take about 20 GPU-days)")
         return self
 
 
