@@ -40,8 +40,10 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: st
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk says nothing of where
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from ioisray.config import ConfigError, RunFinishedError, load_config
@@ -172,7 +173,9 @@ def _one_line(e: Exception) -> int:
     cause = _root_cause(e)
     if isinstance(cause, OSError) and cause.errno is not None:  # a full disk, a permission, ...
         where = f": {cause.filename}" if cause.filename else ""
-        print(f"ioisray: error: {cause.strerror or cause}{where}", file=sys.stderr)
+        kept = ("; what was saved before is intact (every file is written whole, then renamed): free some "
+                "space and rerun the same command to resume" if cause.errno == errno.ENOSPC else "")
+        print(f"ioisray: error: {cause.strerror or cause}{where}{kept}", file=sys.stderr)
         return 1
     if type(e).__module__.startswith("ray."):  # a failed Ray Train run: its workers' logs are above
         last = str(cause).strip().splitlines()[-1:] or [type(cause).__name__]

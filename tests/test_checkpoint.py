@@ -129,3 +129,26 @@ def test_the_final_checkpoint_comes_first(tmp_path):
     store.save(small_state(5))
     store.save(small_state(5), files={"results.json": b"{}"}, name=FINAL)
     assert store.latest()[0] == FINAL and store.names() == ["epoch_00005"]
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_version(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from ioisray.atomic import atomic_write_text
+    from ioisray.cli import _one_line
+
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "before")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_text(target, "after")
+    assert e.value.filename == str(target) and e.value.errno == errno.ENOSPC
+    assert target.read_text() == "before" and list(tmp_path.iterdir()) == [target]  # no temporary file left
+    assert _one_line(e.value) == 1
+    err = capsys.readouterr().err
+    assert f"No space left on device: {target}" in err and "rerun the same command to resume" in err
