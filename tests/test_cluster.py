@@ -52,6 +52,40 @@ def test_cluster_yaml_passes_the_autoscaler_schema_and_opens_no_ray_port():
     assert cfg.output_dir.startswith("s3://") and cfg.ray.address == "auto"
 
 
+def test_cluster_yaml_boots_an_image_that_fits_the_pins_on_every_node_type():
+    import re
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+    from ray.autoscaler._private.aws.config import DEFAULT_AMI, _check_ami
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ray_pin = next(d.split("==")[1] for d in project["dependencies"] if d.startswith("ray["))
+    _check_ami(config)  # what `ray up` does: the autoscaler's old default AMI for a node type without one
+    docker = config["docker"]
+    for name, node_type in config["available_node_types"].items():
+        ami = node_type["node_config"]["ImageId"]
+        assert ami not in DEFAULT_AMI.values(), f"{name} boots the autoscaler's default AMI (Ubuntu 18.04)"
+        assert re.fullmatch(r"resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                            r"base-oss-nvidia-driver-gpu-ubuntu-2[24]\.04/latest/ami-id|ami-[0-9a-f]{8,17}", ami), ami
+        head = name == config["head_node_type"]
+        image = (docker.get("head_image") if head else node_type.get("docker", {}).get("worker_image")
+                 or docker.get("worker_image")) or docker["image"]
+        # Ray's own image of the pinned Ray, on a Python the package supports.
+        match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3(\d+)-gpu", image)
+        assert match and match[1] == ray_pin, f"{name}: {image} is not Ray's image of ray=={ray_pin}"
+        assert SpecifierSet(project["requires-python"]).contains(f"3.{match[2]}"), image
+        if node_type["resources"].get("GPU"):
+            assert "--gpus all" in node_type.get("docker", {}).get("worker_run_options", []), name
+    # The setup commands install with the image's own pip: no other interpreter, no second Ray.
+    for command in config["setup_commands"] + config["head_setup_commands"]:
+        assert re.match(r"pip install ", command) and not re.search(r"python3?\.\d|pip3\.\d|\bray[=<>\[]", command)
+    # The cluster job's data is in the head's container, whose user is `ray`.
+    assert load_config(ROOT / "configs/ham10000_cluster.yaml").data.root.startswith("/home/ray/")
+
+
 def _free_ports(n):
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
