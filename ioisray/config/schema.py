@@ -50,7 +50,7 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = "resnet18"  # any timm model name
-    weights: Optional[str] = None  # local .safetensors/.pth file; never downloaded
+    weights: Optional[str] = None  # .safetensors/.pth file, local or a filesystem URI; never from a hub
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("name")
