@@ -40,6 +40,7 @@ class Capacity:
     max_nodes: float
     autoscaler: Optional[bool]
     nodes_up: int = 1
+    addable: tuple = ()  # (resources, how many) of each node type the autoscaler can add
 
     @property
     def has(self) -> str:
@@ -112,12 +113,52 @@ def check_fits(requests: list[Optional[Request]], capacity: Capacity) -> None:
                                    for r in requests if r.each.get(k))
                 problem = f"{parts} = {v:g} {k}, but the cluster {capacity.has} {have:g} {k}"
                 break
+    if problem is None and not _can_place(requests, capacity):
+        problem = (f"{' and '.join(f'{r.count_key}={r.count} x {_fmt(r.each)}' for r in requests)} cannot be placed "
+                   f"on the cluster's nodes together ({', '.join(dict.fromkeys(r.key(k) for r in requests for k in r.each if r.each[k]))}; "
+                   f"its nodes{' and node types' if capacity.autoscaler else ''}: "
+                   f"{', '.join(sorted({_fmt({k: n.get(k, 0.0) for r in requests for k in r.each}) for n in capacity.nodes}))})")
     if problem is None:
         return
     if capacity.autoscaler is None:
         print(f"[ioisray] warning: {problem}; the run waits until the cluster has them", flush=True)
         return
     raise ConfigError(problem)
+
+
+def _can_place(requests: list[Request], capacity: Capacity, budget: int = 100_000) -> bool:
+    """Whether every process of `requests` finds a place on the nodes up now and those the autoscaler can
+    add (a search over the ways to place them, largest first; True when the search runs out of `budget`
+    steps, so that a check never refuses what it could not decide)."""
+    bundles = sorted(({k: v for k, v in r.each.items() if v > 0} for r in requests for _ in range(r.count)),
+                     key=lambda b: (-len(b), -b.get("GPU", 0.0), -b.get("CPU", 0.0)))
+    up = capacity.nodes[:capacity.nodes_up] if capacity.autoscaler else capacity.nodes
+    nodes = [dict(n) for n in up]
+    for shape, count in capacity.addable:  # no more of a type than there are processes to place
+        nodes += [dict(shape) for _ in range(int(min(count, len(bundles))))]
+    steps = [0]
+
+    def place(i: int) -> bool:
+        if i == len(bundles):
+            return True
+        steps[0] += 1
+        if steps[0] > budget:
+            return True
+        tried = set()
+        for node in nodes:
+            key = tuple(sorted(node.items()))
+            if key in tried or any(node.get(k, 0.0) + 1e-9 < v for k, v in bundles[i].items()):
+                continue
+            tried.add(key)  # identical nodes: one try
+            for k, v in bundles[i].items():
+                node[k] -= v
+            if place(i + 1):
+                return True
+            for k, v in bundles[i].items():
+                node[k] += v
+        return False
+
+    return place(0)
 
 
 # Paths read or written by processes that may run on any node: the run's outputs (rank 0 writes the
@@ -164,9 +205,10 @@ def combine(up: list[dict[str, float]], types: Optional[tuple[list[dict], dict, 
             now[k] = now.get(k, 0.0) + v
     if types is None:
         return Capacity(up, now, len(up), None if on_a_cluster else False, len(up))
-    shapes, most, max_nodes = types
-    return Capacity(up + shapes, {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in {*now, *most}},
-                    max(max_nodes, len(up)), True, len(up))
+    addable, most, max_nodes = types
+    return Capacity(up + [shape for shape, _ in addable],
+                    {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in {*now, *most}},
+                    max(max_nodes, len(up)), True, len(up), tuple(addable))
 
 
 def _gcs_node_types() -> Optional[tuple[list[dict], dict, float]]:
@@ -189,7 +231,8 @@ def _gcs_node_types() -> Optional[tuple[list[dict], dict, float]]:
         if k in most:
             most[k] = min(most[k], float(cap))
     max_nodes = math.inf if any(g.max_count < 0 for g in groups) else float(sum(g.max_count for g in groups))
-    return [{k: float(v) for k, v in g.resources.items()} for g in groups], most, max_nodes
+    return ([({k: float(v) for k, v in g.resources.items()}, math.inf if g.max_count < 0 else float(g.max_count))
+             for g in groups], most, max_nodes)
 
 
 def _bootstrap_node_types(path: str = BOOTSTRAP_CONFIG) -> Optional[tuple[list[dict], dict, float]]:
@@ -208,8 +251,9 @@ def _bootstrap_node_types(path: str = BOOTSTRAP_CONFIG) -> Optional[tuple[list[d
         return None
     room = config.get("max_workers", math.inf)
     workers = {name: min(t.get("max_workers", 0), room) for name, t in types.items()}
-    shapes = [{k: float(v) for k, v in (t.get("resources") or {}).items()} for t in types.values()]
-    resources = {k for s in shapes for k in s}
+    shapes = [({k: float(v) for k, v in (t.get("resources") or {}).items()}, float(workers[name] + (name == head)))
+              for name, t in types.items()]
+    resources = {k for shape, _ in shapes for k in shape}
     most = {}
     for k in resources:
         # The head, then the cluster's worker nodes given to the types with the most of this resource.

@@ -72,6 +72,40 @@ def test_one_gpu_cannot_hold_the_trainer_and_four_synthesis_actors():
     cluster.check_fits([cluster.trainer_request(ham)], one_gpu)  # the trainer alone fits
 
 
+def test_processes_that_fit_one_by_one_and_in_total_but_not_together_on_the_nodes_are_refused(tmp_path):
+    # Two nodes: the head, and one that alone has both the trainer's and the synthesis resource. Rank 0
+    # with 2 CPUs leaves no room there for the synthesis actor, though 6 CPUs are there in all.
+    two_nodes = cluster.combine([{"CPU": 4.0}, {"CPU": 2.0, "synthesis": 2.0, "trainer": 1.0}], None,
+                                on_a_cluster=False)
+    overrides = ["ray.num_workers=1", "ray.resources_per_worker={trainer: 1}", "synthesis.pool_size=1",
+                 "synthesis.num_cpus=0.5", "synthesis.resources={synthesis: 1}"]
+    tight = load_config(ROOT / "configs/digits.yaml", [*overrides, "ray.cpus_per_worker=2"])
+    with pytest.raises(ConfigError, match=r"^ray.num_workers=1 x \{CPU: 2, trainer: 1\} and synthesis.pool_size=1 x "
+                                          r"\{CPU: 0.5, synthesis: 1\} cannot be placed on the cluster's nodes "
+                                          r"together \(ray.cpus_per_worker, ray.resources_per_worker, "
+                                          r"synthesis.num_cpus, synthesis.resources;"):
+        cluster.check_fits([cluster.trainer_request(tight), cluster.pool_request(tight)], two_nodes)
+    roomy = load_config(ROOT / "configs/digits.yaml", [*overrides, "ray.cpus_per_worker=1"])
+    cluster.check_fits([cluster.trainer_request(roomy), cluster.pool_request(roomy)], two_nodes)
+    # Node types the autoscaler can add count as many times as it may add them.
+    config = {"max_workers": 2, "head_node_type": "head",
+              "available_node_types": {"head": {"resources": {"CPU": 4}},
+                                       "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2}}}
+    (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
+    scalable = cluster.combine([{"CPU": 4.0}], cluster._bootstrap_node_types(str(tmp_path / "bootstrap.yaml")), True)
+    gpus = load_config(ROOT / "configs/digits.yaml", ["ray.num_workers=1", "ray.use_gpu=true", "ray.cpus_per_worker=6",
+                                                      "synthesis.pool_size=1", "synthesis.num_gpus=1",
+                                                      "synthesis.num_cpus=6"])
+    cluster.check_fits([cluster.trainer_request(gpus), cluster.pool_request(gpus)], scalable)  # one GPU node each
+    three = gpus.model_copy(update={"synthesis": gpus.synthesis.model_copy(update={"pool_size": 2})})
+    with pytest.raises(ConfigError, match="= 3 GPU, but the cluster has or can scale to 2 GPU"):
+        cluster.check_fits([cluster.trainer_request(three), cluster.pool_request(three)], scalable)
+    halves = gpus.model_copy(update={"synthesis": gpus.synthesis.model_copy(update={"num_gpus": 0.5})})
+    with pytest.raises(ConfigError, match="cannot be placed on the cluster's nodes together"):  # 6 + 6 CPUs > 8
+        cluster.check_fits([cluster.trainer_request(halves), cluster.pool_request(
+            halves.model_copy(update={"synthesis": halves.synthesis.model_copy(update={"pool_size": 2})}))], scalable)
+
+
 def test_a_cluster_whose_autoscaler_cannot_be_seen_is_warned_about_not_refused(capsys):
     ham = load_config(ROOT / "configs/ham10000.yaml", ["data.root=/x", "ray.address=auto"])
     unseen = cluster.combine([{"CPU": 8.0}], None, on_a_cluster=True)
