@@ -120,8 +120,11 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     return need
 
 
-def max_concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float], limit: int | None = None) -> int:
-    """How many trials fit in the cluster's resources side by side (at least 1, at most `limit`).
+def max_concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float], limit: int | None = None,
+                          has: str = "has") -> int:
+    """How many trials fit in the cluster's resources side by side (at least 1, at most `limit`);
+    `cluster`: the most of each resource it has or can scale to (ioisray.cluster.capacity), `has` how
+    the error says so.
 
     A trial whose needs the cluster cannot meet at all is an error here rather than a wait forever.
     """
@@ -131,7 +134,7 @@ def max_concurrent_trials(cluster: dict[str, float], per_trial: dict[str, float]
             continue
         have = cluster.get(k, 0.0)
         if have + 1e-9 < v:
-            raise ConfigError(f"one trial needs {v:g} {k} (ray.*, synthesis.*) but the cluster has {have:g}")
+            raise ConfigError(f"one trial needs {v:g} {k} (ray.*, synthesis.*) but the cluster {has} {have:g}")
         fits.append(int(math.floor(have / v + 1e-9)))
     n = min(fits) if fits else 1
     return max(1, min(n, limit) if limit else n)

@@ -104,13 +104,20 @@ def upload(local_dir: str | os.PathLike, uri: str) -> None:
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = LARGE, mirror: bool = False) -> None:
-    """Copy the files under `uri` into `local_dir`, leaving out the top-level folders in `skip`. With
-    `mirror`, files of `local_dir` (outside `skip`) that `uri` does not have are removed."""
+def _files(uri: str) -> tuple[pafs.FileSystem, dict]:
+    """The filesystem of `uri` and its files below it: {relative path: FileInfo} (empty if it is not there)."""
     fs, path = _resolve(uri)
     infos = ([] if fs.get_file_info(path).type == pafs.FileType.NotFound
              else fs.get_file_info(pafs.FileSelector(path, recursive=True)))
-    files = {info.path[len(path):].lstrip("/"): info for info in infos if info.type == pafs.FileType.File}
+    return fs, {info.path[len(path):].lstrip("/"): info for info in infos if info.type == pafs.FileType.File}
+
+
+def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = LARGE, mirror: bool = False,
+             listed: tuple | None = None) -> None:
+    """Copy the files under `uri` into `local_dir`, leaving out the top-level folders in `skip`. With
+    `mirror`, files of `local_dir` (outside `skip`) that `uri` does not have are removed. `listed`: the
+    (filesystem, files) of `_files(uri)`, when the caller has listed them already."""
+    fs, files = listed or _files(uri)
     if mirror and Path(local_dir).is_dir():
         for local in Path(local_dir).rglob("*"):
             rel = local.relative_to(local_dir).as_posix()
@@ -165,17 +172,25 @@ class EventsDir:
 
 
 def fetch_dir(path: str) -> str:
-    """A local folder with the contents of `path`: itself when local, else a cached download (for
-    models named by URI, read on whichever node needs them)."""
+    """A local folder with the contents of `path`: itself when local, else a download cached on this
+    node (for models named by URI, read on whichever node needs them). The cache is keyed by what is
+    at the URI (every file's name, size and modification time), so a model written again at the same
+    URI is fetched again; the copies of earlier contents are then removed."""
     if not is_uri(path):
         return path
-    local = staging_dir(path) / "download"
+    fs, files = _files(path)
+    listing = "\n".join(f"{rel}\t{info.size}\t{info.mtime_ns}" for rel, info in sorted(files.items()))
+    cache = staging_dir(path)
+    local = cache / f"download-{hashlib.sha1(listing.encode()).hexdigest()[:16]}"
     if not local.is_dir():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=".download-"))
-        download(path, tmp, skip=())
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
+        download(path, tmp, skip=(), listed=(fs, files))
         try:
             tmp.rename(local)  # whole or not at all; another process on this node may have won
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+        for old in cache.glob("download*"):
+            if old != local:
+                shutil.rmtree(old, ignore_errors=True)
     return str(local)

@@ -15,9 +15,10 @@ def test_local_weights_load_backbone_and_replace_head(tmp_path):
     imagenet = create_classifier(ModelConfig(name="resnet10t"), 1000)
     save_file(imagenet.state_dict(), str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": imagenet.state_dict()}, tmp_path / "w.pth")
-    for f in ("w.safetensors", "w.pth"):
+    # Local files, and files named by URI (what every node of a cluster reaches).
+    for f in ("w.safetensors", "w.pth", f"file://{tmp_path}/w.safetensors", f"file://{tmp_path}/w.pth"):
         torch.manual_seed(1)
-        m = create_classifier(ModelConfig(name="resnet10t", weights=str(tmp_path / f)), 5)
+        m = create_classifier(ModelConfig(name="resnet10t", weights=f if "://" in f else str(tmp_path / f)), 5)
         assert torch.equal(m.conv1[0].weight, imagenet.conv1[0].weight)
         assert m.fc.weight.shape == (5, imagenet.fc.weight.shape[1])
 
@@ -27,6 +28,8 @@ def test_bad_model_inputs_name_the_option(tmp_path):
         create_classifier(ModelConfig(name="resnet_does_not_exist"), 3)
     with pytest.raises(FileNotFoundError, match="model.weights"):
         create_classifier(ModelConfig(name="resnet10t", weights=str(tmp_path / "nope.pth")), 3)
+    with pytest.raises(FileNotFoundError, match="model.weights: no such file: file://"):
+        create_classifier(ModelConfig(name="resnet10t", weights=f"file://{tmp_path}/nope.pth"), 3)
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="model.weights"):
         create_classifier(ModelConfig(name="resnet10t", weights=str(tmp_path / "other.safetensors")), 3)

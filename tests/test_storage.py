@@ -1,4 +1,7 @@
 """Run outputs on a filesystem URI: upload, download (checkpoints left to Ray Train), model fetch."""
+import os
+from pathlib import Path
+
 import pytest
 
 from ioisray import storage
@@ -56,14 +59,29 @@ def test_local_output_dir_is_used_in_place(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_fetch_dir_downloads_a_model_once(tmp_path, monkeypatch):
+def test_fetch_dir_downloads_a_model_once_and_again_when_it_is_rewritten(tmp_path, monkeypatch):
     monkeypatch.setenv("IOISRAY_STAGING", str(tmp_path / "staging"))
-    (tmp_path / "store" / "unet").mkdir(parents=True)
-    (tmp_path / "store" / "unet" / "config.json").write_text("{}")
-    local = storage.fetch_dir(f"file://{tmp_path}/store/unet")
-    assert _tree(tmp_path / "staging") == [f"{local.split('staging/')[1]}/config.json"]
-    (tmp_path / "store" / "unet" / "config.json").write_text('{"changed": 1}')
-    assert storage.fetch_dir(f"file://{tmp_path}/store/unet") == local  # cached: read once per node
+    model = tmp_path / "store" / "unet"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"width": 1}')
+    uri = f"file://{model}"
+    local = storage.fetch_dir(uri)
+    assert (Path(local) / "config.json").read_text() == '{"width": 1}'
+    copied = os.stat(Path(local) / "config.json").st_ino
+    assert storage.fetch_dir(uri) == local  # unchanged: read from this node's copy, not downloaded again
+    assert os.stat(Path(local) / "config.json").st_ino == copied
+
+    (model / "config.json").write_text('{"width": 22}')  # the model written again at the same URI
+    again = storage.fetch_dir(uri)
+    assert again != local and (Path(again) / "config.json").read_text() == '{"width": 22}'
+    assert not Path(local).exists()  # the copy of what was there before is removed
+    # Same size, newer file: fetched again too.
+    (model / "config.json").write_text('{"width": 33}')
+    stat = os.stat(model / "config.json")
+    os.utime(model / "config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert (Path(storage.fetch_dir(uri)) / "config.json").read_text() == '{"width": 33}'
+    (model / "weights.bin").write_bytes(b"\0")  # a file added
+    assert sorted(os.listdir(storage.fetch_dir(uri))) == ["config.json", "weights.bin"]
     assert storage.fetch_dir(str(tmp_path / "store")) == str(tmp_path / "store")  # local paths as they are
 
 

@@ -358,3 +358,52 @@ def test_a_restarted_actor_is_counted_as_started_and_reported_as_one_actor():
     stats = asyncio.run(coordinator.epoch_stats())
     assert stats["images"] == [16] and stats["images_per_second"] == pytest.approx([4.0])
     assert stats["node_ids"] == ["node-a", "node-b"] and stats["finished"]
+
+
+class SaysWhenPlaced(LoadsWhenAllowed):
+    """LoadsWhenAllowed that first leaves a file named after its pid in `placed`: a node has taken it."""
+
+    def __init__(self, flag: str, placed: str):
+        open(os.path.join(placed, str(os.getpid())), "w").close()
+        super().__init__(flag)
+
+
+def test_actors_no_node_can_take_fail_the_first_epoch_after_the_start_timeout(local_ray, tmp_path):
+    chunks = plan([3, 2], 0, 0, chunk_size=2)
+    # A resource no node of this Ray has: the wait ends, saying which settings ask for what.
+    pool = SynthesisPool.start(lambda: SeedImages(), 2, num_cpus=0.5, resources={"synthesis_gpu": 1},
+                               start_timeout=1.0)
+    with pytest.raises(Exception, match=r"2 of 2 actors found no node with room for "
+                                        r"\{'CPU': 0.5, 'synthesis_gpu': 1\} within 1 s \(synthesis.start_timeout_s\)"):
+        pool.start_epoch(0, chunks, None)
+    pool.shutdown()
+
+    # Actors a node has taken, still loading their model when the time-out passes, are waited for.
+    flag, placed = tmp_path / "loaded", tmp_path / "placed"
+    placed.mkdir()
+    pool = SynthesisPool.start(lambda: SaysWhenPlaced(str(flag), str(placed)), 2, num_cpus=0.5, start_timeout=0.5)
+    deadline = time.monotonic() + 120
+    while len(os.listdir(placed)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(os.listdir(placed)) == 2, "the actors never started"
+    started = threading.Thread(target=pool.start_epoch, args=(0, chunks, None), daemon=True)
+    started.start()
+    started.join(2.0)  # four times the time-out
+    assert started.is_alive(), "the wait for loading actors ended at the time-out"
+    flag.write_text("ok")
+    started.join(60)
+    assert not started.is_alive() and pool.wait_until_made(timeout=60)["finished"]
+    pool.shutdown()
+
+
+def test_a_runs_pool_that_the_cluster_cannot_place_is_refused_before_any_actor_starts(local_ray):
+    # The trainer and 4 synthesis actors of one GPU each, on a Ray without GPUs (configs/ham10000.yaml
+    # on one GPU is the same request short of one): refused at once, naming the keys.
+    from ioisray.config import ConfigError, load_config
+
+    cfg = load_config("configs/ham10000.yaml", ["data.root=/x", "ray.use_gpu=false", "ray.cpus_per_worker=1",
+                                                "synthesis.num_cpus=0.5"])
+    with pytest.raises(ConfigError, match=r"^synthesis.num_cpus, synthesis.num_gpus: each of the synthesis.pool_size=4 "
+                                          r"processes asks for \{CPU: 0.5, GPU: 1\}, but no node of the cluster has "
+                                          r"that much \(its nodes: \{CPU: 4, GPU: 0\}\)$"):
+        SynthesisPool.for_run(cfg, "/no/model/needed/yet", num_classes=7)

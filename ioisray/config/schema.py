@@ -50,7 +50,7 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = "resnet18"  # any timm model name
-    weights: Optional[str] = None  # local .safetensors/.pth file; never downloaded
+    weights: Optional[str] = None  # .safetensors/.pth file, local or a filesystem URI; never from a hub
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("name")
@@ -209,6 +209,9 @@ class SynthesisConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0.0)  # per actor; fractional shares a GPU between actors
     resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor (cluster placement)
     max_retries: int = Field(3, ge=0)  # regenerations of one chunk after its actor died
+    # Seconds the actors may wait for a node with room for them (an autoscaler adds one in minutes);
+    # then the run fails, saying so, before Ray Train's 30-minute collective time-out would.
+    start_timeout_s: float = Field(1200.0, gt=0.0)
     # Real rows enter the stream as the chunks are made (after a head start: one slice, or what fills
     # the shuffle buffers), so the chunks are not queued behind every real row; false reads them all at once.
     pace_real_reads: bool = True

@@ -1,6 +1,7 @@
 """The classifier: any timm model by name, never downloaded; pretrained only from a local file."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import timm
@@ -12,18 +13,28 @@ from ioisray.models.wrapping import cpu_state_dict, unwrap  # noqa: F401 - here 
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights without unpickling arbitrary objects (safetensors, or torch.load weights_only).
+    """Read weights without unpickling arbitrary objects (safetensors, or torch.load weights_only),
+    from a local file or a filesystem URI (s3://..., what every node of a cluster reaches).
 
     A file that does not parse (truncated, not weights at all, or a pickle that weights_only
     refuses because it would import or call something) is a one-line ValueError naming it.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model.weights: no such file: {path}")
-    if not path.is_file():  # a folder, or a FIFO torch.load would wait on forever
-        raise ValueError(f"model.weights: {path} is not a weights file (not a regular file)")
+    from ioisray import storage
+
+    if storage.is_uri(path):
+        try:
+            data = storage.read_bytes(str(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model.weights: no such file: {path}") from None
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model.weights: no such file: {path}")
+        if not path.is_file():  # a folder, or a FIFO torch.load would wait on forever
+            raise ValueError(f"model.weights: {path} is not a weights file (not a regular file)")
+        data = path.read_bytes()
     try:
-        state = _parse_weights(path)
+        state = _parse_weights(str(path), data)
     except Exception as e:  # noqa: BLE001 - both parsers raise many types for bad input (see _short_reason)
         raise ValueError(f"model.weights: {path} is not a weights file ({_short_reason(e)})") from None
     # Accept common wrappers: {"state_dict": ...} or {"model": ...}.
@@ -35,12 +46,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _parse_weights(path: Path):
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _parse_weights(path: str, data: bytes):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return load(data)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 # Lines of torch's weights_only message that say nothing about this file.

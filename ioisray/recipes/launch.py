@@ -167,8 +167,16 @@ def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
     `train.max_failures` times (the loop resumes from its own checkpoints, see recipes/worker.py).
     Returns Ray Train's Result (None for a loop run in this process).
     """
-    with ray_session(cfg), (services() if services else contextlib.nullcontext({})) as handles:
-        return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), split, callbacks)
+    from ioisray import cluster
+
+    with ray_session(cfg):
+        # Before anything starts: the paths every node uses, and workers the cluster can place at all
+        # (Ray Train would otherwise wait for them forever). The synthesis pool checks itself with them.
+        capacity = cluster.capacity(cfg)
+        cluster.check_shared_paths(cfg, capacity)
+        cluster.check_fits([cluster.trainer_request(cfg)], capacity)
+        with services() if services else contextlib.nullcontext({}) as handles:
+            return _fit(cfg, train_loop, {**loop_config, **handles}, make_datasets(handles), split, callbacks)
 
 
 # The run whose loop runs in this process, without Ray Train (`ray.num_workers=0`, _fit):
@@ -291,13 +299,29 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from ioisray import cluster
+    from ioisray.config import ConfigError
     from ioisray.experiments import max_concurrent_trials
 
     with ray_session(cfg):
-        concurrent = max_concurrent_trials(ray.cluster_resources(), per_trial, limit)
-        print(f"[ioisray] {name}: each trial holds {per_trial}; {concurrent} at a time on this cluster "
-              f"({ {k: v for k, v in ray.cluster_resources().items() if k in per_trial} })", flush=True)
-        trainable = tune.with_resources(trainable, _trial_process_resources(cfg))
+        # What the cluster can scale to, not what is up now: an autoscaling cluster shows no GPU node
+        # before a request makes the autoscaler add one.
+        capacity = cluster.capacity(cfg)
+        cluster.check_shared_paths(cfg, capacity)
+        try:
+            concurrent = max_concurrent_trials(capacity.most, per_trial, limit, has=capacity.has)
+        except ConfigError as e:
+            if capacity.autoscaler is not None:
+                raise
+            print(f"[ioisray] warning: {e}; one trial at a time, waiting until the cluster has them", flush=True)
+            concurrent = 1
+        print(f"[ioisray] {name}: each trial holds {per_trial}; {concurrent} at a time on this cluster, which "
+              f"{capacity.has} { {k: v for k, v in capacity.most.items() if k in per_trial} }", flush=True)
+        trial_process = _trial_process_resources(cfg)
+        if capacity.multi_node and cfg.ray.num_workers:
+            # A trial's own process reads what the driver reads (data.root, the baseline): on this node.
+            trial_process[f"node:{ray.util.get_node_ip_address()}"] = 0.001
+        trainable = tune.with_resources(trainable, trial_process)
         path = storage.join(run_location(cfg), name)
         if tune.Tuner.can_restore(path):
             print(f"[ioisray] {name}: resuming the search in {path}", flush=True)

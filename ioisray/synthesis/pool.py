@@ -90,8 +90,10 @@ class PoolCoordinator:
     """Feeds `size` SynthesisActors the current epoch's chunks, one at a time each (an async actor: its
     calls interleave on one thread, so its bookkeeping needs no locks)."""
 
-    def __init__(self, make_generator: Callable, size: int, actor_options: dict, max_retries: int = 3):
+    def __init__(self, make_generator: Callable, size: int, actor_options: dict, max_retries: int = 3,
+                 start_timeout: Optional[float] = None):
         self._make_generator, self._options, self._max_retries = make_generator, actor_options, max_retries
+        self._start_timeout, self._start_deadline = start_timeout, None
         self.actors = [self._start_actor() for _ in range(size)]
         self.processes: list[Optional[tuple]] = [None] * size  # per slot: (node id, pid) of its actor's process
         self.actors_started = size  # replacements and Ray's restarts counted too
@@ -107,13 +109,41 @@ class PoolCoordinator:
 
     async def ready(self) -> list[dict]:
         """Waits until every actor has loaded its model; their pid and node. An actor that could not
-        start (its model failed to load) is a RuntimeError that says so."""
+        start (its model failed to load) is a RuntimeError that says so, and so are actors still waiting
+        for a node with room for them when the pool's start time-out has passed (a request the cluster
+        cannot meet would otherwise keep the run waiting forever); actors placed by then, loading their
+        model, are waited for."""
+        answers = asyncio.ensure_future(asyncio.gather(*(a.info.remote() for a in self.actors)))
+        if self._start_timeout is not None and self._start_deadline is None:  # from the first wait on
+            self._start_deadline = time.monotonic() + self._start_timeout
         try:
-            infos = await asyncio.gather(*(a.info.remote() for a in self.actors))
+            if self._start_deadline is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(answers), max(0.0, self._start_deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    waiting = self._waiting_for_a_node()
+                    if waiting:
+                        answers.cancel()
+                        options = {"CPU": self._options.get("num_cpus"), "GPU": self._options.get("num_gpus"),
+                                   **self._options.get("resources", {})}
+                        raise RuntimeError(
+                            f"synthesis: {waiting} of {len(self.actors)} actors found no node with room for "
+                            f"{ {k: v for k, v in options.items() if v} } within {self._start_timeout:g} s "
+                            f"(synthesis.start_timeout_s): the cluster does not have the free resources that "
+                            f"synthesis.pool_size, num_cpus, num_gpus and resources ask for beside the trainer's "
+                            f"(ray.*)") from None
+            infos = await answers
         except RECOVERABLE as e:
             raise RuntimeError(f"a synthesis actor could not start: {e}") from None
         self.processes, self._up = [(i["node_id"], i["pid"]) for i in infos], True
         return infos
+
+    def _waiting_for_a_node(self) -> int:
+        """How many actors no node has taken yet (no worker process: Ray's actor table shows pid 0 until
+        a node with room for the actor starts it)."""
+        from ray._private import state
+
+        return sum(1 for a in self.actors if not (state.actors(a._actor_id.hex()) or {}).get("Pid"))
 
     async def start_epoch(self, plan_epoch: int, chunks: list[Chunk], weights: list, reuse: bool = False) -> None:
         """Start making `chunks`; `weights` is [ObjectRef of the guide's weights] or [None] (unguided).
@@ -223,16 +253,18 @@ class SynthesisPool:
 
     @classmethod
     def start(cls, make_generator: Callable, size: int, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
-              resources: Optional[dict] = None, max_retries: int = 3, wait: bool = False) -> "SynthesisPool":
+              resources: Optional[dict] = None, max_retries: int = 3, wait: bool = False,
+              start_timeout: Optional[float] = None) -> "SynthesisPool":
         """`size` actors (each `num_cpus`, `num_gpus`, custom `resources`), loading their models. Returns
         at once: a run's training workers start while the actors load (both take seconds), and the
-        first `start_epoch` waits for the actors; `wait=True` waits here."""
+        first `start_epoch` waits for the actors; `wait=True` waits here. Actors that no node has taken
+        `start_timeout` seconds into that wait fail it (None: it waits for ever)."""
         # "DEFAULT" scheduling: started from a Tune trial, the actors would otherwise be placed in the
         # trial's own placement group (0.1 CPU), where they do not fit.
         options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {}),
                    "scheduling_strategy": "DEFAULT"}
         coordinator = ray.remote(PoolCoordinator).options(num_cpus=0, scheduling_strategy="DEFAULT").remote(
-            make_generator, size, options, max_retries)
+            make_generator, size, options, max_retries, start_timeout)
         if wait:
             ray.get(coordinator.ready.remote())
         return cls(coordinator, size)
@@ -240,12 +272,16 @@ class SynthesisPool:
     @classmethod
     def for_run(cls, cfg, model_dir: str, num_classes: int) -> "SynthesisPool":
         """The pool of a run's config: `synthesis.pool_size` actors with `synthesis.*` resources, each
-        loading the diffusion model in `model_dir` once."""
+        loading the diffusion model in `model_dir` once. Refused first, naming the keys, when the
+        cluster cannot place the actors and the run's Ray Train workers together."""
+        from ioisray import cluster
         from ioisray.synthesis.generator import generator_factory
 
+        cluster.check_fits([cluster.trainer_request(cfg), cluster.pool_request(cfg)], cluster.capacity(cfg))
         sy = cfg.synthesis
         return cls.start(generator_factory(cfg, model_dir, num_classes), sy.pool_size, num_cpus=sy.num_cpus,
-                         num_gpus=sy.num_gpus, resources=sy.resources, max_retries=sy.max_retries)
+                         num_gpus=sy.num_gpus, resources=sy.resources, max_retries=sy.max_retries,
+                         start_timeout=sy.start_timeout_s)
 
     def start_epoch(self, plan_epoch: int, chunks: list[Chunk], weights: Optional[dict], reuse: bool = False) -> None:
         """Start making this epoch's chunks, guided by `weights` (a state dict of CPU tensors; None:
