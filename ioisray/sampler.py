@@ -31,7 +31,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from ioisray.precision import sampler_dtype
 from ioisray.sampler_config import SOLVERS, SamplerConfig
-from ioisray.transforms import MEAN, STD
+from ioisray.transforms import normalise
 
 # Linear betas 1e-4..0.02 over 1000 steps: DDPM's schedule, and the one guided-diffusion used for its
 # 128x128 class-conditional ADM (the model the paper uses). Pretraining and sampling must share it:
@@ -106,9 +106,7 @@ def default_classifier_transform(output_size: int | None) -> Callable[[torch.Ten
     def transform(x: torch.Tensor) -> torch.Tensor:
         if output_size is not None:
             x = _resize(x, output_size)
-        mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return ((x + 1) / 2 - mean) / std
+        return normalise((x + 1) / 2)
 
     return transform
 
@@ -128,6 +126,14 @@ def _initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.
     """x_T per image from its own CPU generator; the generators continue to feed eta noise."""
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: to a GPU through pinned memory, without waiting (a copy from pageable
+    memory waits for the GPU to finish its queue; the pinned buffer is kept until the copy is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _guidance_gradient(x_t, eps, abar_t, labels, classifier, transform, cfg, device):
@@ -227,7 +233,7 @@ def sample(
                 eps = eps - cfg.guidance_scale * (1 - abar_t).sqrt() * grad
             noise = None
             if cfg.eta > 0:
-                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(device)
+                noise = _to_device(torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]), device)
             if cfg.solver == "ddim":
                 x = scheduler.step(eps, t_int, x, eta=cfg.eta, variance_noise=noise).prev_sample
             else:
