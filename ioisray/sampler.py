@@ -145,7 +145,10 @@ def _guidance_gradient(x_t, eps, abar_t, labels, classifier, transform, cfg, dev
         else:
             x = x_in
         with _autocast(device, cfg.dtype):
-            logits = classifier(transform(x))
+            inputs = transform(x)
+            if cfg.compile:  # a compiled guide, like the UNet, keeps one graph for every chunk size
+                torch._dynamo.mark_dynamic(inputs, 0)
+            logits = classifier(inputs)
         log_probs = F.log_softmax(logits.float(), dim=-1)
         selected = log_probs.gather(1, labels[:, None]).sum()
         # autograd.grad leaves the classifier's .grad untouched: only x gets a gradient.
