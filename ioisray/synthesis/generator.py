@@ -25,9 +25,10 @@ class DiffusionGenerator:
     `make_classifier` builds the guide's architecture only: its weights arrive with each epoch
     (`set_classifier`), so no weights file of the driver's disk is needed on a synthesis node.
     `sampler.dtype` / `sampler.compile` left at None are resolved for `device` here: bf16 where it is
-    native; the UNet compiled once (CUDA), with a dynamic batch dimension, so chunks of every size of
-    a run share one compiled graph. The guide is compiled with it, and channels-last on CUDA; only its
-    input gets a gradient. `gpu_share` caps this process's memory on a shared GPU.
+    native; the UNet compiled once (CUDA), with a dynamic batch dimension, so the chunk sizes of a run
+    share a graph or two (diffusers takes another from 64 images on), made by the warm-up. The guide is
+    compiled when the UNet is, and channels-last on CUDA; only its input gets a gradient. `gpu_share`
+    caps this process's memory on a shared GPU.
     `output_size`: the size of the images made (the classifier's input size; None: the UNet's).
     `warmup_sizes`: the chunk sizes of the run (plan.chunk_sizes), each sampled once here (see warm_up).
     """
