@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["mixup_batch", "mixup_loss", "sample_lam"]
+__all__ = ["generator_on", "mixup_batch", "mixup_loss", "sample_lam"]
 
 
 def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
@@ -28,16 +28,22 @@ def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
         return float(beta.sample())
 
 
+def generator_on(device: torch.device, generator: torch.Generator) -> torch.Generator:
+    """A generator on `device` seeded by one draw from `generator`: the permutation of a batch on a GPU is
+    drawn there (a CPU draw copied over would wait for the GPU every batch), and still follows the
+    seeded stream. A torch.Generator draws on its own device only."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def mixup_batch(
     x: Tensor, y: Tensor, alpha: float, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor, float]:
     """Return (lam * x + (1 - lam) * x[perm], y, y[perm], lam) for a random batch permutation."""
     lam = sample_lam(alpha, generator)
-    if generator is None:
-        perm = torch.randperm(x.shape[0], device=x.device)
-    else:
-        # randperm must run on the generator's device; move the indices to the data afterwards.
-        perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
+    if generator is not None and generator.device != x.device:
+        generator = generator_on(x.device, generator)
+    perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
     mixed = lam * x + (1.0 - lam) * x[perm]
     return mixed, y, y[perm.to(y.device)], lam
 

@@ -31,7 +31,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from ioisray.precision import sampler_dtype
 from ioisray.sampler_config import SOLVERS, SamplerConfig
-from ioisray.transforms import MEAN, STD
+from ioisray.transforms import normalise
 
 # Linear betas 1e-4..0.02 over 1000 steps: DDPM's schedule, and the one guided-diffusion used for its
 # 128x128 class-conditional ADM (the model the paper uses). Pretraining and sampling must share it:
@@ -106,9 +106,7 @@ def default_classifier_transform(output_size: int | None) -> Callable[[torch.Ten
     def transform(x: torch.Tensor) -> torch.Tensor:
         if output_size is not None:
             x = _resize(x, output_size)
-        mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return ((x + 1) / 2 - mean) / std
+        return normalise((x + 1) / 2)
 
     return transform
 
@@ -130,6 +128,14 @@ def _initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.
     return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: to a GPU through pinned memory, without waiting (a copy from pageable
+    memory waits for the GPU to finish its queue; the pinned buffer is kept until the copy is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _guidance_gradient(x_t, eps, abar_t, labels, classifier, transform, cfg, device):
     """grad_{x_t} of sum_i log p(labels_i | x_i), in float32; x_i is x_t or x0_hat by cfg.guidance_form."""
     with torch.enable_grad():
@@ -139,7 +145,10 @@ def _guidance_gradient(x_t, eps, abar_t, labels, classifier, transform, cfg, dev
         else:
             x = x_in
         with _autocast(device, cfg.dtype):
-            logits = classifier(transform(x))
+            inputs = transform(x)
+            if cfg.compile:  # a compiled guide, like the UNet, keeps one graph for every chunk size
+                torch._dynamo.mark_dynamic(inputs, 0)
+            logits = classifier(inputs)
         log_probs = F.log_softmax(logits.float(), dim=-1)
         selected = log_probs.gather(1, labels[:, None]).sum()
         # autograd.grad leaves the classifier's .grad untouched: only x gets a gradient.
@@ -228,7 +237,7 @@ def sample(
                 eps = eps - cfg.guidance_scale * (1 - abar_t).sqrt() * grad
             noise = None
             if cfg.eta > 0:
-                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(device)
+                noise = _to_device(torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]), device)
             if cfg.solver == "ddim":
                 x = scheduler.step(eps, t_int, x, eta=cfg.eta, variance_noise=noise).prev_sample
             else:

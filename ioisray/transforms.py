@@ -10,6 +10,7 @@ through the same training transform as real ones.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,10 +24,20 @@ _CROP_TRIES = 10  # as torchvision's RandomResizedCrop.get_params
 _RATIO = (3 / 4, 4 / 3)
 
 
+@functools.lru_cache(maxsize=64)
+def on_device(values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`values` as a 1-D tensor on `device`, made once per (values, device, dtype) and shared: building it
+    per batch would copy it from the host, and a copy from pageable memory waits for the GPU. Callers
+    must not modify it in place. Made outside inference mode, so that autograd may save it (the
+    sampler's guidance divides by the std)."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, device=device, dtype=dtype)
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
     """float (B, 3, H, W) in [0, 1] -> ImageNet-normalised."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = on_device(MEAN, x.device, x.dtype).view(1, 3, 1, 1)
+    std = on_device(STD, x.device, x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -86,7 +97,7 @@ def resized_crop_and_flip(x: torch.Tensor, boxes: torch.Tensor, hflip: torch.Ten
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(_GREY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = on_device(_GREY, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(dim=1, keepdim=True)
 
 
@@ -124,7 +135,7 @@ class TrainTransform:
         crop = self.crop_scale != (1.0, 1.0)
         if crop or self.hflip or self.vflip or (height, width) != (self.size, self.size):
             boxes = (crop_boxes(b, height, width, self.crop_scale, x.device) if crop else
-                     torch.tensor([[0.0, 0.0, height, width]], device=x.device).expand(b, 4))
+                     on_device((0.0, 0.0, float(height), float(width)), x.device).expand(b, 4))
             coin = torch.rand(b, 2, device=x.device) < 0.5
             no = torch.zeros(b, dtype=torch.bool, device=x.device)
             x = resized_crop_and_flip(x, boxes, coin[:, 0] if self.hflip else no, coin[:, 1] if self.vflip else no,

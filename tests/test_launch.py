@@ -74,3 +74,29 @@ def test_the_local_ray_has_an_explicit_address_and_listens_on_loopback_only():
             process = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:120]
             assert _loopback(ip), f"{ip}:{port} is open to the network ({process})"
     assert "RAY_ADDRESS" not in os.environ or os.environ["RAY_ADDRESS"] != address  # restored after the job
+
+
+def test_the_local_object_store_is_sized_from_the_data_within_a_floor_and_a_share_of_memory():
+    from ioisray.recipes.launch import local_object_store_bytes
+
+    MB, GB = 2**20, 2**30
+    plain = load_config(None, ["synthesis.mode=none"])
+    assert plain.ray.object_store_mb is None  # sized by default
+    assert local_object_store_bytes(plain, 0, system_bytes=24 * GB) == 512 * MB  # the floor
+    # HAM10000 at 224 px: 10,015 images, 1.5 GB in the store (training, validation and test splits).
+    ham = 10_015 * 224 * 224 * 3
+    assert local_object_store_bytes(plain, ham, system_bytes=24 * GB) == 2 * ham
+    assert local_object_store_bytes(plain, ham, system_bytes=8 * GB) == int(0.3 * 8 * GB)  # capped
+    assert local_object_store_bytes(plain, ham, system_bytes=GB) == 512 * MB  # never below the floor
+    iois = load_config(None, ["synthesis.mode=online", "synthesis.budget=2000", "data.image_size=224"])
+    assert local_object_store_bytes(iois, ham, system_bytes=24 * GB) == 2 * (ham + 2000 * 224 * 224 * 3)
+    asked = load_config(None, ["ray.object_store_mb=128"])
+    assert local_object_store_bytes(asked, ham, system_bytes=24 * GB) == 128 * MB  # as configured
+
+
+def test_a_local_ray_gets_the_object_store_its_data_needs():
+    import ray
+
+    cfg = load_config(ROOT / "configs/digits_ce.yaml", ["ray.local_num_cpus=2"])
+    with ray_session(cfg, data_bytes=400 * 2**20):
+        assert ray.cluster_resources()["object_store_memory"] == pytest.approx(800 * 2**20, rel=0.01)

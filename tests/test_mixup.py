@@ -93,3 +93,30 @@ def test_mixup_loss_is_convex_combination():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     # lam = 1 reduces to the loss on y_a alone.
     assert mixup_loss(loss_fn, logits, y_a, y_b, 1.0).item() == pytest.approx(loss_fn(logits, y_a).item())
+
+
+def test_on_the_generators_device_the_permutation_is_the_generators_own_draw():
+    # The CPU path draws exactly as before: lam's seed, then randperm from the same generator.
+    from ioisray.mixup import sample_lam
+
+    x, y = _batch(16)
+    _, _, y_b, lam = mixup_batch(x, y, 0.4, torch.Generator().manual_seed(5))
+    reference = torch.Generator().manual_seed(5)
+    assert lam == sample_lam(0.4, reference)
+    assert torch.equal(y_b, y[torch.randperm(16, generator=reference)])
+
+
+def test_a_generator_for_another_device_follows_the_seeded_stream():
+    # Data on a GPU gets its permutation drawn there, from a generator on its device seeded by one draw
+    # of the engine's CPU generator: reproducible from that generator, which advances by that one draw.
+    from ioisray.mixup import generator_on
+
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    on_a, on_b = generator_on(torch.device("cpu"), a), generator_on(torch.device("cpu"), b)
+    assert on_a is not a and on_a.device == torch.device("cpu")
+    assert torch.equal(torch.randperm(50, generator=on_a), torch.randperm(50, generator=on_b))
+    after_one_draw = torch.Generator().manual_seed(3)
+    torch.randint(0, 2**62, (1,), generator=after_one_draw)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=after_one_draw))
+    other = generator_on(torch.device("cpu"), torch.Generator().manual_seed(4))
+    assert not torch.equal(torch.randperm(50, generator=other), torch.randperm(50, generator=on_a))

@@ -34,6 +34,44 @@ def test_ordered_and_natural_yield_every_row_once(local_ray):
     assert np.array_equal(natural["label"], labels[ids])  # labels travel with their images
 
 
+def test_the_images_are_stored_in_blocks_and_a_read_fetches_only_the_blocks_holding_its_rows(local_ray):
+    import dataclasses
+
+    from ioisray.data.ray_dataset import gather_rows, put_arrays
+
+    images, labels = data()  # 350 rows of 48 bytes
+    stored = put_arrays(images, labels, block_bytes=48 * 100)
+    assert stored.rows_per_block == 100 and len(stored.blocks) == 4  # rows 0-99, ..., 300-349
+    assert np.array_equal(row_ids({"image": ray.get(stored.blocks[3])}), np.arange(300, 350))
+
+    @ray.remote(num_cpus=0)
+    def never_fetched():
+        raise RuntimeError("a block outside the rows asked for was fetched")
+
+    # Every block but rows 100-199 replaced by one whose fetch raises: reading those rows never touches them.
+    only_second = dataclasses.replace(stored, blocks=tuple(b if i == 1 else never_fetched.remote()
+                                                           for i, b in enumerate(stored.blocks)))
+    ids = np.array([150, 101, 199, 150])
+    rows = gather_rows(only_second, ids, "ordered")
+    assert np.array_equal(row_ids(rows), ids) and np.array_equal(rows["label"], labels[ids])
+    with pytest.raises(ray.exceptions.RayTaskError, match="outside the rows"):
+        gather_rows(only_second, np.array([150, 20]), "ordered")
+    rows = gather_rows(stored, np.array([349, 0, 250, 99, 100]), "ordered")  # across blocks, in the order asked
+    assert np.array_equal(row_ids(rows), [349, 0, 250, 99, 100])
+
+
+def test_datasets_read_every_row_once_from_many_blocks(local_ray, monkeypatch):
+    from ioisray.data import ray_dataset
+
+    monkeypatch.setattr(ray_dataset, "STORED_BLOCK_BYTES", 48 * 64)  # 6 blocks
+    images, labels = data()
+    ordered = ray_dataset.to_ray_dataset(images, labels, sampling="ordered").take_batch(10_000)
+    assert np.array_equal(row_ids(ordered), np.arange(len(labels))) and np.array_equal(ordered["label"], labels)
+    natural = ray_dataset.to_ray_dataset(images, labels, sampling="natural", seed=0).take_batch(10_000)
+    assert sorted(row_ids(natural)) == list(range(len(labels)))
+    assert np.array_equal(natural["label"], labels[row_ids(natural)])
+
+
 def test_an_ordered_dataset_keeps_its_order_behind_a_slow_block(local_ray):
     # Evaluation writes row i of its predictions for row i of the split: blocks must leave in order.
     from ioisray.data.ray_dataset import to_ray_dataset

@@ -9,7 +9,7 @@ from ioisray.models import build_classifier
 from ioisray.synthesis.generator import generator_factory
 from ioisray.sampler import SamplerConfig, make_train_scheduler
 from ioisray.synthesis.generator import DiffusionGenerator
-from ioisray.synthesis.plan import plan_epoch
+from ioisray.synthesis.plan import chunk_sizes, plan_epoch
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,63 @@ def test_the_guide_is_built_without_the_drivers_weights_file(model_dir, tmp_path
     gen = generator_factory(cfg, model_dir, 3)()  # what each actor runs
     gen.set_classifier({k: v.clone() for k, v in build_classifier(cfg, 3, pretrained=False).state_dict().items()})
     assert gen.guided and gen.generate(np.array([0, 2]), np.array([1, 2]))["image"].shape == (2, 8, 8, 3)
+
+
+class TinyGuide(torch.nn.Sequential):
+    def __init__(self):
+        super().__init__(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
+def _counting_backend():
+    graphs = []
+
+    def backend(gm, example_inputs):  # called once per graph dynamo compiles
+        graphs.append(gm)
+        return gm.forward
+
+    return graphs, backend
+
+
+@pytest.fixture(scope="module")
+def two_level_model_dir(tmp_path_factory):
+    """A UNet of two levels (one upsampling): a fraction of tiny's graph for dynamo to trace."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("unet2")
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, num_class_embeds=3)
+    save_diffusion_model(unet, make_train_scheduler(), path)
+    return str(path)
+
+
+def test_the_generator_compiles_every_chunk_size_of_the_plan_before_it_is_ready(two_level_model_dir,
+                                                                                one_torch_thread):
+    # chunk_size 128: the ramp 16, 32, 64 and the remainder 38. Without the warm-up the chunk of 64
+    # compiled the UNet again, mid-epoch: diffusers' upsampling branches on batch >= 64, so the graph
+    # made for the first chunk does not cover it.
+    torch._dynamo.reset()
+    graphs, backend = _counting_backend()
+    gen = DiffusionGenerator(two_level_model_dir, 3, SamplerConfig(steps=1, guidance_scale=1.0, compile=True),
+                             make_classifier=TinyGuide, compile_backend=backend, warmup_sizes=chunk_sizes(150, 128))
+    assert gen.warmed_up == [16, 32, 38, 64]
+    made_while_loading = len(graphs)
+    assert made_while_loading >= 3  # the UNet below 64 images and from 64 on, and the guide
+    # An IOIS run's first two epochs: unguided, then guided by the trained classifier's weights.
+    state = {k: v.clone() for k, v in TinyGuide().state_dict().items()}
+    seen = set()
+    for epoch, (quotas, weights) in enumerate((([50, 50, 50], None), ([90, 40, 20], state))):
+        gen.set_classifier(weights)
+        for chunk in plan_epoch(quotas, epoch, run_seed=0, chunk_size=128):
+            assert gen.generate(chunk.labels, chunk.seeds)["image"].shape == (len(chunk), 8, 8, 3)
+            seen.add(len(chunk))
+    assert sorted(seen) == gen.warmed_up and len(graphs) == made_while_loading  # nothing compiled after
+
+
+def test_the_run_warms_up_its_plans_chunk_sizes_on_a_cpu_only_when_compiled(model_dir):
+    cfg = load_config(None, ["synthesis.mode=online", "synthesis.budget=100", "synthesis.chunk_size=32",
+                             "synthesis.pool_size=3", "data.image_size=8", "sampler.steps=1"])
+    make = generator_factory(cfg, model_dir, 3)
+    assert make.keywords["warmup_sizes"] == tuple(sorted(set(chunk_sizes(100, 32, 3))))
+    assert make().warmed_up == []  # eager on the CPU (sampler.compile unset): nothing to compile or tune

@@ -93,3 +93,34 @@ def test_normalise_uses_imagenet_statistics():
     assert torch.allclose(normalise(x)[0, :, 0, 0], -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor(
         [0.229, 0.224, 0.225]))
 
+
+
+def test_constants_are_made_once_per_device_and_dtype_and_shared():
+    # A tensor built from Python values on a GPU is a host copy that waits for the GPU: the statistics,
+    # grey weights and whole-image boxes are made on the first batch only.
+    from ioisray.transforms import on_device
+
+    tf = TrainTransform(16, augment(hflip=True, jitter=0.4))
+    images = random_images(size=20)  # resized too: the whole-image box is used
+    tf(images)
+    made = on_device.cache_info().currsize
+    before = on_device.cache_info().misses
+    for _ in range(3):
+        tf(images)
+        normalise(torch.rand(2, 3, 4, 4))
+    assert on_device.cache_info().misses == before and made >= 4  # mean, std, grey weights, box
+    assert normalise(torch.rand(2, 3, 4, 4, dtype=torch.float64)).dtype == torch.float64  # one per dtype
+    assert on_device.cache_info().misses == before + 2
+
+
+def test_a_constant_first_made_in_inference_mode_can_be_saved_for_backward():
+    # Evaluation (inference mode) may be the first to ask for a constant that the sampler's guidance later
+    # saves for its gradient (x / std); an inference tensor there would fail the backward pass.
+    from ioisray.transforms import on_device
+
+    on_device.cache_clear()
+    with torch.inference_mode():
+        normalise(torch.rand(1, 3, 2, 2))
+    x = torch.rand(1, 3, 2, 2, requires_grad=True)
+    normalise(x).sum().backward()
+    assert torch.allclose(x.grad[0, :, 0, 0], 1 / torch.tensor([0.229, 0.224, 0.225]))

@@ -140,7 +140,8 @@ class RayConfig(_Strict):
     # of cluster.yaml (the synthesis actors ask for synthesis.resources).
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     local_num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs for a local Ray (default 2 * cores)
-    object_store_mb: int = Field(512, ge=64)  # local Ray only
+    # local Ray only; None: sized from the run's images (recipes/launch.local_object_store_bytes)
+    object_store_mb: Optional[int] = Field(None, ge=64)
 
     @model_validator(mode="after")
     def _one_gpu_per_nccl_rank(self):

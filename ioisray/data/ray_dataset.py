@@ -1,6 +1,8 @@
 """The one place that turns in-memory image arrays into Ray Data datasets.
 
-The arrays go to the object store once; the dataset is a lazy `range` of row numbers mapped to rows,
+The arrays go to the object store once, the images in blocks of consecutive rows (`StoredRows`), so a
+read task fetches the blocks that hold its rows rather than every image; the dataset is a lazy `range`
+of row numbers mapped to rows,
 so Ray Train re-executes it every epoch. That re-execution is what lets each epoch read the training
 rows in a new order (seeded by run and epoch, which an EpochCounter actor tells the read tasks) and
 class-balanced re-sampling draw a fresh sample. The IOIS stream (ioisray/synthesis/stream.py) reads real
@@ -12,22 +14,45 @@ import contextlib
 import importlib
 import os
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import ray
 
 ROWS_PER_BLOCK = 256
+# Bytes of images per object in the store: a read task fetches only the blocks holding its rows (from
+# another node, or back from disk when spilled) instead of every image of the split (about 1 GB for
+# HAM10000's training split at 224 px), and the store can spill or evict a block at a time.
+STORED_BLOCK_BYTES = 64 * 2**20
 Sampling = Literal["natural", "class_balanced", "ordered"]
 
 
-def put_arrays(images: np.ndarray, labels: np.ndarray) -> "ray.ObjectRef":
-    """(images, labels, row indices per class) in the object store, once."""
+@dataclass(frozen=True)
+class StoredRows:
+    """Arrays in the object store: the images as blocks of `rows_per_block` consecutive rows (one ref
+    each), and the labels with the row ids of each class (one small ref). Picklable: the refs travel
+    with it unresolved."""
+
+    blocks: tuple  # ObjectRef of uint8 (rows_per_block, H, W, 3), the last one shorter
+    rows_per_block: int
+    index: "ray.ObjectRef"  # (labels int64 (n,), [row ids of each class present])
+    image_shape: tuple
+    image_dtype: str
+
+
+def put_arrays(images: np.ndarray, labels: np.ndarray, block_bytes: int | None = None) -> StoredRows:
+    """Images (in blocks of about `block_bytes`, default STORED_BLOCK_BYTES), labels and row indices per
+    class in the object store, once."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     labels = np.asarray(labels, dtype=np.int64)
     by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
-    return ray.put((np.ascontiguousarray(images), labels, [ix for ix in by_class if len(ix)]))
+    row_bytes = max(1, images[0].nbytes if len(images) else 1)
+    rows = max(1, (block_bytes or STORED_BLOCK_BYTES) // row_bytes)
+    blocks = tuple(ray.put(np.ascontiguousarray(images[s:s + rows])) for s in range(0, len(images), rows))
+    return StoredRows(blocks, rows, ray.put((labels, [ix for ix in by_class if len(ix)])),
+                      tuple(images.shape[1:]), images.dtype.str)
 
 
 class EpochCounter:
@@ -115,20 +140,28 @@ def row_order(n: int, sampling: Sampling, seed: int, extra_rows: int = 0, epoch:
     return np.concatenate([rng.permutation(n), rng.integers(n, size=extra_rows)])
 
 
-def gather_rows(arrays, ids: np.ndarray, sampling: Sampling) -> dict:
-    """{"image", "label"} of rows `ids`; class-balanced sampling draws its rows instead."""
-    images, labels, by_class = arrays
+def gather_rows(stored: StoredRows, ids: np.ndarray, sampling: Sampling) -> dict:
+    """{"image", "label"} of rows `ids`, fetching only the image blocks that hold them; class-balanced
+    sampling draws its rows instead."""
+    labels, by_class = ray.get(stored.index)
+    ids = np.asarray(ids, dtype=np.int64)
     if sampling == "class_balanced":
         # Each row draws a class uniformly, then an image of that class: every class is seen equally
         # often in expectation. Unseeded on purpose, so each epoch's execution draws a new sample.
         rng = np.random.default_rng()
         classes = rng.integers(len(by_class), size=len(ids))
         ids = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in classes], dtype=np.int64)
-    return {"image": images[ids], "label": labels[ids]}
+    block_of = ids // stored.rows_per_block
+    needed = np.unique(block_of)
+    images = np.empty((len(ids), *stored.image_shape), dtype=np.dtype(stored.image_dtype))
+    for b, block in zip(needed, ray.get([stored.blocks[b] for b in needed])):
+        rows = block_of == b
+        images[rows] = block[ids[rows] - b * stored.rows_per_block]
+    return {"image": images, "label": labels[ids]}
 
 
-def _gather_batch(batch: dict, arrays: list, sampling: str) -> dict:
-    return gather_rows(ray.get(arrays[0]), batch["id"], sampling)
+def _gather_batch(batch: dict, stored: StoredRows, sampling: str) -> dict:
+    return gather_rows(stored, batch["id"], sampling)
 
 
 def _epoch_ids(batch: dict, n: int, seed: int, counter) -> dict:
@@ -144,13 +177,13 @@ def to_ray_dataset(images: np.ndarray, labels: np.ndarray, *, sampling: Sampling
     `num_cpus` per read task: Ray Train's workers hold the rest, and a task waiting for a whole CPU
     would deadlock a small machine.
     """
-    ref = put_arrays(images, labels)
+    stored = put_arrays(images, labels)
     n = len(labels)
     ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // ROWS_PER_BLOCK)))
     if sampling == "natural":
         ds = ds.map_batches(_epoch_ids, fn_kwargs={"n": n, "seed": seed, "counter": epoch_counter},
                             num_cpus=num_cpus, batch_format="numpy")
-    ds = ds.map_batches(_gather_batch, fn_kwargs={"arrays": [ref], "sampling": sampling},
+    ds = ds.map_batches(_gather_batch, fn_kwargs={"stored": stored, "sampling": sampling},
                         num_cpus=num_cpus, batch_format="numpy")
     if sampling == "ordered":
         keep_order(ds)

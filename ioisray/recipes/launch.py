@@ -33,6 +33,34 @@ def local_ray_cpus(cfg: Config) -> int:
     return cfg.ray.local_num_cpus or max(2 * (os.cpu_count() or 1), needed)
 
 
+# The local object store: at least Ray's former fixed size here, at most Ray's own default share of the
+# machine's memory (Linux's /dev/shm, where the store lives, is half of it by default).
+OBJECT_STORE_FLOOR_BYTES = 512 * 2**20
+OBJECT_STORE_MEMORY_SHARE = 0.3
+
+
+def local_object_store_bytes(cfg: Config, data_bytes: int = 0, system_bytes: Optional[int] = None) -> int:
+    """The object store of a private local Ray: `ray.object_store_mb` when set, else twice what a run keeps
+    there (`data_bytes` of images, every split put once, and an epoch's synthetic images, kept until the
+    next epoch's plan), since Ray Data's blocks in flight are copies of those rows, within
+    [OBJECT_STORE_FLOOR_BYTES, OBJECT_STORE_MEMORY_SHARE of the machine's memory]. A store smaller than
+    the data spills it to disk and reads it back for every epoch."""
+    if cfg.ray.object_store_mb is not None:
+        return cfg.ray.object_store_mb * 2**20
+    s = cfg.synthesis
+    synthetic = s.budget * cfg.data.image_size ** 2 * 3 if s.mode != "none" else 0
+    cap = int(OBJECT_STORE_MEMORY_SHARE * (system_bytes or _system_memory()))
+    return max(OBJECT_STORE_FLOOR_BYTES, min(2 * (int(data_bytes) + synthetic), cap))
+
+
+def _system_memory() -> int:
+    try:
+        from ray._common.utils import get_system_memory  # a container's memory limit included
+    except ImportError:  # another Ray
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(get_system_memory())
+
+
 # Ray Train extras that cost a process or a thread per run and serve nothing on one machine: the
 # watcher of spot-node preemption (an actor) and its metrics exporters (metrics collection is off).
 # Its controller polls the workers every 2 s by default, and a run's start and end each wait for polls:
@@ -93,10 +121,11 @@ def _start_autoscaling_coordinator() -> None:
 
 
 @contextlib.contextmanager
-def ray_session(cfg: Config, verbose: Optional[bool] = None):
+def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0):
     """Ray for the block: the cluster `ray.address` names, or a private local Ray, shut down at the end.
     Nested sessions (a baseline or a diffusion model made before the run) use the one already up, so a
-    job starts Ray once.
+    job starts Ray once. A local Ray's object store is sized for `data_bytes` of images
+    (local_object_store_bytes).
 
     The local Ray's address is fixed before it starts and given to every process it starts
     (RAY_ADDRESS), so Ray's own helpers never guess among other Ray instances on the host. It is a
@@ -131,7 +160,8 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None):
                 os.environ.setdefault(k, v)
             os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
             _local_only()
-            ray.init(address="local", num_cpus=local_ray_cpus(cfg), object_store_memory=cfg.ray.object_store_mb * 2**20,
+            ray.init(address="local", num_cpus=local_ray_cpus(cfg),
+                     object_store_memory=local_object_store_bytes(cfg, data_bytes),
                      dashboard_host="127.0.0.1", logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
                      _system_config=LOCAL_RAY_SYSTEM)
         if not verbose:

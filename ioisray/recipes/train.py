@@ -205,7 +205,7 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
         build_classifier(cfg, ds.num_classes)  # fail here, naming the key, not inside the workers
         split_ids = _check_inputs(cfg, ds, splits)
         run.start()
-        with ray_session(cfg):  # one Ray for the run and whatever it needs made first
+        with ray_session(cfg, data_bytes=ds.images.nbytes):  # one Ray for the run and what it needs made first
             model_dir, baseline = _prerequisites(cfg, ds, splits, split_ids)
             train_ds = ds.subset(splits["train"])
             counts = train_ds.class_counts()

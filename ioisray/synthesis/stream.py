@@ -37,7 +37,7 @@ def _real_rows(real: dict, i: int, num_tasks: int) -> dict:
                       current_epoch(real["epoch_counter"]))  # this epoch's
     if order is not None:
         ids = order[ids]
-    rows = gather_rows(ray.get(real["arrays"][0]), ids, real["sampling"])
+    rows = gather_rows(real["stored"], ids, real["sampling"])
     n = len(ids)  # the columns synthetic rows carry, so that both share one stream
     rows.update(seed=np.full(n, -1, np.int64), synthetic=np.zeros(n, np.int8), plan_epoch=np.full(n, -1, np.int64))
     return rows
@@ -139,7 +139,7 @@ def epoch_stream_source(pool: SynthesisPool, chunk_sizes: list[int], image_shape
 
     real = None
     if real_images is not None:
-        real = {"arrays": [put_arrays(real_images, real_labels)], "images": len(real_labels),
+        real = {"stored": put_arrays(real_images, real_labels), "images": len(real_labels),
                 "rows": len(real_labels) + extra_real_rows, "sampling": sampling, "seed": seed,
                 "epoch_counter": epoch_counter, "ahead": real_rows_ahead, "slice_rows": real_slice_rows}
     return EpochStreamDatasource(pool, chunk_sizes, image_shape, real, max_retries)
