@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 from cli_utils import ENV, ROOT
@@ -34,6 +35,8 @@ def test_the_gpu_acceptance_script_passes_its_cpu_dry_run(tmp_path):
                             "iois_two_workers"]
     two = checks.pop("iois_two_workers")
     assert two["status"] == "SKIPPED" and "2 GPUs" in two["detail"]  # never two NCCL ranks on one GPU
+    adm = checks.pop("sampling_adm128")
+    assert adm["status"] == "SKIPPED" and "sampling_small64" in adm["detail"]  # the same tiny model on the CPU
     assert {c["status"] for c in checks.values()} == {"PASS"}, checks
     for c in checks.values():  # each with its figure, the goal it is held to, and the time it was given
         assert math.isfinite(c["value"]) and c["goal"] and 0 < c["timeout_s"] <= results["budget_s"], c
@@ -51,6 +54,18 @@ def test_the_gpu_acceptance_script_passes_its_cpu_dry_run(tmp_path):
     assert resume["resumed_from_epoch"] + resume["epochs_trained_after_resume"] == 3
 
 
+def test_the_gpu_settings_of_the_speed_checks_are_valid_configs_with_their_goals_settings(acceptance):
+    # What only the GPU run uses is validated here, so that a bad key fails on the CPU, not in the GPU's hour.
+    cfg, warm, timed = acceptance.training_config(dry_run=False)
+    assert (cfg.model.name, cfg.data.image_size, cfg.train.precision, cfg.train.channels_last) == (
+        "resnet50", 224, "bf16", True) and warm > 0 and timed > 0
+    for check, preset in (("sampling_small64", "small64"), ("sampling_adm128", "adm128")):
+        cfg, repeats = acceptance.sampling_config(check, dry_run=False)
+        s = cfg.sampler
+        assert (cfg.diffusion.preset, s.steps, s.solver, s.dtype, s.compile) == (preset, 50, "ddim", "bfloat16", True)
+        assert s.guidance_scale > 0 and cfg.synthesis.num_gpus == 1 and repeats >= 1
+
+
 def test_a_missing_package_is_named_in_one_line_without_a_traceback(tmp_path):
     # Packages that cannot be imported, as on a GPU image without the device bundle: they shadow the real ones.
     for name in ("pydantic", "ray"):
@@ -66,11 +81,15 @@ def test_a_missing_package_is_named_in_one_line_without_a_traceback(tmp_path):
 
 
 def test_a_budget_too_short_for_any_check_skips_them_all_and_says_why(acceptance, tmp_path, capsys):
-    assert acceptance.main(["--cpu-dry-run", "--budget-s", "1", "--out", str(tmp_path), "--work", str(tmp_path)]) == 0
+    ctx = acceptance.Context(dry_run=True, out=tmp_path, work=tmp_path, gpus=0,
+                             results=acceptance.Results(tmp_path / "results.json"), compile_backend="eager")
+    assert acceptance.run_all(ctx, budget_s=10, only=None, started=time.monotonic()) == 0
     assert "0 PASS, 0 FAIL, 6 SKIPPED" in capsys.readouterr().out
     checks = json.loads((tmp_path / "results.json").read_text())["checks"]
     assert len(checks) == 6 and {c["status"] for c in checks} == {"SKIPPED"}
-    assert all("budget left" in c["detail"] for c in checks if c["check"] != "iois_two_workers")
+    skipped = {c["check"]: c["detail"] for c in checks}
+    assert all("budget left" in why for check, why in skipped.items()
+               if check not in ("iois_two_workers", *acceptance.DRY_RUN_SKIPS)), skipped
 
 
 def test_a_check_past_its_time_is_stopped_and_recorded_as_a_timeout(acceptance, tmp_path):
