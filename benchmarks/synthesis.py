@@ -28,13 +28,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ioisray.engine import predict
 from ioisray.models.diffusion import create_unet, load_noise_scheduler, load_unet
-from ioisray.recipes.sample import load_classifier_run
 from ioisray.sampler import SamplerConfig, default_classifier_transform, sample
 
 
-def measured_peak_tflops(device: torch.device) -> float:
-    """The faster of fp32 and bf16 square matmuls on this device (the best any variant could reach)."""
-    n = 4096 if device.type == "cuda" else 2048
+def measured_peak_tflops(device: torch.device, n: int | None = None) -> float:
+    """The faster of fp32 and bf16 square (n x n) matmuls on this device (the best any variant could reach)."""
+    n = n or (4096 if device.type == "cuda" else 2048)
     best = 0.0
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -85,6 +84,9 @@ def run(unet, classifier, cfg, labels, seeds, device, schedule=None, repeats: in
 
 
 def main() -> None:
+    # Here, not at the top: the helpers above (gpu_acceptance.py uses them) need no config, hence no pydantic.
+    from ioisray.recipes.sample import load_classifier_run
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="tiny")
     ap.add_argument("--batch", type=int, default=32)
