@@ -32,7 +32,7 @@ from ioisray.models.wrapping import unwrap
 from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet, null_class,
                                      save_diffusion_model)
 from ioisray.precision import autocast, grad_scaler, resolve_precision
-from ioisray.recipes.launch import fit
+from ioisray.recipes.launch import fit, ray_session
 from ioisray.recipes.worker import Worker, locations
 from ioisray.run import Run, run_location
 from ioisray.sampler import SamplerConfig, make_train_scheduler, sample
@@ -276,8 +276,9 @@ def pretrain_diffusion(cfg: Config) -> Path:
                        "image_size": image_size, "snapshots": run.uri(storage.SNAPSHOTS), "training_record": record,
                        **locations(run)}
         try:
-            fit(cfg, train_loop_per_worker, loop_config, functools.partial(pretraining_datasets, cfg, train_ds),
-                services=epoch_counter_service)
+            with ray_session(cfg, data_bytes=train_ds.images.nbytes):  # the object store sized for the images
+                fit(cfg, train_loop_per_worker, loop_config, functools.partial(pretraining_datasets, cfg, train_ds),
+                    services=epoch_counter_service)
         except KeyboardInterrupt:
             raise run.interrupted(cfg.pretrain.epochs) from None
         if not run.checkpoints.complete(FINAL):  # Ray Train's own Ctrl-C handler ends fit() quietly
