@@ -81,16 +81,13 @@ def unimportable() -> tuple[list[str], list[str]]:
 
 
 def unimportable_line(missing: list[str], broken: list[str]) -> str:
-    parts = []
+    """One line: what is missing, and what provides it."""
     from_bundle = [m for m in missing if m in BUNDLE_MODULES]
     others = [m for m in missing if m not in BUNDLE_MODULES]
-    if from_bundle:
-        parts.append(f"{', '.join(from_bundle)} - install the device bundle ({', '.join(BUNDLE)}) first")
-    if others:
-        parts.append(f"{', '.join(others)} - pip install them (dependencies in pyproject.toml)")
-    if broken:
-        parts.append(f"cannot import {', '.join(broken)}")
-    return "gpu_acceptance: missing python packages: " + "; ".join(parts)
+    parts = ([f"{', '.join(from_bundle)} - install the device bundle ({', '.join(BUNDLE)}) first"] if from_bundle else [])
+    parts += [f"{', '.join(others)} - pip install them (dependencies in pyproject.toml)"] if others else []
+    line = "gpu_acceptance: " + (f"missing python packages: {'; '.join(parts)}" if parts else "")
+    return line + ("; " if parts and broken else "") + (f"cannot import {', '.join(broken)}" if broken else "")
 
 
 # -- the checks -------------------------------------------------------------------------------------
