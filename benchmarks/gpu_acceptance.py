@@ -23,7 +23,8 @@ in --out is rewritten (atomically) whenever a check starts, measures or ends, so
 script, it holds what was measured; a check that timed out is a FAIL that keeps its partial figures.
 Runs and models go to --work (default: a temporary folder), logs to --out/logs.
 `--cpu-dry-run` runs the same functions at tiny sizes (tiny preset, resnet10t, gloo instead of NCCL,
-torch.compile's eager backend) and judges that each check works, not its speed.
+torch.compile's eager backend; sampling_adm128 would sample the same tiny model again and is skipped)
+and judges that each check works, not its speed.
 Before anything runs, a missing package (ray, diffusers, pydantic, ...) is named in one line.
 """
 from __future__ import annotations
@@ -80,16 +81,13 @@ def unimportable() -> tuple[list[str], list[str]]:
 
 
 def unimportable_line(missing: list[str], broken: list[str]) -> str:
-    parts = []
+    """One line: what is missing, and what provides it."""
     from_bundle = [m for m in missing if m in BUNDLE_MODULES]
     others = [m for m in missing if m not in BUNDLE_MODULES]
-    if from_bundle:
-        parts.append(f"{', '.join(from_bundle)} - install the device bundle ({', '.join(BUNDLE)}) first")
-    if others:
-        parts.append(f"{', '.join(others)} - pip install them (dependencies in pyproject.toml)")
-    if broken:
-        parts.append(f"cannot import {', '.join(broken)}")
-    return "gpu_acceptance: missing python packages: " + "; ".join(parts)
+    parts = ([f"{', '.join(from_bundle)} - install the device bundle ({', '.join(BUNDLE)}) first"] if from_bundle else [])
+    parts += [f"{', '.join(others)} - pip install them (dependencies in pyproject.toml)"] if others else []
+    line = "gpu_acceptance: " + (f"missing python packages: {'; '.join(parts)}" if parts else "")
+    return line + ("; " if parts and broken else "") + (f"cannot import {', '.join(broken)}" if broken else "")
 
 
 # -- the checks -------------------------------------------------------------------------------------
@@ -597,8 +595,8 @@ def check_iois_epoch(ctx: Context, check: Check, timeout: float) -> None:
     works = probe_ok and all_delivered(first)
     why = probe_text if not probe_ok else f"{epoch_figures(first)} delivered fewer images than the quotas"
     ctx.results.update(check.id, value=round(seconds, 1), figures={
-        "first_epoch": epoch_figures(first), "epochs_saved_when_stopped": saved, "probe": probes,
-        "finished_before_stopped": run.metrics() is not None}, **judge(check, works, why, seconds, ctx.dry_run))
+        "first_epoch": epoch_figures(first), "epochs_saved_when_stopped": saved, "exit_code": proc.returncode,
+        "probe": probes, "finished_before_stopped": run.metrics() is not None}, **judge(check, works, why, seconds, ctx.dry_run))
 
 
 def check_iois_resume(ctx: Context, check: Check, timeout: float) -> Optional[str]:
