@@ -276,7 +276,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
         for proc in reversed(nodes):
             _stop(proc)
         for folder in (head_temp, worker_temp):
-            print("KEPT", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _alive(address):
