@@ -116,10 +116,13 @@ def _ray_start(log, env, *args, hidden=()):
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _own_disk(folder):
-    """A node's own home and temporary folder under `folder`: what it writes there stays on that node."""
-    (folder / "tmp").mkdir(parents=True)
-    return {"HOME": str(folder), "TMPDIR": str(folder / "tmp")}
+def _own_disk(folder, temp):
+    """A node's own home (`folder`) and temporary folder (in `temp`, its short Ray folder: the dashboard's
+    forkserver puts a socket there, and a socket path longer than 107 bytes cannot be bound)."""
+    folder.mkdir(parents=True)
+    tmp = os.path.join(temp, "tmp")
+    os.makedirs(tmp)
+    return {"HOME": str(folder), "TMPDIR": tmp}
 
 
 def _ray_cli(*args, timeout=120):
@@ -173,7 +176,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
     # bytes), which holds the job's working directory. The second node cannot see the head's.
     head, worker = tmp_path / "head", tmp_path / "worker"
     head_temp, worker_temp = (tempfile.mkdtemp(prefix=prefix, dir="/tmp") for prefix in ("rayh", "rayw"))
-    head_disk, worker_disk = _own_disk(head), _own_disk(worker)
+    head_disk, worker_disk = _own_disk(head, head_temp), _own_disk(worker, worker_temp)
     (head / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(BOOTSTRAP))
     nodes = []
     try:
