@@ -23,13 +23,15 @@ import numpy as np
 import pytest
 import torch
 from cli_utils import ENV, ROOT, descendants, interrupt_after, latest_epoch
+from safetensors.torch import save_file
 
 from ioisray.aas import quotas
 from ioisray.checkpoint import CheckpointStore
 from ioisray.cli import main
-from ioisray.config import load_config
+from ioisray.config import ModelConfig, load_config
 from ioisray.data import provenance
 from ioisray.data.setup import setup_data
+from ioisray.models import create_classifier
 from ioisray.models.diffusion import load_noise_scheduler, load_unet
 from ioisray.sampler import SamplerConfig, sample
 
@@ -84,9 +86,13 @@ def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     tmpdir = tempfile.mkdtemp(prefix="t", dir="/tmp")  # short: Ray's socket paths live under $TMPDIR
     baseline = root / "ce_tiny.yaml"  # a variant of the main job's baseline, with sampling, mixup and a loss
-    baseline.write_text(f"defaults: [{ROOT / 'configs/digits_ce.yaml'}]\nname: ce_tiny\n"  # that Ray Data and
-                        "model: {name: resnet10t}\ntrain: {epochs: 4, batch_size: 16}\nray: {num_workers: 0}\n"
-                        "method: {sampling: class_balanced, mixup_alpha: 0.2, loss: cb_focal}\n")  # the loop run
+    # that Ray Data and the loop run, from "pretrained" weights in timm's format (a file, as offline).
+    pretrained = root / "resnet10t_in1k.safetensors"
+    save_file(create_classifier(ModelConfig(name="resnet10t"), 1000).state_dict(), str(pretrained))
+    baseline.write_text(f"defaults: [{ROOT / 'configs/digits_ce.yaml'}]\nname: ce_tiny\n"
+                        f"model: {{name: resnet10t, pretrained_file: {pretrained}}}\n"
+                        "train: {epochs: 4, batch_size: 16}\nray: {num_workers: 0}\n"
+                        "method: {sampling: class_balanced, mixup_alpha: 0.2, loss: cb_focal}\n")
     store = root / "store"
     args = ["train", "configs/digits.yaml", *TINY_IOIS, "name=iois", f"output_dir=file://{store}",
             f"baseline={baseline}"]
@@ -182,6 +188,7 @@ def test_fine_tuning_starts_from_the_model_and_keeps_its_schedule(job, tmp_path,
 def test_the_in_process_baseline_resumes_and_finishes_once(job):
     d = job["base_done"]
     assert "baseline ce_tiny: training it first" in job["second"]
+    assert f"model resnet10t: timm's pretrained weights ({job['root'] / 'resnet10t_in1k.safetensors'})" in job["second"]
     assert f"resumed from epoch {d} (checkpoint epoch_{d:05d})" in job["third"]
     results = json.loads((job["base_run"] / "metrics.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [0, 1, 2, 3]

@@ -78,3 +78,47 @@ def test_cosine_head_bounds_logits_for_ldam(name):
     logits = m(100 * torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 4) and logits.abs().max() <= 1.0 + 1e-5
     logits.sum().backward()  # trainable end to end
+
+
+def test_pretrained_file_goes_through_timms_loader_and_replaces_the_head(tmp_path):
+    # An "ImageNet" checkpoint as timm publishes it: 1000-class head. timm's own loader drops that
+    # head for a model with our class count; every other tensor is the file's.
+    torch.manual_seed(0)
+    imagenet = create_classifier(ModelConfig(name="resnet10t"), 1000)
+    save_file(imagenet.state_dict(), str(tmp_path / "in1k.safetensors"))
+    for source in (str(tmp_path / "in1k.safetensors"), f"file://{tmp_path}/in1k.safetensors"):
+        torch.manual_seed(1)
+        m = create_classifier(ModelConfig(name="resnet10t", pretrained_file=source), 7)
+        own, theirs = m.state_dict(), imagenet.state_dict()
+        backbone = [k for k in own if not k.startswith("fc.")]
+        assert backbone and all(torch.equal(own[k], theirs[k]) for k in backbone)
+        assert m.fc.weight.shape == (7, imagenet.fc.weight.shape[1])
+
+
+def test_pretrained_without_network_or_file_is_one_line_naming_the_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.pretrained_file: no such file"):
+        create_classifier(ModelConfig(name="resnet10t", pretrained_file=str(tmp_path / "nope.safetensors")), 3)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"^model.pretrained_file: .*other.safetensors does not hold timm weights"):
+        create_classifier(ModelConfig(name="resnet10t", pretrained_file=str(tmp_path / "other.safetensors")), 3)
+    with pytest.raises(ValueError, match="model.weights and model.pretrained"):
+        ModelConfig(name="resnet10t", weights="w.pth", pretrained=True)
+
+
+def test_pretrained_on_a_machine_without_network_is_one_line_before_anything_is_saved(tmp_path, capsys,
+                                                                                     monkeypatch):
+    import huggingface_hub.constants as hub
+
+    from ioisray.cli import main
+
+    # What huggingface_hub does without network (HF_HUB_OFFLINE=1, read when it is imported), with
+    # an empty cache: it raises at once instead of retrying a connection.
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    code = main(["train", "configs/digits_ce.yaml", f"output_dir={tmp_path}", "name=hub", "model.pretrained=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1, err
+    assert err[0].startswith("ioisray: error: model.pretrained: timm could not fetch pretrained weights for "
+                             "'resnet10t'") and "model.pretrained_file=" in err[0]
+    assert not (tmp_path / "hub").exists()

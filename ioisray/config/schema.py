@@ -51,6 +51,12 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "resnet18"  # any timm model name
     weights: Optional[str] = None  # .safetensors/.pth file, local or a filesystem URI; never from a hub
+    pretrained: bool = Field(False, description=(
+        "Start from timm's pretrained weights for model.name (ImageNet for resnet50), fetched by timm "
+        "on first use and cached; on a machine without network give model.pretrained_file instead."))
+    pretrained_file: Optional[str] = Field(None, description=(
+        "A local .safetensors/.pth file (or filesystem URI) of timm's pretrained weights for model.name, "
+        "loaded through timm's own pretrained path with the classifier head replaced; implies pretrained."))
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("name")
@@ -62,6 +68,13 @@ class ModelConfig(_Strict):
             raise ValueError(f"model.name {v!r} would be downloaded from the Hugging Face Hub; name the timm "
                              f"architecture (e.g. resnet50) and give its weights as a local file in model.weights")
         return v
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> "ModelConfig":
+        if self.weights and (self.pretrained or self.pretrained_file):
+            raise ValueError("model.weights and model.pretrained/model.pretrained_file both set: model.weights "
+                             "already holds every tensor; keep one")
+        return self
 
 
 class AugmentConfig(_Strict):

@@ -1,4 +1,5 @@
-"""The classifier: any timm model by name, never downloaded; pretrained only from a local file."""
+"""The classifier: any timm model by name; pretrained weights from timm (an opt-in download, then
+cached) or from a local file, never unpickled."""
 from __future__ import annotations
 
 import io
@@ -69,6 +70,45 @@ def _short_reason(e: Exception) -> str:
     return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
+def _timm_pretrained(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+    """timm's pretrained weights for `cfg.name` through timm's own loading path, which adapts the input
+    convolution and drops the ImageNet head when `num_classes` differs (ours is freshly initialised).
+    A file (local or a URI) is read here without unpickling and handed to timm as its `state_dict`
+    source; it must be in timm's format (what `state_dict()` of timm's pretrained model saves)."""
+    if not timm.is_model(cfg.name):
+        raise ValueError(f"model.name: unknown timm model {cfg.name!r}")
+    overlay = {}
+    if cfg.pretrained_file:
+        state = _pretrained_state(load_state_dict_file, cfg.pretrained_file)
+        # timm loads non-strictly once the head is dropped: check here that the file is this
+        # architecture's, or a file for another one would leave a silently random backbone.
+        own = timm.create_model(cfg.name, pretrained=False).state_dict()
+        matching = sum(1 for k, v in own.items() if isinstance(state.get(k), torch.Tensor) and state[k].shape == v.shape)
+        if matching < 0.9 * (len(own) - 2):
+            raise ValueError(f"model.pretrained_file: {cfg.pretrained_file} does not hold timm weights for "
+                             f"{cfg.name!r} (only {matching} of its {len(own)} tensors match)")
+        overlay["state_dict"] = state
+    try:
+        return timm.create_model(cfg.name, pretrained=True, num_classes=num_classes,
+                                 drop_rate=cfg.drop_rate, pretrained_cfg_overlay=overlay)
+    except Exception as e:  # noqa: BLE001 - a download or parse fails in many ways; one line says which
+        reason = _short_reason(e)
+        if cfg.pretrained_file:
+            raise ValueError(f"model.pretrained_file: {cfg.pretrained_file} does not hold timm weights for "
+                             f"{cfg.name!r} ({reason})") from None
+        raise ValueError(f"model.pretrained: timm could not fetch pretrained weights for {cfg.name!r} ({reason}); "
+                         f"without network, download them on a machine that has it (timm.create_model("
+                         f"{cfg.name!r}, pretrained=True), then save_file(model.state_dict(), ...)) and give "
+                         f"model.pretrained_file=/path/to/weights.safetensors") from None
+
+
+def _pretrained_state(load, source: str) -> dict[str, torch.Tensor]:
+    try:
+        return load(source)
+    except (FileNotFoundError, ValueError) as e:  # the same checks as model.weights, named for this key
+        raise type(e)(str(e).replace("model.weights", "model.pretrained_file", 1)) from None
+
+
 class NormedLinear(torch.nn.Module):
     """Cosine classifier: logits are cosines between normalised features and class weights.
 
@@ -84,11 +124,14 @@ class NormedLinear(torch.nn.Module):
 
 
 def create_classifier(cfg: ModelConfig, num_classes: int, cosine_head: bool = False) -> torch.nn.Module:
-    try:
-        model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes,
-                                  drop_rate=cfg.drop_rate)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise ValueError(f"model.name: {e}") from None
+    if cfg.pretrained or cfg.pretrained_file:
+        model = _timm_pretrained(cfg, num_classes)
+    else:
+        try:
+            model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes,
+                                      drop_rate=cfg.drop_rate)
+        except RuntimeError as e:  # timm: "Unknown model (...)"
+            raise ValueError(f"model.name: {e}") from None
     if cosine_head:
         head = model.get_classifier()
         model.reset_classifier(num_classes)  # keeps timm's pooling, replaces the linear layer
@@ -111,8 +154,9 @@ def create_classifier(cfg: ModelConfig, num_classes: int, cosine_head: bool = Fa
 
 def build_classifier(cfg: Config, num_classes: int, *, pretrained: bool = True) -> torch.nn.Module:
     """The classifier of a run's config; LDAM-DRW gets the cosine head its margins assume.
-    `pretrained=False` builds the architecture only, without reading `model.weights`: for copies
+    `pretrained=False` builds the architecture only, without reading `model.weights` or pretrained ones: for copies
     whose weights come from elsewhere (the synthesis actors' guide, a finished run's best model),
     possibly on a node that does not have that file."""
-    model_cfg = cfg.model if pretrained else cfg.model.model_copy(update={"weights": None})
+    model_cfg = cfg.model if pretrained else cfg.model.model_copy(
+        update={"weights": None, "pretrained": False, "pretrained_file": None})
     return create_classifier(model_cfg, num_classes, cosine_head=cfg.method.loss == "ldam_drw")

@@ -203,6 +203,9 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
             raise ConfigError("data.val_fraction: the validation split is empty, and the best epoch is chosen "
                               "on validation; use a fraction > 0")
         build_classifier(cfg, ds.num_classes)  # fail here, naming the key, not inside the workers
+        if cfg.model.pretrained or cfg.model.pretrained_file:
+            print(f"[ioisray] model {cfg.model.name}: timm's pretrained weights "
+                  f"({cfg.model.pretrained_file or 'timm cache'}), new {ds.num_classes}-class head", flush=True)
         split_ids = _check_inputs(cfg, ds, splits)
         run.start()
         with ray_session(cfg, data_bytes=ds.images.nbytes):  # one Ray for the run and what it needs made first
