@@ -108,13 +108,14 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
-            transform: Callable = eval_transform, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """Labels and softmax probabilities of every image, none dropped, deterministic transform."""
+            transform: Callable = eval_transform) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and softmax probabilities of every image, none dropped, deterministic transform, in
+    float32 whatever the training precision, so that `ioisray evaluate` of a run's weights on the
+    same kind of device reproduces the run's own validation and test figures exactly."""
     model.eval()
     labels, probs = [], []
     for batch in batches:
-        with autocast(device, precision):
-            logits = model(transform(batch["image"].to(device, non_blocking=True)))
+        logits = model(transform(batch["image"].to(device, non_blocking=True)))
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         labels.append(batch["label"].cpu().numpy())
     if not labels:

@@ -7,7 +7,7 @@ per-class accuracy (recall) and the confusion matrix.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -86,17 +86,21 @@ def format_table(results: dict[str, dict], class_names: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
-def predictions_csv(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> str:
-    """One row per image, in the split's order: its label, the predicted class and the probability of
-    every class (quoted as CSV needs: class names come from folder names and label files)."""
+def predictions_csv(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
+                    labels: Optional[Sequence[int]] = None) -> str:
+    """One row per image, in the given order: its path, [its label,] the predicted class and the
+    probability of every class (quoted as CSV needs: class names come from folder names and label
+    files). A run's test predictions and `ioisray evaluate`'s are this same file."""
     import csv
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["label", "predicted", *(f"prob_{n}" for n in class_names)])
-    writer.writerows([class_names[y], class_names[int(p.argmax())], *(f"{v:.6f}" for v in p)]
-                     for y, p in zip(labels, probs))
+    writer.writerow(["path", *(["label"] if labels is not None else []), "predicted",
+                     *(f"prob_{n}" for n in class_names)])
+    for i, (path, p) in enumerate(zip(paths, probs)):
+        writer.writerow([path, *([class_names[int(labels[i])]] if labels is not None else []),
+                         class_names[int(p.argmax())], *(f"{v:.6f}" for v in p)])
     return buf.getvalue()
 
 

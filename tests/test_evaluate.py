@@ -67,7 +67,7 @@ def test_evaluate_on_an_imagefolder_with_every_class(tmp_path, capsys):
     assert len(rows) == folder["n"] and len({r["path"] for r in rows}) == folder["n"]
     assert list(rows[0]) == ["path", "label", "predicted", *(f"prob_{c}" for c in folder["class_names"])]
     assert np.allclose(probabilities(rows, folder["class_names"]).sum(axis=1), 1.0, atol=1e-4)
-    assert all(r["label"] == r["path"].split("/skin_folder/")[1].split("/")[0] for r in rows)
+    assert all(r["label"] == r["path"].split("/")[0] for r in rows)  # relative to data.root: <class>/<file>
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(classification_metrics([0, 1, 2], np.eye(3), list("abc"))) <= set(metrics)
     assert metrics["num_samples"] == folder["n"] and metrics["unknown_classes"] == metrics["missing_classes"] == []
@@ -123,7 +123,8 @@ def test_split_test_evaluates_that_split_of_the_run_data(tmp_path, capsys):
     assert metrics["split"] == "test" and metrics["num_samples"] == len(test_rows) == 2
     assert metrics["same_images_as_run_split"] == "test"
     rows = read_predictions(out / "predictions.csv")
-    assert sorted(r["path"] for r in rows) == sorted(ds.sources[i] for i in test_rows)
+    assert sorted(r["path"] for r in rows) == sorted(  # relative to the CSV's folder, as the run names them
+        os.path.relpath(ds.sources[i], made["csv"].parent) for i in test_rows)
     assert [r["label"] for r in rows] == [ds.class_names[ds.labels[i]] for i in test_rows]
     assert main(["evaluate", str(run), *data]) == 0  # every image, not a split
     assert json.loads((run / "eval" / "meta" / "metrics.json").read_text())["same_images_as_run_split"] is None

@@ -198,6 +198,24 @@ def test_the_in_process_baseline_resumes_and_finishes_once(job):
     assert not job["tmp_leftovers"]  # no temporary checkpoint copies or event folders in $TMPDIR
 
 
+def test_evaluate_reproduces_the_runs_own_test_predictions_exactly(job, tmp_path):
+    # The baseline trained with mixed precision where the CPU has it natively and channels_last; its
+    # test split at the end of training and `ioisray evaluate --split test` of its weights must agree
+    # byte for byte: the same images, order, preprocessing, memory format and (float32) precision.
+    run = job["base_run"]
+    r = subprocess.run([sys.executable, "-m", "ioisray.cli", "evaluate", str(run), "--split", "test", "--name", "t"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    own, again = (run / "test_predictions.csv").read_text(), (run / "eval" / "t" / "predictions.csv").read_text()
+    assert own.splitlines()[0].startswith("path,label,predicted,prob_0,")
+    assert own.splitlines()[1].startswith("sklearn-digits[")  # the embedded data's own names for its images
+    assert own == again
+    results, evaluated = (json.loads(p.read_text()) for p in (run / "metrics.json", run / "eval" / "t" / "metrics.json"))
+    assert evaluated["same_images_as_run_split"] == "test"
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix"):
+        assert results["test"][key] == evaluated[key], key
+
+
 def test_a_killed_worker_restarts_from_the_last_checkpoint_by_itself(job):
     third = job["third"]
     assert job["code"] == 0, third[-5000:]

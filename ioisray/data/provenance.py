@@ -30,15 +30,18 @@ def data_folder(data) -> Optional[str]:
     return os.path.dirname(os.path.abspath(path)) if path and os.path.isfile(path) else path
 
 
+def relative_paths(sources: list[str], folder: Optional[str]) -> list[str]:
+    """Each source path relative to `folder` (see data_folder), with "/" separators; as they are
+    without a folder (the embedded digits' "sklearn-digits[i]")."""
+    base = os.path.abspath(folder) if folder else None
+    return [os.path.relpath(os.path.abspath(s), base).replace(os.sep, "/") if base else s for s in sources]
+
+
 def image_keys(ds: ImageDataset, rows: np.ndarray, folder: Optional[str]) -> list[str]:
     """Sorted ids of `rows`: 16 hex digits of the SHA-1 of each source path relative to `folder`
     (see data_folder), so that they do not change with the working directory or a moved dataset."""
-    base = os.path.abspath(folder) if folder else None
-
-    def rel(src: str) -> str:
-        return os.path.relpath(os.path.abspath(src), base).replace(os.sep, "/") if base else src
-
-    return sorted(hashlib.sha1(rel(ds.sources[i]).encode()).hexdigest()[:16] for i in np.asarray(rows))
+    paths = relative_paths([ds.sources[i] for i in np.asarray(rows)], folder)
+    return sorted(hashlib.sha1(p.encode()).hexdigest()[:16] for p in paths)
 
 
 def split_id(train_keys: list[str]) -> str:

@@ -8,8 +8,6 @@ Plain PyTorch in this process (no Ray); CPU, or CUDA with `ray.use_gpu=true`.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +26,7 @@ from ioisray.data import DataError, ImageDataset, decode_image, load_dataset, pr
 from ioisray.data.base import SPLIT_NAMES, decode_error
 from ioisray.data.loaders import IMAGE_EXTENSIONS
 from ioisray.engine import numpy_batches, predict
-from ioisray.metrics import classification_metrics, format_table
+from ioisray.metrics import classification_metrics, format_table, predictions_csv
 from ioisray.recipes.sample import load_classifier_run
 
 EVAL_DIR = "eval"
@@ -89,6 +87,12 @@ def device_of(cfg: Config) -> torch.device:
     return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
 
+def inference_model(model: torch.nn.Module, run_cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The model on `device` in the memory format the run trained (and evaluated) it in."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if run_cfg.train.channels_last else model
+
+
 def data_source(cfg: Config) -> str:
     d = cfg.data
     return d.csv or d.root or f"{d.name} (embedded)"
@@ -130,19 +134,6 @@ def load_rows(cfg: Config, split: Optional[str]) -> tuple[ImageDataset, Optional
     return ds, provenance.split_id(provenance.image_keys(ds, np.arange(len(ds.labels)), provenance.data_folder(d)))
 
 
-def predictions_csv(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
-                    labels: Optional[Sequence[str]] = None) -> str:
-    """One row per image: path, [label,] predicted class, then one probability column per model class."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", *(["label"] if labels is not None else []), "predicted",
-                     *(f"prob_{c}" for c in class_names)])
-    for i, (path, p) in enumerate(zip(paths, probs)):
-        writer.writerow([path, *([labels[i]] if labels is not None else []), class_names[int(p.argmax())],
-                         *(f"{x:.6f}" for x in p)])
-    return buf.getvalue()
-
-
 def class_warning(match: ClassMatch, left_out: dict[str, int]) -> Optional[str]:
     if not (match.unknown or match.missing):
         return None
@@ -160,7 +151,7 @@ def write_evaluation(out_dir: Path, title: str, metrics: dict, sources: list[str
     atomic_write_text(out_dir / "metrics.md", table + "\n")
     report.confusion_matrix(names, metrics["confusion_matrix"], out_dir / report.CONFUSION_MATRIX_PNG,
                             f"{title}: BACC {metrics['balanced_accuracy']:.3f}")
-    atomic_write_text(out_dir / "predictions.csv", predictions_csv(sources, probs, names, [names[i] for i in labels]))
+    atomic_write_text(out_dir / "predictions.csv", predictions_csv(sources, probs, names, labels))
     return table
 
 
@@ -184,8 +175,9 @@ def evaluate_run(run: str | Path, overrides: Sequence[str] = (), split: Optional
     device = device_of(cfg)
     print(f"[ioisray] evaluate {run}: {int(keep.sum())} images of {data_source(cfg)}"
           f"{f' ({split} split)' if split else ''} on {device}", flush=True)
+    # As the run evaluated its own splits: the same batches, memory format and (float32) precision.
     batches = numpy_batches(ds.images[keep], labels, cfg.train.batch_size * 2)
-    _, probs = predict(model.to(device), batches, device)
+    _, probs = predict(inference_model(model, run_cfg, device), batches, device)
     run_split_ids = json.loads((run / "metrics.json").read_text()).get("split_ids", {})
     metrics = {
         **classification_metrics(labels, probs, model_classes),
@@ -199,8 +191,8 @@ def evaluate_run(run: str | Path, overrides: Sequence[str] = (), split: Optional
         "same_images_as_run_split": next((k for k, v in run_split_ids.items() if v == split_id), None),
         "run": str(run), "device": str(device)}
     out_dir = run / EVAL_DIR / name
-    table = write_evaluation(out_dir, f"{run.name} on {name}", metrics,
-                             [s for s, k in zip(ds.sources, keep) if k], probs, labels)
+    paths = provenance.relative_paths([s for s, k in zip(ds.sources, keep) if k], provenance.data_folder(cfg.data))
+    table = write_evaluation(out_dir, f"{run.name} on {name}", metrics, paths, probs, labels)
     return {"out_dir": out_dir, "metrics": metrics, "table": table, "warnings": warnings}
 
 
@@ -252,6 +244,6 @@ def predict_images(run: str | Path, inputs: Sequence[str | Path], out: Optional[
     device = device_of(cfg)
     print(f"[ioisray] predict {run}: {len(paths)} images on {device}", flush=True)
     batches = image_batches(paths, cfg.data.image_size, cfg.train.batch_size * 2, cfg.data.num_threads)
-    _, probs = predict(model.to(device), batches, device)
+    _, probs = predict(inference_model(model, cfg, device), batches, device)
     atomic_write_text(out, predictions_csv(paths, probs, class_names))
     return out

@@ -25,6 +25,7 @@ import torch
 from ioisray import report as figures
 from ioisray.checkpoint import FINAL, TrainingState
 from ioisray.config import Config, ConfigError
+from ioisray.data import provenance
 from ioisray.data.setup import setup_data
 from ioisray.engine import predict, train_one_epoch
 from ioisray.iois import IOIS, is_on
@@ -101,7 +102,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if worker.rank == 0:
             # Validation on rank 0 over the whole split (no image dropped), deterministic transform.
             y, p = predict(unwrap(model), worker.batches(worker.shard("val"), cfg.train.batch_size * 2),
-                           worker.device, precision=precision)
+                           worker.device)
             val = classification_metrics(y, p, class_names)
             metrics.update({f"val_{k}": val[k] for k in ("balanced_accuracy", "macro_f1", "accuracy")})
             _record_epoch(state, model, optimizer, scheduler, iois, metrics, stats, val, synthesis, class_names)
@@ -120,9 +121,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if loop_config.get("evaluate_test", True):  # a search trial never sees the test split
             unwrap(model).load_state_dict(state.best_model)
             y, p = predict(unwrap(model), worker.batches(worker.shard("test"), cfg.train.batch_size * 2),
-                           worker.device, precision=precision)
+                           worker.device)
             test = classification_metrics(y, p, class_names)
-            files[TEST_PREDICTIONS_FILE] = predictions_csv(y, p, class_names).encode()
+            files[TEST_PREDICTIONS_FILE] = predictions_csv(loop_config["test_paths"], p, class_names, y).encode()
             figures.tensorboard_scalars(worker.writer, "test", test, state.best_epoch)
         history = state.extra.get("history", [])
         state.extra["results"] = {"best_epoch": state.best_epoch, "val": state.best_val, "test": test,
@@ -213,7 +214,11 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
             train_ds = ds.subset(splits["train"])
             counts = train_ds.class_counts()
             loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
-                           "class_counts": counts.tolist(), "evaluate_test": evaluate_test, **locations(run)}
+                           "class_counts": counts.tolist(), "evaluate_test": evaluate_test, **locations(run),
+                           # test_predictions.csv names each image as `ioisray evaluate` does
+                           "test_paths": provenance.relative_paths([ds.sources[i] for i in splits["test"]],
+                                                                   provenance.data_folder(cfg.data))
+                           if evaluate_test else []}
 
             def datasets(handles: dict) -> dict:  # built once Ray is up
                 from ioisray.data.ray_dataset import to_ray_dataset
@@ -252,7 +257,6 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
 def _check_inputs(cfg: Config, ds, splits: dict) -> dict:
     """What can be checked before Ray starts: a finished baseline's test split, a given diffusion model
     (its class count, and that it never saw this run's held-out images). Returns the split ids."""
-    from ioisray.data import provenance
 
     split_ids = {k: provenance.split_id(provenance.image_keys(ds, v, provenance.data_folder(cfg.data)))
                  for k, v in splits.items()}
