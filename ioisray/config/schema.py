@@ -421,7 +421,9 @@ class Config(_Strict):
     def _searched_keys_exist(self):
         for key in self.tune.search_space:
             if not is_config_key(key):
-                raise ValueError(f"tune.search_space: {key!r} is not a config key")
+                from ioisray.config.describe import hint, suggest_keys  # it imports this module
+
+                raise ValueError(f"tune.search_space: {key!r} is not a config key{hint(suggest_keys(key))}")
         return self
 
     @property
