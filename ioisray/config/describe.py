@@ -278,9 +278,9 @@ def _code(text: str) -> str:
     return f"`{text}`".replace("|", "\\|") if text else ""
 
 
-def markdown_reference() -> str:
+def markdown_reference(level: int = 2) -> str:
     """The configuration page's reference: a table of the top-level keys, then one heading and table
-    per section (sub-sections under their own headings)."""
+    per section (sub-sections under their own headings, one level down); `level`: the sections'."""
     keys = all_keys()
     blocks: list[tuple[Optional[KeyInfo], list[KeyInfo]]] = [(None, [])]
     for k in keys:
@@ -293,9 +293,9 @@ def markdown_reference() -> str:
     out = []
     for section, rows in blocks:
         if section is None:
-            out += ["## Top-level keys", ""]
+            out += [f"{'#' * level} Top-level keys", ""]
         else:
-            out += [f"{'#' * (2 + section.depth)} {_md(section.key)}", "", _md(section.description), ""]
+            out += [f"{'#' * (level + section.depth)} {_md(section.key)}", "", _md(section.description), ""]
         if rows:
             out += ["| key | type | default | description |", "|---|---|---|---|"]
             out += [f"| `{r.key}` | {_md(r.type)} | {_code(r.default)} | {_md(r.description)} |" for r in rows]
