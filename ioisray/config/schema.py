@@ -207,7 +207,8 @@ class DiffusionConfig(_Strict):
     image_size: Optional[int] = Field(None, ge=8, le=1024, description="Side in pixels of the images the diffusion "
                                       "model makes; unset: the preset's size.")
     model_dir: Optional[str] = Field(None, description="A trained diffusers UNet2DModel folder (e.g. <run>/unet) "
-                                     "to sample from, or to fine-tune in pretrain-diffusion; unset: a run pretrains one.")
+                                     "to sample from, or to fine-tune in pretrain-diffusion; unset: a run "
+                                     "pretrains one.")
     # A model in model_dir carries its own, which sampling uses; fine-tuning it under a different one
     # is an error.
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(
