@@ -1,5 +1,6 @@
 """`ioisray <command> <config.yaml> [key=value ...]`: parse, load the config, call a recipe.
-`ioisray evaluate|predict <run folder> ...`: use a finished run's best model."""
+`ioisray evaluate|predict <run folder> ...`: use a finished run's best model.
+`ioisray config describe [PREFIX]`: what each config key is."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--set", dest="set_", action="append", default=[], metavar="key=value",
                        help="another config override (may be repeated)")
         s.add_argument("--print-config", action="store_true",
-                       help="print the resolved config and exit")
+                       help="print the resolved config and exit (`ioisray config describe` says what each key does)")
         if name == "benchmark":
             s.add_argument("--report-only", action="store_true",
                            help="start no run: write the table and figures of the runs that have finished")
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--guide-run", help="a finished `ioisray train` run whose best classifier guides "
                            "sampling (sampler.guidance_scale, sampler.guidance_form)")
     _add_run_commands(sub)
+    c = sub.add_parser("config", help="about the config's keys", description="about the config's keys")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    d = csub.add_parser("describe", help="each config key: its type, default and what it does",
+                        description="each config key: its type, default and what it does")
+    d.add_argument("prefix", nargs="?", metavar="PREFIX",
+                   help="only this key or section, e.g. synthesis or train.augment (default: every key)")
     return p
 
 
@@ -90,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may also follow options (`--per-class 4 sampler.steps=5`): argparse leaves them over.
     args, rest = parser.parse_known_args(argv)
-    bad = [r for r in rest if r.startswith("-") or "=" not in r or args.command == "predict"]
+    bad = [r for r in rest if r.startswith("-") or "=" not in r or args.command in ("predict", "config")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if args.command != "predict":
+    if args.command not in ("predict", "config"):
         args.overrides = [*args.overrides, *rest]
+    if args.command == "config":
+        return _describe(args.prefix)
     _quiet(args.verbose)
     try:
         if args.command in RUN_COMMANDS:
@@ -111,6 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - sorted into one line where the cause is known, re-raised otherwise
         return _one_line(e)
+
+
+def _describe(prefix: str | None) -> int:
+    from ioisray.config.describe import describe, format_text
+
+    try:
+        keys = describe(prefix)
+    except ConfigError as e:
+        print(f"ioisray: error: {e}", file=sys.stderr)
+        return 2
+    print(format_text(keys), end="")
+    return 0
 
 
 def _config_command(args, cfg) -> int:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 SOLVERS = ("ddim", "dpmsolver++", "unipc")
+
+
+def _doc(text: str) -> dict:
+    return {"description": text}
 
 
 @dataclass
@@ -14,17 +18,22 @@ class SamplerConfig:
     # Unknown keys in a config's `sampler:` section are errors, as in every other section.
     __pydantic_config__ = {"extra": "forbid"}
 
-    steps: int = 50  # sampler steps (DDIM's, or a multistep solver's)
-    guidance_scale: float = 1.0  # s; 0 disables classifier guidance
-    guidance_form: Literal["x_t", "x0"] = "x_t"  # the classifier sees the noisy x_t (paper) or the predicted x0
-    eta: float = 0.0  # DDIM's stochasticity (ddim only)
-    # Networks under bf16 autocast (the guidance maths stays float32); None: bfloat16 where the device
-    # computes in bf16 natively, else float32 (ioisray/precision.py).
-    dtype: Optional[Literal["float32", "bfloat16"]] = None
-    solver: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"  # the multistep ones are for 10-25 steps
-    # torch.compile the UNet once per synthesis actor, its batch dimension dynamic; None: on for CUDA,
-    # off on the CPU (no gain measured there).
-    compile: Optional[bool] = None
+    # Each field's description (field metadata) is what `ioisray config describe` and the docs show.
+    steps: int = field(default=50, metadata=_doc("Sampler steps (DDIM's, or a multistep solver's)."))
+    guidance_scale: float = field(default=1.0, metadata=_doc(
+        "Classifier guidance scale s (1.0 as in the paper); 0 disables classifier guidance."))
+    guidance_form: Literal["x_t", "x0"] = field(default="x_t", metadata=_doc(
+        "What the guiding classifier sees: the noisy image x_t (the paper's form) or the predicted clean image x0."))
+    eta: float = field(default=0.0, metadata=_doc("DDIM's stochasticity in [0, 1] (ddim only); 0 is deterministic."))
+    dtype: Optional[Literal["float32", "bfloat16"]] = field(default=None, metadata=_doc(
+        "Run the networks under bf16 autocast (the guidance maths stays float32); unset: bfloat16 where the device "
+        "computes in bf16 natively, else float32."))
+    solver: Literal["ddim", "dpmsolver++", "unipc"] = field(default="ddim", metadata=_doc(
+        "The sampler: DDIM, or one of diffusers' multistep solvers (meant for 10-25 steps), fed the same guided eps."))
+    # No gain was measured on the CPU.
+    compile: Optional[bool] = field(default=None, metadata=_doc(
+        "torch.compile the UNet and guide classifier once per synthesis actor, batch dimension dynamic; unset: on "
+        "for CUDA, off on the CPU."))
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from ioisray.atomic import atomic_write_text
+from ioisray.config.describe import hint, suggest_keys, suggest_values
 from ioisray.config.schema import Config, ConfigError, section_fields
 
 
@@ -82,7 +83,8 @@ def _compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     defaults = data.pop("defaults", []) or []
     unknown = _unknown_keys(data)
     if unknown:  # named here, with the file that holds them, rather than after the files are merged
-        raise ConfigError(f"invalid config ({path}):\n" + "\n".join(f"  {k}: unknown key" for k in unknown))
+        raise ConfigError(f"invalid config ({path}):\n" + "\n".join(f"  {k}: unknown key{hint(suggest_keys(k))}"
+                                                                  for k in unknown))
     if not isinstance(defaults, list):
         raise ConfigError(f"{path}: `defaults` must be a list of YAML file paths")
     baseline = data.get("baseline")
@@ -125,12 +127,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         unknown = e["type"] in ("extra_forbidden", "unexpected_keyword_argument")
         if unknown:
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key{hint(suggest_keys(e['loc']))}")
         elif e.get("input") is None:  # `key=` (empty) means "none", which only optional keys take
             lines.append(f"  {key}: needs a value (it was given none: `{key}=` with nothing after it, or null)")
         else:
-            lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if not isinstance(e.get("input"), dict)
-                                                   else ""))
+            got = f" (got {e['input']!r})" if not isinstance(e.get("input"), dict) else ""
+            near = suggest_values(e["loc"], e["input"]) if e["type"] == "literal_error" else []
+            lines.append(f"  {key}: {e['msg']}{got}{hint([repr(v) for v in near])}")
     return "\n".join(lines)
 
 
