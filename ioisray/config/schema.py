@@ -108,7 +108,7 @@ class TrainConfig(_Strict):
     keep_checkpoints: bool = False
     # Rows each worker mixes before batching (Ray Data's local shuffle). Off by default: real rows
     # already arrive in a new random order every epoch, and a buffer holds back the synthetic images,
-    # which join it behind the rows it holds (see benchmarks/RESULTS.md, issue 7).
+    # which join it behind the rows it holds (measured in benchmarks/log/2026-11-27.md).
     shuffle_buffer: int = Field(0, ge=0)
     # Autocast precision of classifier training and diffusion pretraining; None: bf16 where the device
     # computes in bf16 natively (CUDA from Ampere on), else fp32 (ioisray/precision.py). fp16: CUDA only.

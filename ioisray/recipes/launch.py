@@ -123,7 +123,7 @@ def _start_autoscaling_coordinator() -> None:
 @contextlib.contextmanager
 def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0):
     """Ray for the block: the cluster `ray.address` names, or a private local Ray, shut down at the end.
-    Nested sessions (a baseline or a diffusion model made before the run) use the one already up, so a
+    Nested uses (a baseline or a diffusion model made before the run) use the one already up, so a
     job starts Ray once. A local Ray's object store is sized for `data_bytes` of images
     (local_object_store_bytes).
 
