@@ -291,7 +291,7 @@ def _in_a_thread(fn, in_process: bool):
     this process is asked to stop and waited for; remote workers stop when the job's Ray shuts down."""
     out: dict = {}
     # Waited for with an Event, not Thread.join: a join cut short by Ctrl-C can leave the thread looking
-    # finished while it runs on (CPython issue 90882), and Ray would be shut down under it.
+    # finished while it runs on (CPython gh-90882), and Ray would be shut down under it.
     finished = threading.Event()
 
     def target():
