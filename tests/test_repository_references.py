@@ -119,10 +119,11 @@ def test_every_path_and_link_in_the_repository_exists():
 
 
 def test_the_check_finds_what_leads_nowhere_and_accepts_placeholders(tmp_path):
+    note, folder = "IOIS" + ".md", "sha" + "red/"  # built from parts, as _FORBIDDEN is
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "real.yaml").write_text(
         "# see configs/real.yaml and configs/gone.yaml; data.root=/path/to/ham10000\n"
-        "# the note in IOIS" ".md, data in ../shared" "/data/x\n")
+        f"# the note in {note}, data in ../{folder}data/x\n")
     (tmp_path / "benchmarks" / "log").mkdir(parents=True)
     (tmp_path / "benchmarks" / "log" / "2026-01-01.md").write_text(
         "As `2026-01-01.md` and `2026-01-02.md` say; kept in `benchmarks/results/` and `configs/`;\n"
@@ -139,8 +140,8 @@ def test_the_check_finds_what_leads_nowhere_and_accepts_placeholders(tmp_path):
         "benchmarks/log/2026-01-01.md:1: benchmarks/results/ is not a folder",
         "benchmarks/log/2026-01-01.md:1: benchmarks/log/2026-01-02.md does not exist",
         "configs/real.yaml:1: configs/gone.yaml does not exist",
-        "configs/real.yaml:2: IOIS.md names a design note that is not in the repository",
-        "configs/real.yaml:2: shared/ names a data folder that is not in the repository",
+        f"configs/real.yaml:2: {note} names a design note that is not in the repository",
+        f"configs/real.yaml:2: {folder} names a data folder that is not in the repository",
         "tests/test_x.py:2: configs/nor_this.yaml does not exist",
         "tests/test_x.py:1: tests/missing.py does not exist",
     ]
