@@ -3,7 +3,7 @@ look like in aggregate: a quick check that sampling will not drift (the clean-im
 must stay near the data at high noise, where DDIM's first steps take it from).
 
     python benchmarks/denoising_error.py --unet outputs/dermamnist_diffusion/unet \
-        --data dermamnist --root ../shared/data/dermamnist_28
+        --data dermamnist --root /path/to/dermamnist_28
 """
 from __future__ import annotations
 

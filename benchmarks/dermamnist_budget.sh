@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The budget IOIS needs (issue 22): IOIS on real DermaMNIST (CPU) at several synthesis.budget values, one
+# The budget IOIS needs: IOIS on real DermaMNIST (CPU) at several synthesis.budget values, one
 # seed, the rest as configs/dermamnist_iois.yaml (15 epochs, 7,007 real training images).
 #   usage: BUDGETS="256 512 1024 2048 4096" SEED=0 benchmarks/dermamnist_budget.sh DATA_ROOT UNET_DIR [OUT_DIR]
 # Runs are named dermamnist_iois_b<budget>_s<seed>; finished ones are skipped (rerun to resume the sweep).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 22's lesion-grouped HAM10000 runs at CPU scale, one after another, resumable: a run whose
-# metrics.json exists is skipped, and an interrupted one resumes from its last checkpoint when rerun.
+# The lesion-grouped HAM10000 runs at CPU scale (configs/ham10000_cpu_benchmark.yaml), one after another,
+# resumable: a run whose metrics.json exists is skipped, and an interrupted one resumes from its last
+# checkpoint when rerun.
 #   usage: benchmarks/ham10000_cpu.sh DATA_ROOT OUT_DIR STEP...
 # STEP is one of
 #   METHOD:SEEDS        e.g. ce:0,1,2  -> runs ham10000_cpu_<METHOD>_s<seed> with the overrides that

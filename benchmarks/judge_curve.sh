@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The generator's quality against its training length (issue 22): benchmarks/sample_quality.py on every
+# The generator's quality against its training length: benchmarks/sample_quality.py on every
 # snapshot a pretraining run kept (pretrain.snapshot_every), guided by one CE run and judged by another.
 #   usage: benchmarks/judge_curve.sh PRETRAIN_RUN GUIDE_RUN JUDGE_RUN [PER_CLASS] [STEPS]
 # e.g.  benchmarks/judge_curve.sh outputs/dermamnist_diffusion outputs/dermamnist_ce_s0 outputs/dermamnist_ce_s1

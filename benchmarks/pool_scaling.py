@@ -8,8 +8,8 @@ random ResNet-18: speed does not depend on the weights) on one CPU thread.
 
 More actors than cores, simulated: `--simulate 32` replaces each generator by one that sleeps 1/32 s per
 image (no CPU), so the pool's scheduling is measured with 8 or 16 actors on a small machine; `--slow
-0.5` makes the last actor half as fast. `--compare` runs, in the same sitting, the scheduling before
-issue 19 as well: each epoch's chunks split among the actors in advance (evenly in epoch 0, by the
+0.5` makes the last actor half as fast. `--compare` runs, in the same sitting, the earlier static
+scheduling as well: each epoch's chunks split among the actors in advance (evenly in epoch 0, by the
 images/s each actor measured in the previous epoch after), without the plan's shrinking last chunks:
 
     python benchmarks/pool_scaling.py --simulate 32 --slow 0.5 --actors 2,4,8,16 --budget 512 --chunk 16 --compare
@@ -73,7 +73,7 @@ def assign_chunks(sizes, throughputs) -> list[int]:
 
 
 class StaticCoordinator(PoolCoordinator):
-    """The scheduling before issue 19, for comparison: every chunk submitted at once to the actor
+    """The earlier static scheduling, for comparison: every chunk submitted at once to the actor
     chosen in advance by last epoch's measured images/s (evenly before any is known)."""
 
     def __init__(self, *args, **kwargs):
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--simulate", type=float, default=None, metavar="IMAGES_PER_S",
                     help="sleeping stand-in generators at this rate instead of the diffusion model")
     ap.add_argument("--slow", type=float, default=1.0, help="with --simulate: the last actor's speed factor")
-    ap.add_argument("--compare", action="store_true", help="also run the scheduling before issue 19")
+    ap.add_argument("--compare", action="store_true", help="also run the earlier static scheduling")
     args = ap.parse_args()
     sizes = [int(a) for a in args.actors.split(",")]
     ray.init(address="local", num_cpus=max(sizes) + 1, include_dashboard=False, logging_level="ERROR")

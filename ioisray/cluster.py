@@ -183,7 +183,7 @@ def check_shared_paths(cfg: Config, capacity: Capacity) -> None:
                      f"nodes")
             raise ConfigError(f"{key}: {value!r} is a path on one node's disk, but this cluster has {nodes} and "
                               f"processes on the others read it too: give a URI that every node reaches "
-                              f"(s3://bucket/..., gs://..., or file:///mnt/shared/... for a mount every node has)")
+                              f"(s3://bucket/..., gs://..., or file:///mnt/nfs/... for a mount every node has)")
 
 
 def capacity(cfg: Config) -> Capacity:

@@ -2,7 +2,7 @@
 
 Guidance follows Dhariwal & Nichol: eps_hat = eps - s * sqrt(1 - abar_t) * grad_x log p(c | x), and the
 DDIM update then uses eps_hat for both the clean-image prediction and the direction term.
-Two forms of x (IOIS.md leaves the default to a measurement):
+Two forms of x (x_t is the default, chosen by measurement: benchmarks/log/2026-11-26.md):
   - "x_t": the classifier sees the noisy x_t (the paper's form).
   - "x0":  the classifier sees the predicted clean image x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t),
            and the gradient is taken w.r.t. x_t through x0_hat with eps detached. Detaching skips a
@@ -64,7 +64,7 @@ def make_scheduler(train_scheduler: DDPMScheduler | DDIMScheduler | None = None,
     10-25 steps; they take the guided eps like DDIM does, with their own (linspace) step spacing.
 
     clip_sample=False: clipping x0_hat to [-1, 1] at every step discards the part of the guidance
-    push that leaves the box and was found to make guidance harmful (IOIS.md). "leading" spacing
+    push that leaves the box, which is largest at high noise. "leading" spacing
     (t = 980, 960, ..., 0 for 50 steps) matches guided-diffusion's "ddim50" respacing;
     set_alpha_to_one makes the last step return the clean prediction.
     """

@@ -1,5 +1,5 @@
 """Where a run's outputs live: a local folder (the default) or any pyarrow filesystem URI
-(`s3://bucket/prefix`, `gs://...`, `hdfs://...`, `file:///shared/...`), set by `output_dir`.
+(`s3://bucket/prefix`, `gs://...`, `hdfs://...`, `file:///mnt/nfs/...`), set by `output_dir`.
 
 With a URI the driver writes into a local staging folder (`run.run_dir`) and uploads it
 (`push`); Ray Train writes its checkpoints straight to the URI; the rank-0 worker, which may sit on

@@ -29,7 +29,7 @@ def test_loader_registry_names():
 
 def test_load_dataset_dispatches_through_the_registry(monkeypatch):
     # A registered loader gets only the options its signature declares; a root without a default
-    # means the dataset needs one (issue 19: a registry, not an if-chain naming each dataset).
+    # means the dataset needs one (a registry, so a new layout needs no if-chain naming each dataset).
     from ioisray.data.loaders import register
 
     calls = []

@@ -132,7 +132,7 @@ class TrainConfig(_Strict):
     keep_checkpoints: bool = Field(False, description="Keep a finished run's checkpoints (and an early-stopped "
                                    "search trial's) instead of removing them.")
     # Off by default: real rows already arrive in a new random order every epoch, and a buffer holds
-    # back the synthetic images, which join it behind the rows it holds.
+    # back the synthetic images, which join it behind the rows it holds (benchmarks/log/2026-11-27.md).
     shuffle_buffer: int = Field(0, ge=0, description="Rows each worker mixes before batching (Ray Data's local "
                                 "shuffle buffer); 0: none.")
     # None: bf16 where the device computes in bf16 natively (CUDA from Ampere on), else fp32

@@ -34,7 +34,8 @@ PRESETS: dict[str, dict] = {
         norm_num_groups=16,
     ),
     # 32x32, ~4.4M parameters: tiny at twice the width. On HAM10000 (CPU) it took 2.7x tiny's pretraining
-    # time an epoch and 1.7x its IOIS generation time, and its samples judged no better (benchmarks/RESULTS.md).
+    # time an epoch and 1.7x its IOIS generation time, and its samples judged no better
+    # (benchmarks/log/2026-12-04.md).
     "small32": dict(
         sample_size=32,
         block_out_channels=(64, 128, 128),

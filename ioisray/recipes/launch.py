@@ -123,7 +123,7 @@ def _start_autoscaling_coordinator() -> None:
 @contextlib.contextmanager
 def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0):
     """Ray for the block: the cluster `ray.address` names, or a private local Ray, shut down at the end.
-    Nested sessions (a baseline or a diffusion model made before the run) use the one already up, so a
+    Nested uses (a baseline or a diffusion model made before the run) use the one already up, so a
     job starts Ray once. A local Ray's object store is sized for `data_bytes` of images
     (local_object_store_bytes).
 
@@ -291,7 +291,7 @@ def _in_a_thread(fn, in_process: bool):
     this process is asked to stop and waited for; remote workers stop when the job's Ray shuts down."""
     out: dict = {}
     # Waited for with an Event, not Thread.join: a join cut short by Ctrl-C can leave the thread looking
-    # finished while it runs on (CPython issue 90882), and Ray would be shut down under it.
+    # finished while it runs on (CPython gh-90882), and Ray would be shut down under it.
     finished = threading.Event()
 
     def target():
