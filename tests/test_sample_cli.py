@@ -16,15 +16,25 @@ def saved_unet(path, num_classes):
     return path
 
 
-def test_sample_writes_a_grid_and_the_seeds(tmp_path):
+def test_sample_writes_each_image_a_labelled_grid_and_the_seeds(tmp_path, capsys):
     unet = saved_unet(tmp_path / "unet", 10)
     args = ["sample", DIGITS, "--per-class", "2", f"diffusion.model_dir={unet}", "data.image_size=16",
             "sampler.steps=2", f"output_dir={tmp_path}", "name=s"]
     assert main(args) == 0
-    grid = np.asarray(Image.open(tmp_path / "s" / "samples" / "grid.png"))
-    assert grid.shape == (10 * 18 + 2, 2 * 18 + 2, 3)  # 10 rows of 2 images, 16 px + 2 px padding
-    meta = json.loads((tmp_path / "s" / "samples" / "samples.json").read_text())
+    out = tmp_path / "s" / "samples"
+    meta = json.loads((out / "samples.json").read_text())
     assert meta["labels"] == [c for c in range(10) for _ in range(2)] and meta["seeds"] == list(range(20))
+    assert meta["files"][:3] == ["images/0_seed0.png", "images/0_seed1.png", "images/1_seed2.png"]
+    images = [np.asarray(Image.open(out / f)) for f in meta["files"]]
+    assert all(im.shape == (16, 16, 3) for im in images) and len(images) == 20
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f.split("/")[1] for f in meta["files"])
+    # The grid: 10 rows of 2 tiles enlarged 4x (64 px + 2 px padding), after a column of class names.
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape[0] == 10 * 66 + 2 and (grid.shape[1] - 2 * 66 - 2) > 0
+    label_w = grid.shape[1] - 2 * 66 - 2
+    assert (grid[2:66, label_w + 2:label_w + 66] == np.kron(images[0], np.ones((4, 4, 1), np.uint8))).all()
+    assert (grid[2:66, :label_w] < 128).any()  # the class name, written in black at the row's left
+    assert "sampling" in capsys.readouterr().err  # the progress bar
 
 
 def test_model_of_another_class_count_is_an_error(tmp_path, capsys):
