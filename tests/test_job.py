@@ -134,7 +134,7 @@ def test_pretraining_resumes_past_its_damaged_checkpoint_and_saves_a_reloadable_
     assert f"resumed diffusion pretraining from epoch {d - 1} (checkpoint epoch_{d - 1:05d})" in second
     assert f"diffusion epoch {d}/{PRETRAIN_EPOCHS}" in second  # the damaged epoch again, not the ones before
     assert f"diffusion epoch {d - 1}/{PRETRAIN_EPOCHS}" not in second
-    assert "pretraining one first" not in job["third"]  # the rerun uses the model it saved
+    assert "pretraining the diffusion model first" not in job["third"]  # the rerun uses the model it saved
     unet = load_unet(str(pre_run / "unet"), num_classes=10)
     schedule = load_noise_scheduler(pre_run / "unet")  # the model says how it was trained
     assert (schedule.config.prediction_type, schedule.config.beta_schedule) == ("v_prediction", "squaredcos_cap_v2")
@@ -287,3 +287,22 @@ def test_the_console_is_quiet(job):
     # Ray's per-report INFO lines and dataset-execution lines stay out of the console.
     for printed in (job["first"], job["second"], job["third"]):
         assert "Reporting training result" not in printed and "execution finished" not in printed
+
+
+def test_the_console_says_which_run_each_line_is_of_and_ends_with_the_comparison(job):
+    first, second, third = job["first"], job["second"], job["third"]
+    pre = job["pre_run"].name
+    # Each phase is announced, with what it will do; each run's lines carry its name.
+    assert (f"[iois] diffusion.model_dir is not set: pretraining the diffusion model first, {PRETRAIN_EPOCHS} "
+            f"epochs on the 324 training images") in first
+    assert f"[{pre}] diffusion epoch 1/{PRETRAIN_EPOCHS} loss" in first and "left)" in first
+    assert "[iois] baseline ce_tiny: training it first, 4 epochs" in second
+    assert "[ce_tiny] training resnet10t with cb_focal + class-balanced sampling, mixup 0.2: 4 epochs" in second
+    assert "[ce_tiny] epoch 1/4 loss" in second
+    assert f"[iois] training resnet10t with IOIS ({BUDGET} synthetic images an epoch from 1 synthesis actor)" in third
+    assert "on 2 Ray Train workers" in third and f"[iois] epoch {EPOCHS}/{EPOCHS} loss" in third
+    # The job's answer, in one line: its test figures next to the baseline's.
+    results = json.loads((job["run"] / "metrics.json").read_text())["test"]
+    base = json.loads((job["base_run"] / "metrics.json").read_text())["test"]
+    assert (f"[iois] test balanced accuracy: iois {results['balanced_accuracy']:.3f}, baseline ce_tiny "
+            f"{base['balanced_accuracy']:.3f}; test macro-F1: iois {results['macro_f1']:.3f}") in third

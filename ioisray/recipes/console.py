@@ -104,3 +104,24 @@ def quiet_ray_train() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:  # another Ray: its lines may show, nothing worse
         pass
+
+
+def say(run: str, message: str) -> None:
+    """One console line of run `run`, tagged with its name: a job's baseline, diffusion pretraining and
+    IOIS runs (and a search's trials) print alike, and the tag says whose line it is."""
+    print(f"[{run}] {message}", flush=True)
+
+
+def method_words(cfg) -> str:
+    """What a run trains with, in words, for its announcement."""
+    s = cfg.synthesis
+    if s.mode == "online":
+        return (f"IOIS ({s.budget} synthetic images an epoch from {s.pool_size} synthesis "
+                f"actor{'s' if s.pool_size > 1 else ''}{'' if cfg.aas.enabled else ', AAS off'}"
+                f"{'' if s.guidance else ', unguided'})")
+    if s.mode == "offline":
+        return f"offline synthesis ({s.budget} synthetic images an epoch)"
+    extra = [x for x in ("class-balanced sampling" if cfg.method.sampling == "class_balanced" else "",
+                         f"mixup {cfg.method.mixup_alpha:g}" if cfg.method.mixup_alpha else "") if x]
+    return f"{cfg.method.loss}{' + ' + ', '.join(extra) if extra else ''}"
+

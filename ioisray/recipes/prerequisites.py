@@ -13,6 +13,7 @@ from ioisray import storage
 from ioisray.config import Config, ConfigError, TrainConfig, load_config
 from ioisray.data import provenance
 from ioisray.data.setup import setup_data
+from ioisray.recipes.console import say
 from ioisray.run import Run, run_dir, run_location
 
 
@@ -38,7 +39,7 @@ def baseline_run(cfg: Config, train: Optional[Callable[[Config], dict]] = None) 
     if not Run(base).pull().finished:
         if train is None:
             return None
-        print(f"[ioisray] baseline {base.name}: training it first ({run_dir(base)})", flush=True)
+        say(cfg.name, f"baseline {base.name}: training it first, {base.train.epochs} epochs ({run_dir(base)})")
         train(base)
     return run_dir(base)
 
@@ -82,15 +83,16 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
         # Named by its final location (a URI on a cluster), so that actors on any node can load it.
         model_dir = storage.join(run_location(pre), UNET_DIR)
         if storage.exists(model_dir):
-            print(f"[ioisray] diffusion model: {model_dir}", flush=True)
+            say(cfg.name, f"diffusion model: {model_dir}")
         else:
-            print(f"[ioisray] diffusion.model_dir is not set: pretraining one first ({run_location(pre)})",
-                  flush=True)
+            say(cfg.name, f"diffusion.model_dir is not set: pretraining the diffusion model first, "
+                          f"{pre.pretrain.epochs} epochs on the {len(splits['train'])} training images "
+                          f"({run_location(pre)})")
             pretrain_diffusion(pre)
     held_out = provenance.image_keys(ds, np.concatenate([splits["val"], splits["test"]]), folder)
     problem = provenance.check_record(storage.fetch_dir(model_dir), train_keys, held_out)
     if problem and problem.startswith("warning: "):
-        print(f"[ioisray] {problem}", flush=True)
+        say(cfg.name, problem)
     elif problem:
         raise ConfigError(
             f"diffusion.model_dir: {problem} (split seed {cfg.split_seed}), so its samples would leak them into "

@@ -32,6 +32,7 @@ from ioisray.models.wrapping import unwrap
 from ioisray.models.diffusion import (PRESETS, create_unet, load_noise_scheduler, load_unet, null_class,
                                      save_diffusion_model)
 from ioisray.precision import autocast, grad_scaler, resolve_precision
+from ioisray.recipes.console import say
 from ioisray.recipes.launch import fit, ray_session
 from ioisray.recipes.worker import Worker, locations
 from ioisray.run import Run, run_location
@@ -164,7 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss_sum += loss.detach() * len(y)
             n_seen += len(y)
             if worker.rank == 0 and (i + 1) % 50 == 0:
-                print(f"[ioisray]   batch {i + 1} loss {loss.item():.4f}", flush=True)
+                say(cfg.name, f"  batch {i + 1} loss {loss.item():.4f}")
         seconds = time.perf_counter() - start
         loss, n_seen = epoch_loss(loss_sum, n_seen)  # every worker's images, not rank 0's alone
         metrics = {"epoch": epoch, "loss": loss, "epoch_seconds": seconds, "lr": lr_schedule.get_last_lr()[0]}
@@ -186,13 +187,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _write_snapshot(loop_config["snapshots"], epoch + 1,
                                 {**_model_files(ema_unet, noise_scheduler), **loop_config["training_record"]})
             if last or epoch == first_epoch or (epoch + 1) % max(1, p.epochs // 10) == 0:  # ten lines a run
-                print(f"[ioisray] diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
-                      f"({rate:.1f} img/s, {seconds:.1f}s)", flush=True)
+                left = "" if last else f"; about {_duration((p.epochs - epoch - 1) * seconds)} left"
+                say(cfg.name, f"diffusion epoch {epoch + 1}/{p.epochs} loss {metrics['loss']:.4f} "
+                              f"({rate:.1f} img/s, {seconds:.1f}s{left})")
             state.epoch = epoch + 1
             state.model, state.optimizer = unwrap(unet).state_dict(), optimizer.state_dict()
             state.scheduler, state.extra["ema"] = lr_schedule.state_dict(), ema.state_dict()
         worker.end_epoch(metrics, state, files, name=FINAL if last else None)
     worker.close()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _model_files(unet, noise_scheduler) -> dict[str, bytes]:
@@ -275,6 +281,10 @@ def pretrain_diffusion(cfg: Config) -> Path:
         loop_config = {"config": cfg.model_dump(mode="json"), "num_classes": ds.num_classes,
                        "image_size": image_size, "snapshots": run.uri(storage.SNAPSHOTS), "training_record": record,
                        **locations(run)}
+        where = (f"on {cfg.ray.num_workers} Ray Train worker{'s' if cfg.ray.num_workers > 1 else ''}"
+                 if cfg.ray.num_workers else "in this process")
+        say(cfg.name, f"pretraining the {cfg.diffusion.preset} diffusion model at {image_size} px: {cfg.pretrain.epochs} "
+                      f"epochs on {len(train_ds.labels)} training images, {where}")
         try:
             with ray_session(cfg, data_bytes=train_ds.images.nbytes):  # the object store sized for the images
                 fit(cfg, train_loop_per_worker, loop_config, functools.partial(pretraining_datasets, cfg, train_ds),

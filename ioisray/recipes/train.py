@@ -33,6 +33,7 @@ from ioisray.metrics import classification_metrics, format_table, predictions_cs
 from ioisray.models import build_classifier, cpu_state_dict, unwrap
 from ioisray.precision import grad_scaler, resolve_precision
 from ioisray.recipes import prerequisites
+from ioisray.recipes.console import method_words, say
 from ioisray.recipes.launch import fit, ray_session
 from ioisray.recipes.worker import Worker, locations
 from ioisray.run import Run
@@ -147,7 +148,7 @@ def _progress(worker: Worker, batches_per_epoch: int, max_batches):
 
     def log(i: int, loss: torch.Tensor) -> None:
         if worker.rank == 0 and batches_per_epoch >= 20 and i % every == 0:  # .item() waits for the device
-            print(f"[ioisray]   batch {i}/~{batches_per_epoch} loss {loss.item():.4f}", flush=True)
+            say(worker.cfg.name, f"  batch {i}/~{batches_per_epoch} loss {loss.item():.4f}")
 
     return log
 
@@ -179,11 +180,11 @@ def _show_epoch(worker: Worker, cfg: Config, class_names, metrics, stats, val, s
     figures.tensorboard_scalars(worker.writer, "val", val, epoch)
     if synthesis:
         figures.tensorboard_synthesis(worker.writer, class_names, synthesis, iois.examples(), epoch)
-    print(f"[ioisray] epoch {epoch + 1}/{cfg.train.epochs} loss {stats.loss:.4f} train_acc {stats.accuracy:.4f} "
-          f"val_bacc {val['balanced_accuracy']:.4f} val_f1 {val['macro_f1']:.4f} lr {metrics['lr']:.3g} "
-          f"({metrics['epoch_seconds']:.1f}s)", flush=True)
+    say(cfg.name, f"epoch {epoch + 1}/{cfg.train.epochs} loss {stats.loss:.4f} train_acc {stats.accuracy:.4f} "
+                  f"val_bacc {val['balanced_accuracy']:.4f} val_f1 {val['macro_f1']:.4f} lr {metrics['lr']:.3g} "
+                  f"({metrics['epoch_seconds']:.1f}s)")
     if synthesis:
-        print(f"[ioisray]   {IOIS.summary(synthesis)}", flush=True)
+        say(cfg.name, f"  {IOIS.summary(synthesis)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +206,8 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
                               "on validation; use a fraction > 0")
         build_classifier(cfg, ds.num_classes)  # fail here, naming the key, not inside the workers
         if cfg.model.pretrained or cfg.model.pretrained_file:
-            print(f"[ioisray] model {cfg.model.name}: timm's pretrained weights "
-                  f"({cfg.model.pretrained_file or 'timm cache'}), new {ds.num_classes}-class head", flush=True)
+            say(cfg.name, f"model {cfg.model.name}: timm's pretrained weights "
+                          f"({cfg.model.pretrained_file or 'timm cache'}), new {ds.num_classes}-class head")
         split_ids = _check_inputs(cfg, ds, splits)
         run.start()
         with ray_session(cfg, data_bytes=ds.images.nbytes):  # one Ray for the run and what it needs made first
@@ -233,6 +234,10 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
                         "val": to_ray_dataset(ds.images[splits["val"]], ds.labels[splits["val"]]),
                         "test": to_ray_dataset(ds.images[splits["test"]], ds.labels[splits["test"]])}
 
+            where = (f"on {cfg.ray.num_workers} Ray Train worker{'s' if cfg.ray.num_workers > 1 else ''}"
+                     if cfg.ray.num_workers else "in this process")
+            say(cfg.name, f"training {cfg.model.name} with {method_words(cfg)}: {cfg.train.epochs} epochs on "
+                          f"{len(splits['train'])} training images, {where} ({run.location})")
             try:
                 fit(cfg, train_loop_per_worker, loop_config, datasets,
                     services=functools.partial(_services, cfg, model_dir, ds.num_classes), callbacks=callbacks)
@@ -248,10 +253,20 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
                     "test_predictions_in_split_order": True,
                     "seconds": time.perf_counter() - t0, **({"diffusion_model_dir": model_dir} if model_dir else {})})
         made = _save_outputs(run, out, train_ds, baseline)
+        if baseline and out.get("test"):
+            say(cfg.name, _comparison(cfg, out["test"], baseline))
         out["figures"] = [run.uri(f.relative_to(run.dir).as_posix()) for f in made]
         run.push()
         run.drop_checkpoints()
     return out
+
+
+def _comparison(cfg: Config, test: dict, baseline) -> str:
+    """The job's answer in one line: this run's test figures next to its baseline's."""
+    base = json.loads((baseline / "metrics.json").read_text()).get("test") or {}
+    return "; ".join(f"test {words}: {cfg.name} {test[key]:.3f}, baseline {baseline.name} {base[key]:.3f}"
+                     for key, words in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"))
+                     if key in base)
 
 
 def _check_inputs(cfg: Config, ds, splits: dict) -> dict:

@@ -123,7 +123,7 @@ class Worker:
         unwrap(model).load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
-        self.log(f"[ioisray] resumed {what}from epoch {state.epoch} (checkpoint {name})")
+        self.log(f"[{self.cfg.name}] resumed {what}from epoch {state.epoch} (checkpoint {name})")
         return model, state
 
     def epochs(self, state: TrainingState, total: int) -> Iterator[int]:
