@@ -10,6 +10,11 @@ Two forms of x (x_t is the default, chosen by measurement: benchmarks/log/2026-1
            cost one UNet forward plus one classifier forward/backward per step. With eps detached,
            d x0_hat / d x_t = 1 / sqrt(abar_t), so the x0 form pushes 1/sqrt(abar_t) times harder at
            high noise (~130x at t=980, 1x at t=0) for the same scale s.
+With `sampler.guidance_objective: entropy` the classifier term is grad_x H(p(. | x)) instead, so guidance
+makes images whose class the classifier is unsure of (feedback-guided synthesis).
+Classifier-free guidance (`sampler.cfg_scale` w != 1, for a model with a null class) replaces eps by
+eps_null + w (eps_c - eps_null), from one UNet call on the batch twice over (conditional and null labels);
+the classifier's term is then added to that eps as above.
 Models may predict the noise (epsilon) or the velocity v = sqrt(abar) eps - sqrt(1-abar) x0; a
 v-prediction is turned into eps first, so guidance and the DDIM update are the same for both.
 Every image draws its own noise from a CPU generator seeded with its seed, so an image depends only on
@@ -136,8 +141,37 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def model_epsilon(unet: nn.Module, x: torch.Tensor, t_int: int, labels: torch.Tensor, abar_t: torch.Tensor,
+                  prediction_type: str, cfg: SamplerConfig, null_label: int | None = None) -> torch.Tensor:
+    """The UNet's noise estimate for x_t (float32), classifier-free guided when cfg.cfg_scale != 1:
+    eps_null + w (eps_c - eps_null), the conditional and the null prediction from one call on the batch
+    twice over. w = 1 is one conditional call, exactly as without classifier-free guidance."""
+    device = x.device
+    unet_dtype = next(unet.parameters()).dtype
+    w = float(cfg.cfg_scale)
+    n = len(labels)
+    if w != 1.0:
+        if null_label is None:
+            raise ValueError(f"sampler.cfg_scale={w:g} needs a diffusion model with a null class (pretrained with "
+                             f"diffusion.label_dropout > 0); this one has none")
+        x = torch.cat([x, x])
+        labels = torch.cat([labels, torch.full_like(labels, null_label)])
+    x_in, t_in = x.to(unet_dtype), torch.full((len(labels),), t_int, device=device)
+    if cfg.compile:  # one graph for every batch size rather than a recompilation per size
+        for tensor in (x_in, t_in, labels):
+            torch._dynamo.mark_dynamic(tensor, 0)
+    with torch.no_grad(), _autocast(device, cfg.dtype):
+        out = unet(x_in, t_in, class_labels=labels).sample
+    eps = epsilon_from(out.float(), x, abar_t, prediction_type)
+    if w == 1.0:
+        return eps
+    eps_c, eps_null = eps[:n], eps[n:]
+    return eps_null + w * (eps_c - eps_null)
+
+
 def _guidance_gradient(x_t, eps, abar_t, labels, classifier, transform, cfg, device):
-    """grad_{x_t} of sum_i log p(labels_i | x_i), in float32; x_i is x_t or x0_hat by cfg.guidance_form."""
+    """grad_{x_t} of the guidance objective summed over the batch, in float32: log p(labels_i | x_i), or the
+    predictive entropy of x_i (cfg.guidance_objective); x_i is x_t or x0_hat by cfg.guidance_form."""
     with torch.enable_grad():
         x_in = x_t.detach().float().requires_grad_(True)
         if cfg.guidance_form == "x0":
@@ -150,9 +184,12 @@ def _guidance_gradient(x_t, eps, abar_t, labels, classifier, transform, cfg, dev
                 torch._dynamo.mark_dynamic(inputs, 0)
             logits = classifier(inputs)
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        selected = log_probs.gather(1, labels[:, None]).sum()
+        if cfg.guidance_objective == "entropy":  # H = -sum_c p_c log p_c, pushed up
+            objective = -(log_probs.exp() * log_probs).sum()
+        else:
+            objective = log_probs.gather(1, labels[:, None]).sum()
         # autograd.grad leaves the classifier's .grad untouched: only x gets a gradient.
-        (grad,) = torch.autograd.grad(selected, x_in)
+        (grad,) = torch.autograd.grad(objective, x_in)
     return grad
 
 
@@ -183,9 +220,13 @@ def sample(
     if unet.config.num_class_embeds is None:
         raise ValueError("the UNet is not class-conditional (config.num_class_embeds is None)")
     # A null class (label dropout) is no class to sample.
-    num_classes = unet.config.num_class_embeds - (getattr(unet, "null_class_label", None) is not None)
+    null_label = getattr(unet, "null_class_label", None)
+    num_classes = unet.config.num_class_embeds - (null_label is not None)
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got {labels.tolist()}")
+    if cfg.cfg_scale != 1 and null_label is None:
+        raise ValueError(f"sampler.cfg_scale={cfg.cfg_scale:g} needs a diffusion model with a null class (pretrained "
+                         f"with diffusion.label_dropout > 0); this one has none: set sampler.cfg_scale=1")
 
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     size = int(unet.config.sample_size)
@@ -217,21 +258,13 @@ def sample(
     x, generators = _initial_noise(seeds, (unet.config.in_channels, size, size))
     x = x.to(device)
     labels_dev = labels.to(device)
-    unet_dtype = next(unet.parameters()).dtype
-    # A compiled UNet sees chunks of several sizes (the ramp, the remainder): one graph for every
-    # batch size rather than a recompilation per size.
-    dynamic = bool(cfg.compile)
     try:
         for t in scheduler.timesteps:
             t_int = int(t)
-            x_in, t_in = x.to(unet_dtype), torch.full((len(seeds),), t_int, device=device)
-            if dynamic:
-                for tensor in (x_in, t_in, labels_dev):
-                    torch._dynamo.mark_dynamic(tensor, 0)
-            with torch.no_grad(), _autocast(device, cfg.dtype):
-                eps = unet(x_in, t_in, class_labels=labels_dev).sample
             abar_t = alphas_cumprod[t_int]
-            eps = epsilon_from(eps.float(), x, abar_t, prediction_type)
+            # A compiled UNet sees chunks of several sizes (the ramp, the remainder): model_epsilon marks
+            # the batch dimension dynamic.
+            eps = model_epsilon(unet, x, t_int, labels_dev, abar_t, prediction_type, cfg, null_label)
             if guided:
                 grad = _guidance_gradient(x, eps, abar_t, labels_dev, classifier, transform, cfg, device)
                 eps = eps - cfg.guidance_scale * (1 - abar_t).sqrt() * grad

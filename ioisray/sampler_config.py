@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 SOLVERS = ("ddim", "dpmsolver++", "unipc")
+GUIDANCE_OBJECTIVES = ("log_prob", "entropy")
 
 
 def _doc(text: str) -> dict:
@@ -34,6 +35,13 @@ class SamplerConfig:
     compile: Optional[bool] = field(default=None, metadata=_doc(
         "torch.compile the UNet and guide classifier once per synthesis actor, batch dimension dynamic; unset: on "
         "for CUDA, off on the CPU."))
+    cfg_scale: float = field(default=1.0, metadata=_doc(
+        "Classifier-free guidance weight w, eps = eps_null + w (eps_c - eps_null), both from one batched UNet call; "
+        "1 is plain conditional sampling, and any other value needs a model pretrained with "
+        "diffusion.label_dropout > 0."))
+    guidance_objective: Literal["log_prob", "entropy"] = field(default="log_prob", metadata=_doc(
+        "What classifier guidance pushes up: log p(c | x) of the image's class, or the classifier's predictive "
+        "entropy (images the classifier finds hard, as in feedback-guided synthesis)."))
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -48,5 +56,11 @@ class SamplerConfig:
             raise ValueError(f"sampler.solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.eta > 0 and self.solver != "ddim":
             raise ValueError(f"sampler.eta applies to the ddim solver only, not {self.solver!r}")
+        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)) \
+                or not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ValueError(f"sampler.cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
+        if self.guidance_objective not in GUIDANCE_OBJECTIVES:
+            raise ValueError(f"sampler.guidance_objective must be one of {GUIDANCE_OBJECTIVES}, "
+                             f"got {self.guidance_objective!r}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"sampler.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from ioisray.models.diffusion import create_unet
-from ioisray.sampler import (SamplerConfig, default_classifier_transform, make_scheduler,
-                             make_train_scheduler, sample)
+from ioisray.sampler import (SamplerConfig, _guidance_gradient, default_classifier_transform, make_scheduler,
+                             make_train_scheduler, model_epsilon, sample)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NUM_CLASSES = 3
@@ -193,3 +193,68 @@ def test_solver_options_validated():
         SamplerConfig(solver="euler")
     with pytest.raises(ValueError, match="eta"):
         SamplerConfig(solver="unipc", eta=0.5)
+
+
+@pytest.fixture(scope="module")
+def cfg_unet():
+    """A tiny UNet with a null class (label dropout), as classifier-free guidance needs."""
+    torch.manual_seed(1)
+    return create_unet("tiny", NUM_CLASSES, image_size=16, null_class_label=True).eval()
+
+
+def test_cfg_scale_one_is_the_conditional_eps_zero_the_null_eps_and_w_extrapolates(cfg_unet):
+    torch.manual_seed(0)
+    x, labels, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 2]), 500
+    abar, null = make_scheduler().alphas_cumprod[t], cfg_unet.null_class_label
+    assert null == NUM_CLASSES
+    with torch.no_grad():
+        cond = cfg_unet(x, torch.full((2,), t), class_labels=labels).sample
+        uncond = cfg_unet(x, torch.full((2,), t), class_labels=torch.full_like(labels, null)).sample
+    assert (cond - uncond).abs().mean() > 1e-3  # the null class predicts something else
+
+    def eps(w):
+        return model_epsilon(cfg_unet, x, t, labels, abar, "epsilon", SamplerConfig(cfg_scale=w, dtype="float32"),
+                             null)
+
+    assert torch.equal(eps(1.0), cond)  # w = 1: one conditional call, as before classifier-free guidance
+    # w != 1: one call on the doubled batch, whose kernels may round differently from a batch of two.
+    assert torch.allclose(eps(0.0), uncond, atol=1e-5)
+    assert torch.allclose(eps(3.0), uncond + 3.0 * (cond - uncond), atol=1e-4)
+
+
+def test_cfg_sampling_changes_the_images_and_needs_a_null_class(unet, cfg_unet):
+    plain = sample(cfg_unet, [0, 1], [1, 2], SamplerConfig(steps=2))
+    assert torch.equal(plain.images, sample(cfg_unet, [0, 1], [1, 2], SamplerConfig(steps=2, cfg_scale=1.0)).images)
+    guided = sample(cfg_unet, [0, 1], [1, 2], SamplerConfig(steps=2, cfg_scale=3.0), classifier=ChannelMeanClassifier())
+    assert guided.images.shape == plain.images.shape and not torch.equal(guided.images, plain.images)
+    with pytest.raises(ValueError, match="sampler.cfg_scale=3 needs a diffusion model with a null class"):
+        sample(unet, [0], [1], SamplerConfig(steps=1, cfg_scale=3.0))  # `unet` has no null class
+    with pytest.raises(ValueError, match="sampler.cfg_scale"):
+        SamplerConfig(cfg_scale=-1.0)
+
+
+@pytest.mark.parametrize("form", ["x_t", "x0"])
+def test_entropy_objective_follows_the_gradient_of_the_classifiers_entropy(form):
+    torch.manual_seed(0)
+    clf = ChannelMeanClassifier().eval()
+    x, eps, abar = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor(0.6)
+    labels, transform, cpu = torch.tensor([0, 1, 2]), default_classifier_transform(None), torch.device("cpu")
+
+    def seen(x_t):
+        return x_t if form == "x_t" else (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def entropy(x_t):
+        return torch.distributions.Categorical(logits=clf(transform(seen(x_t)))).entropy().sum()
+
+    cfg = SamplerConfig(guidance_objective="entropy", guidance_form=form, dtype="float32")
+    got = _guidance_gradient(x, eps, abar, labels, clf, transform, cfg, cpu)
+    x_req = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(entropy(x_req), x_req)
+    assert torch.allclose(got, want, atol=1e-6)
+    with torch.no_grad():  # the sign: a step along it makes the classifier less sure
+        assert entropy(x + 0.05 * got) > entropy(x)
+    log_prob = _guidance_gradient(x, eps, abar, labels, clf, transform,
+                                  SamplerConfig(guidance_form=form, dtype="float32"), cpu)
+    assert not torch.allclose(log_prob, got, atol=1e-3)  # the default objective is another direction
+    with pytest.raises(ValueError, match="sampler.guidance_objective"):
+        SamplerConfig(guidance_objective="margin")

@@ -13,7 +13,7 @@ import torch
 
 from ioisray.config import Config
 from ioisray.models import build_classifier
-from ioisray.models.diffusion import load_noise_scheduler, load_unet
+from ioisray.models.diffusion import load_noise_scheduler, load_unet, num_data_classes
 from ioisray.precision import configure_device, sampler_dtype
 from ioisray.sampler import SamplerConfig, default_classifier_transform, sample
 from ioisray.synthesis.plan import chunk_sizes
@@ -72,7 +72,7 @@ class DiffusionGenerator:
             return []
         sizes = sorted({int(n) for n in sizes if n > 0})
         one_step = dataclasses.replace(self.sampler, steps=1)
-        num_classes = int(self.unet.config.num_class_embeds)
+        num_classes = num_data_classes(self.unet)  # a null class (label dropout) is not sampled
         for n in sizes:
             self._sample(np.arange(n) % num_classes, np.arange(n), one_step, self.classifier)
         return sizes
