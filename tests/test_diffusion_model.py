@@ -128,3 +128,23 @@ def test_label_dropout_refuses_to_fine_tune_a_model_without_null_class(tmp_path)
         initial_unet(cfg, 3, 16)
     fresh = initial_unet(load_config("configs/digits.yaml", ["diffusion.label_dropout=0.1"]), 3, 16)
     assert fresh.config.num_class_embeds == 4
+
+
+def test_cfg_scale_is_refused_before_anything_starts_for_a_model_without_null_class(tmp_path):
+    from ioisray.config import ConfigError, load_config
+    from ioisray.data.setup import setup_data
+    from ioisray.recipes.prerequisites import diffusion_model
+
+    plain = tmp_path / "plain"
+    create_unet("tiny", 10, image_size=16).save_pretrained(plain, safe_serialization=True)
+    online = ["synthesis.mode=online", "synthesis.budget=8", "sampler.cfg_scale=2.5"]
+    cfg = load_config("configs/digits.yaml", online + [f"diffusion.model_dir={plain}"])
+    with pytest.raises(ConfigError, match=f"sampler.cfg_scale=2.5 needs a diffusion model with a null class, but "
+                                          f"{plain} has none"):
+        diffusion_model(cfg, *setup_data(cfg))
+    # w = 1 keeps using it; with no model given, the run's own model needs label dropout.
+    plain_cfg = load_config("configs/digits.yaml", online[:2] + [f"diffusion.model_dir={plain}"])
+    assert diffusion_model(plain_cfg, *setup_data(plain_cfg)) == str(plain)
+    with pytest.raises(ConfigError, match="sampler.cfg_scale=2.5.*diffusion.label_dropout"):
+        load_config("configs/digits.yaml", online)
+    assert load_config("configs/digits.yaml", online + ["diffusion.label_dropout=0.1"]).sampler.cfg_scale == 2.5

@@ -47,3 +47,21 @@ def test_model_of_another_class_count_is_an_error(tmp_path, capsys):
     assert main(["sample", DIGITS, f"diffusion.model_dir={saved_unet(tmp_path / 'u10', 10)}",
                  f"--guide-run={tmp_path / 'no_run'}", f"output_dir={tmp_path}"]) == 2
     assert "not a finished" in capsys.readouterr().err
+
+
+def test_cfg_scale_samples_from_a_model_with_a_null_class_and_refuses_one_without(tmp_path, capsys):
+    from ioisray.models.diffusion import save_diffusion_model
+    from ioisray.sampler import make_train_scheduler
+
+    with_null = tmp_path / "cfg_unet"
+    save_diffusion_model(create_unet("tiny", 10, image_size=16, null_class_label=True), make_train_scheduler(),
+                         with_null)
+    args = ["sample", DIGITS, "--per-class", "1", "data.image_size=16", "sampler.steps=2", "sampler.cfg_scale=3",
+            f"output_dir={tmp_path}", "name=s"]
+    assert main(args + [f"diffusion.model_dir={with_null}"]) == 0
+    meta = json.loads((tmp_path / "s" / "samples" / "samples.json").read_text())
+    assert meta["sampler"]["cfg_scale"] == 3.0 and meta["labels"] == list(range(10))
+    plain = saved_unet(tmp_path / "plain", 10)
+    assert main(args + [f"diffusion.model_dir={plain}"]) == 2
+    err = capsys.readouterr().err
+    assert "sampler.cfg_scale=3" in err and str(plain) in err and "null class" in err

@@ -433,6 +433,17 @@ class Config(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _cfg_needs_a_null_class(self):
+        # The model a run pretrains for itself learns the null class only with label dropout; a given
+        # model_dir is checked when it is read (recipes/prerequisites.check_cfg_scale).
+        if (self.synthesis.mode != "none" and self.sampler.cfg_scale != 1 and not self.diffusion.model_dir
+                and not self.diffusion.label_dropout):
+            raise ValueError(f"sampler.cfg_scale={self.sampler.cfg_scale:g} needs a diffusion model with a null class: "
+                             f"set diffusion.label_dropout > 0 (e.g. 0.1) so that the model pretrained for this run "
+                             f"learns one, or diffusion.model_dir to such a model")
+        return self
+
+    @model_validator(mode="after")
     def _searched_keys_exist(self):
         for key in self.tune.search_space:
             if not is_config_key(key):

@@ -126,6 +126,11 @@ def load_unet(path: str, num_classes: int) -> UNet2DModel:
     return unet
 
 
+def saved_null_class(path: str) -> int | None:
+    """The null class a saved model folder (local or a URI) records, without loading its weights."""
+    return _saved_null_class(storage.fetch_dir(path))
+
+
 def _saved_null_class(path: str) -> int | None:
     file = os.path.join(path, CLASS_CONDITIONING_FILE)
     if not os.path.isfile(file):

@@ -58,7 +58,7 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
     """The diffusion model IOIS samples from: `diffusion.model_dir`, or, when that is not set, the one
     pretrained for this data, training split, preset and size, which is pretrained here first if
     missing. Refused if it was trained on any of this run's validation or test images."""
-    from ioisray.models.diffusion import load_noise_scheduler, load_unet
+    from ioisray.models.diffusion import load_noise_scheduler, load_unet, null_class, saved_null_class
     from ioisray.recipes.pretrain_diffusion import UNET_DIR, diffusion_image_size, pretrain_diffusion
 
     folder = provenance.data_folder(cfg.data)
@@ -66,17 +66,21 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
     if cfg.diffusion.model_dir:
         model_dir = cfg.diffusion.model_dir
         try:
-            load_unet(model_dir, ds.num_classes)
+            unet = load_unet(model_dir, ds.num_classes)
             load_noise_scheduler(model_dir)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
+        check_cfg_scale(cfg, model_dir, null_class(unet))
     else:
         size = diffusion_image_size(cfg)
         # Only what shapes the diffusion model goes into its run, so IOIS runs that differ in method,
         # synthesis, training settings or training seed share one model; another split gets its own.
         d = cfg.diffusion
+        # Label dropout makes another model (one with a null class): a name of its own, and none added
+        # without it, so that the models pretrained before it keep their names.
         tag = (("_v" if d.prediction_type == "v_prediction" else "")
-               + ("_cosine" if d.beta_schedule == "squaredcos_cap_v2" else ""))
+               + ("_cosine" if d.beta_schedule == "squaredcos_cap_v2" else "")
+               + (f"_drop{d.label_dropout:g}" if d.label_dropout else ""))
         pre = Config(name=f"diffusion_{cfg.data.name}_{d.preset}_{size}px{tag}_split{provenance.split_id(train_keys)}",
                      seed=cfg.split_seed, output_dir=cfg.output_dir, data=cfg.data, diffusion=cfg.diffusion,
                      pretrain=cfg.pretrain, ray=cfg.ray, train=TrainConfig(precision=cfg.train.precision))
@@ -84,6 +88,7 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
         model_dir = storage.join(run_location(pre), UNET_DIR)
         if storage.exists(model_dir):
             say(cfg.name, f"diffusion model: {model_dir}")
+            check_cfg_scale(cfg, model_dir, saved_null_class(model_dir))
         else:
             say(cfg.name, f"diffusion.model_dir is not set: pretraining the diffusion model first, "
                           f"{pre.pretrain.epochs} epochs on the {len(splits['train'])} training images "
@@ -99,6 +104,15 @@ def diffusion_model(cfg: Config, ds, splits: dict) -> str:
             f"training. Use a model pretrained on this split (leave diffusion.model_dir unset to pretrain one), or "
             f"keep the model's split with data.split_seed")
     return model_dir
+
+
+def check_cfg_scale(cfg: Config, model_dir: str, null_label: Optional[int]) -> None:
+    """Classifier-free guidance (sampler.cfg_scale != 1) needs the null class of a model pretrained with
+    label dropout: refused, naming both, before any synthesis actor loads the model."""
+    if cfg.sampler.cfg_scale != 1 and null_label is None:
+        raise ConfigError(f"sampler.cfg_scale={cfg.sampler.cfg_scale:g} needs a diffusion model with a null class, "
+                          f"but {model_dir} has none (it was pretrained without diffusion.label_dropout): use "
+                          f"sampler.cfg_scale=1 or a model pretrained with diffusion.label_dropout > 0")
 
 
 def shared_diffusion_model(cfg: Config, loaded: Optional[dict] = None) -> Config:

@@ -4,7 +4,8 @@
              (`diffusion.model_dir`, a diffusers UNet2DModel folder), and the guiding classifier:
              the best-on-validation weights of a finished `ioisray train` run
     sample   `per_class` images of every class with seeds 0, 1, 2, ... (the same seeds for every
-             setting, so grids compare image by image); `sampler.*` sets steps, scale and form
+             setting, so grids compare image by image); `sampler.*` sets steps, scale and form, and
+             `sampler.cfg_scale` classifier-free guidance (a model pretrained with label dropout)
     save     <output_dir>/<name>/samples/: images/<class>_seed<seed>.png (each image at data.image_size),
              grid.png (one row per class, labelled, enlarged to be seen), samples.json (class, seed
              and file of each image) and config.yaml; a training run's own files are never touched
@@ -26,7 +27,8 @@ from ioisray.atomic import atomic_write_bytes, atomic_write_text
 from ioisray.config import Config, ConfigError, load_config, save_config
 from ioisray.data.setup import setup_data
 from ioisray.models import build_classifier, load_state_dict_file
-from ioisray.models.diffusion import load_noise_scheduler, load_unet
+from ioisray.models.diffusion import load_noise_scheduler, load_unet, null_class
+from ioisray.recipes.prerequisites import check_cfg_scale
 from ioisray.recipes.train import BEST_MODEL_FILE
 from ioisray.run import run_dir
 from ioisray.sampler import sample
@@ -62,6 +64,7 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
                           "(e.g. outputs/<pretraining run>/unet)")
     ds, _ = setup_data(cfg)
     unet = load_unet(cfg.diffusion.model_dir, ds.num_classes)  # class count must match the data
+    check_cfg_scale(cfg, cfg.diffusion.model_dir, null_class(unet))
     noise_scheduler = load_noise_scheduler(cfg.diffusion.model_dir)
     guide = None
     if guide_run and cfg.sampler.guidance_scale > 0:
