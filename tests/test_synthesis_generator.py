@@ -122,3 +122,25 @@ def test_the_run_warms_up_its_plans_chunk_sizes_on_a_cpu_only_when_compiled(mode
     make = generator_factory(cfg, model_dir, 3)
     assert make.keywords["warmup_sizes"] == tuple(sorted(set(chunk_sizes(100, 32, 3))))
     assert make().warmed_up == []  # eager on the CPU (sampler.compile unset): nothing to compile or tune
+
+
+
+def test_a_cfg_generator_warms_up_and_samples_only_real_classes(two_level_model_dir, tmp_path, one_torch_thread):
+    # The warm-up samples a chunk of each size with labels 0, 1, 2, ...: never the null class, which is
+    # one more label embedding than the data has classes.
+    import dataclasses
+
+    from ioisray.models.diffusion import CLASS_CONDITIONING_FILE
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel.from_pretrained(two_level_model_dir)  # 3 label embeddings: 2 classes and the null one
+    unet.null_class_label = 2
+    save_diffusion_model(unet, make_train_scheduler(), tmp_path / "cfg")
+    assert (tmp_path / "cfg" / CLASS_CONDITIONING_FILE).is_file()
+    gen = DiffusionGenerator(str(tmp_path / "cfg"), 2, SamplerConfig(steps=1, cfg_scale=2.0))
+    # The warm-up runs where the UNet is compiled (CUDA by default); its sampling, without the compiler's
+    # cost (tens of seconds on a CPU), is that of an eager UNet under the same settings.
+    gen.sampler = dataclasses.replace(gen.sampler, compile=True)
+    assert gen.warm_up([5]) == [5] and gen.sampler.cfg_scale == 2.0
+    assert gen.generate(np.array([0, 1, 1]), np.array([1, 2, 3]))["image"].shape == (3, 8, 8, 3)
