@@ -2,7 +2,8 @@
 
 A batch is a dict {"image": uint8 (B, H, W, 3), "label": int64 (B,)}: what Ray Data's
 `iter_torch_batches` yields, and what a plain list of tensors gives in tests and benchmarks. IOIS
-batches also carry "synthetic" (1 for a generated image), which training treats like any other row.
+batches also carry "synthetic" (1 for a generated image), which training treats like any other row,
+unless `synthetic_weight` < 1 weights its loss down.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
                     device: torch.device, *, mixup_alpha: float = 0.0,
                     generator: Optional[torch.Generator] = None, max_batches: Optional[int] = None,
                     log: Optional[Callable[[int, torch.Tensor], None]] = None, precision: str = "fp32",
-                    scaler: Optional[torch.amp.GradScaler] = None, channels_last: bool = False) -> EpochStats:
+                    scaler: Optional[torch.amp.GradScaler] = None, channels_last: bool = False,
+                    synthetic_weight: float = 1.0) -> EpochStats:
     """Train one pass; per-class training accuracy is summed over all workers.
 
     The accuracy counts real images only (rows whose "synthetic" flag is 0, or all rows without the
@@ -55,6 +57,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
     `precision` is "bf16", "fp16" (with `scaler`) or "fp32" (see ioisray/precision.py).
     A batch of a single image is skipped: BatchNorm cannot train on it (it is at most one image an
     epoch, the last one of an uneven split) and the epoch's count does not include it.
+    `synthetic_weight` (synthesis.loss_weight) is a synthetic row's weight in the batch's loss, a real
+    row's being 1: the loss is then the weighted mean (losses.py); 1 computes the loss as without it.
     """
     model.train()
     scaler = scaler or grad_scaler(device, precision)
@@ -75,6 +79,7 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
         # Weights, not a boolean mask: masking needs the count of selected rows, a host sync.
         real = ((batch["synthetic"] == 0).to(device, non_blocking=True).long() if "synthetic" in batch
                 else torch.ones_like(y))
+        weighted = synthetic_weight != 1.0 and "synthetic" in batch
         with autocast(device, precision):
             if mixup_alpha > 0:
                 # Label and real flag go through the permutation together: a mixed row counts for the
@@ -82,11 +87,16 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
                 x, counted_a, counted_b, lam = mixup_batch(x, torch.stack([y, real], 1), mixup_alpha,
                                                            generator=generator)
                 logits = model(x)
-                loss = mixup_loss(loss_fn, logits, counted_a[:, 0], counted_b[:, 0], lam)
+                if weighted:  # each target's loss weighted by its own image's weight
+                    loss = mixup_loss(loss_fn, logits, counted_a[:, 0], counted_b[:, 0], lam,
+                                      _row_weights(counted_a[:, 1], synthetic_weight),
+                                      _row_weights(counted_b[:, 1], synthetic_weight))
+                else:
+                    loss = mixup_loss(loss_fn, logits, counted_a[:, 0], counted_b[:, 0], lam)
                 y_counted, real_counted = (counted_a if lam >= 0.5 else counted_b).unbind(1)
             else:
                 logits = model(x)
-                loss = loss_fn(logits, y)
+                loss = loss_fn(logits, y, _row_weights(real, synthetic_weight)) if weighted else loss_fn(logits, y)
                 y_counted, real_counted = y, real
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -104,6 +114,11 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: to
     n = stats[num_classes:2 * num_classes]
     return EpochStats(loss=float(stats[-2] / max(stats[-1], 1)), correct=stats[:num_classes].astype(np.int64),
                       total=n.astype(np.int64), seconds=time.perf_counter() - start)
+
+
+def _row_weights(real: torch.Tensor, synthetic_weight: float) -> torch.Tensor:
+    """1 for a real row, `synthetic_weight` for a synthetic one (float, on the rows' device)."""
+    return torch.where(real.bool(), 1.0, synthetic_weight).float()
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """Class-imbalance losses and the `create_loss` factory.
 
-Every loss takes (B, C) logits and (B,) int64 targets and returns a scalar.
+Every loss takes (B, C) logits and (B,) int64 targets and returns a scalar; an optional (B,)
+`sample_weight` (e.g. a smaller weight for synthetic images, `synthesis.loss_weight`) makes that scalar
+the weighted mean of the per-sample losses. Without it each loss computes exactly what it did before.
 Per-class weights, margins and priors are derived once from the training-split
 class counts and registered as buffers, so `loss.to(device)` moves them with it.
 """
@@ -42,6 +44,16 @@ def _counts_tensor(class_counts: Sequence[int]) -> Tensor:
     return torch.tensor(counts, dtype=torch.float64)
 
 
+def _cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, sample_weight: Tensor | None) -> Tensor:
+    """F.cross_entropy's (class-)weighted mean, with per-sample weights multiplied into it: the sum of
+    s_i w_{y_i} l_i over the sum of s_i w_{y_i}, as F.cross_entropy normalises by the sum of w_{y_i}."""
+    if sample_weight is None:
+        return F.cross_entropy(logits, target, weight=weight)
+    per_sample = F.cross_entropy(logits, target, weight=weight, reduction="none")  # w_{y_i} l_i
+    norm = sample_weight if weight is None else sample_weight * weight[target]
+    return (per_sample * sample_weight).sum() / norm.sum()
+
+
 def _normalise(w: Tensor) -> Tensor:
     # Sum to C so the average class weight is 1 and the loss scale stays comparable to plain CE.
     return (w * (w.numel() / w.sum())).float()
@@ -67,15 +79,20 @@ class ImbalanceLoss(nn.Module):
         super().__init__()
         self.num_classes = num_classes
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"expected logits of shape (B, {self.num_classes}), got {tuple(logits.shape)}: "
                 "the model's head and class_counts disagree on the number of classes"
             )
-        return self.loss(logits.float(), target)
+        if sample_weight is None:
+            return self.loss(logits.float(), target)
+        if sample_weight.shape != target.shape:
+            raise ValueError(f"sample_weight has shape {tuple(sample_weight.shape)}, but the batch has "
+                             f"{tuple(target.shape)} targets")
+        return self.loss(logits.float(), target, sample_weight.float())
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
@@ -89,24 +106,27 @@ class CrossEntropyLoss(ImbalanceLoss):
         super().__init__(num_classes)
         self.register_buffer("weight", weight)
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(logits, target, weight=self.weight)
+    def loss(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+        return _cross_entropy(logits, target, self.weight, sample_weight)
 
 
 class FocalLoss(ImbalanceLoss):
-    """Focal loss (Lin et al. 2017), optionally class-weighted (CB-focal); plain mean over the batch."""
+    """Focal loss (Lin et al. 2017), optionally class-weighted (CB-focal); plain mean over the batch (with
+    per-sample weights s_i: sum of s_i times the term over the sum of s_i)."""
 
     def __init__(self, num_classes: int, gamma: float = 2.0, weight: Tensor | None = None):
         super().__init__(num_classes)
         self.gamma = gamma
         self.register_buffer("weight", weight)
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         logp_t = logits.log_softmax(dim=1).gather(1, target[:, None]).squeeze(1)
         # (1 - p_t) computed as -expm1(log p_t) stays accurate when p_t is close to 1.
         per_sample = -torch.pow(-torch.expm1(logp_t), self.gamma) * logp_t
         if self.weight is not None:
             per_sample = per_sample * self.weight[target]
+        if sample_weight is not None:
+            return (per_sample * sample_weight).sum() / sample_weight.sum()
         return per_sample.mean()
 
 
@@ -137,11 +157,11 @@ class LDAMDRWLoss(ImbalanceLoss):
     def set_epoch(self, epoch: int) -> None:
         self.reweight = epoch >= self.drw_epoch
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         # Subtract the margin from the true-class logit only.
         margin = F.one_hot(target, self.num_classes).to(logits.dtype) * self.margins[target, None]
         weight = self.drw_weight if self.reweight else None
-        return F.cross_entropy(self.scale * (logits - margin), target, weight=weight)
+        return _cross_entropy(self.scale * (logits - margin), target, weight, sample_weight)
 
 
 class LogitAdjustedLoss(ImbalanceLoss):
@@ -155,8 +175,8 @@ class LogitAdjustedLoss(ImbalanceLoss):
         super().__init__(counts.numel())
         self.register_buffer("adjustment", (tau * (counts / counts.sum()).log()).float())
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(logits + self.adjustment, target)
+    def loss(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+        return _cross_entropy(logits + self.adjustment, target, None, sample_weight)
 
 
 def create_loss(

@@ -49,7 +49,11 @@ def mixup_batch(
 
 
 def mixup_loss(
-    loss_fn: Callable[[Tensor, Tensor], Tensor], logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float
+    loss_fn: Callable[..., Tensor], logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float,
+    weight_a: Tensor | None = None, weight_b: Tensor | None = None,
 ) -> Tensor:
-    """Mixup objective: the same convex combination of the two targets' losses."""
-    return lam * loss_fn(logits, y_a) + (1.0 - lam) * loss_fn(logits, y_b)
+    """Mixup objective: the same convex combination of the two targets' losses. With per-sample weights,
+    each target's loss is weighted by its own image's weight (`weight_b` is the permuted images')."""
+    if weight_a is None and weight_b is None:
+        return lam * loss_fn(logits, y_a) + (1.0 - lam) * loss_fn(logits, y_b)
+    return lam * loss_fn(logits, y_a, weight_a) + (1.0 - lam) * loss_fn(logits, y_b, weight_b)

@@ -92,3 +92,37 @@ def test_mixup_counts_for_aas_only_rows_whose_dominant_image_is_real():
                             torch.device("cpu"), mixup_alpha=0.2, generator=gen)
     assert stats.total[1] == 0 and stats.correct[1] == 0
     assert 0 < stats.total[0] < 48  # counted: the rows whose dominant image is a real one
+
+
+def test_synthetic_rows_weigh_loss_weight_in_the_loss_and_weight_one_trains_as_before():
+    import torch.nn.functional as F
+
+    from ioisray.mixup import mixup_batch, mixup_loss
+
+    torch.manual_seed(0)
+    images, labels = toy_data((4, 4), size=8)
+    synthetic = torch.tensor([0, 1] * 4)
+    batch = {"image": torch.from_numpy(images), "label": torch.from_numpy(labels), "synthetic": synthetic}
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays as it is: every epoch sees the same logits
+    loss_fn = create_loss("ce", [4, 4])
+
+    def epoch_loss(**kwargs):
+        return train_one_epoch(model, [batch], loss_fn, opt, eval_transform, 2, torch.device("cpu"), **kwargs).loss
+
+    with torch.no_grad():
+        per_row = F.cross_entropy(model(eval_transform(batch["image"])), batch["label"], reduction="none")
+    weights = torch.where(synthetic == 0, 1.0, 0.25)
+    assert epoch_loss(synthetic_weight=0.25) == pytest.approx(((weights * per_row).sum() / weights.sum()).item(),
+                                                              rel=1e-6)
+    assert epoch_loss(synthetic_weight=1.0) == epoch_loss() == pytest.approx(per_row.mean().item(), rel=1e-6)
+    # With mixup each target's loss is weighted by its own image's weight, the permuted image's included.
+    got = epoch_loss(synthetic_weight=0.25, mixup_alpha=0.4, generator=torch.Generator().manual_seed(3))
+    x, a, b, lam = mixup_batch(eval_transform(batch["image"]), torch.stack([batch["label"], 1 - synthetic], 1), 0.4,
+                               generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(x)
+        want = mixup_loss(loss_fn, logits, a[:, 0], b[:, 0], lam, torch.where(a[:, 1] == 1, 1.0, 0.25),
+                          torch.where(b[:, 1] == 1, 1.0, 0.25))
+        unweighted = mixup_loss(loss_fn, logits, a[:, 0], b[:, 0], lam)
+    assert got == pytest.approx(want.item(), rel=1e-6) and want.item() != pytest.approx(unweighted.item(), rel=1e-4)

@@ -192,3 +192,54 @@ def test_wrong_number_of_classes_rejected():
     loss = create_loss("ce", [5, 5])
     with pytest.raises(ValueError, match=r"\(B, 2\)"):
         loss(_logits(), _target())
+
+
+SAMPLE_WEIGHT = [1.0, 0.4, 1.0]  # row 1 a synthetic image under synthesis.loss_weight=0.4
+
+
+def _by_hand_terms(name):
+    """(per-sample term, per-sample normaliser) of each loss, so that the batch loss is
+    sum(s_i * term_i) / sum(s_i * norm_i) for sample weights s (s = 1: the losses above)."""
+    gamma, beta, tau, total = 2.0, 0.9999, 1.0, sum(COUNTS)
+    terms, norms = [], []
+    for r, y in zip(LOGITS, TARGET):
+        if name in ("ce", "weighted_ce"):
+            w = 1.0 if name == "ce" else _normalise([1 / n for n in COUNTS])[y]
+            terms.append(-w * _log_softmax(r, y))
+            norms.append(w)
+        elif name in ("focal", "cb_focal"):
+            w = 1.0 if name == "focal" else _cb_weights(beta)[y]
+            logp = _log_softmax(r, y)
+            terms.append(-w * (1 - math.exp(logp)) ** gamma * logp)
+            norms.append(1.0)  # a plain mean: class weights do not normalise it
+        elif name == "ldam_drw":  # after the DRW epoch: class-balanced weights, normalised as CE's
+            m = [n**-0.25 for n in COUNTS]
+            m = [v * 0.5 / max(m) for v in m]
+            w = _cb_weights(beta)[y]
+            terms.append(-w * _log_softmax([30.0 * (v - (m[y] if c == y else 0.0)) for c, v in enumerate(r)], y))
+            norms.append(w)
+        else:  # balanced_softmax, logit_adjusted (tau = 1 for both here)
+            terms.append(-_log_softmax([v + tau * math.log(n / total) for v, n in zip(r, COUNTS)], y))
+            norms.append(1.0)
+    return terms, norms
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_sample_weights_give_the_weighted_mean_and_weight_one_the_plain_loss(name):
+    loss = create_loss(name, COUNTS, drw_epoch=0)
+    loss.set_epoch(0)
+    terms, norms = _by_hand_terms(name)
+    plain = sum(terms) / sum(norms)
+    assert loss(_logits(), _target()).item() == pytest.approx(plain, rel=1e-5)  # the hand formula is right
+    ones = torch.ones(3)
+    assert loss(_logits(), _target(), ones).item() == pytest.approx(loss(_logits(), _target()).item(), rel=1e-6)
+    s = SAMPLE_WEIGHT
+    weighted = sum(si * t for si, t in zip(s, terms)) / sum(si * n for si, n in zip(s, norms))
+    assert weighted != pytest.approx(plain, rel=1e-3)
+    got = loss(_logits(), _target(), torch.tensor(s))
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(weighted, rel=1e-5)
+
+
+def test_sample_weight_of_another_length_is_refused():
+    with pytest.raises(ValueError, match="sample_weight"):
+        create_loss("ce", COUNTS)(_logits(), _target(), torch.ones(2))

@@ -120,3 +120,18 @@ def test_a_generator_for_another_device_follows_the_seeded_stream():
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=after_one_draw))
     other = generator_on(torch.device("cpu"), torch.Generator().manual_seed(4))
     assert not torch.equal(torch.randperm(50, generator=other), torch.randperm(50, generator=on_a))
+
+
+def test_weighted_mixup_loss_weights_each_target_by_its_own_image():
+    from ioisray.losses import create_loss
+
+    loss_fn = create_loss("ce", [4, 4, 4])
+    logits, y_a, y_b = torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 0])
+    w_a, w_b = torch.tensor([1.0, 0.5, 1.0, 0.5]), torch.tensor([0.5, 1.0, 1.0, 1.0])
+    lam = 0.3
+    per_a = torch.nn.functional.cross_entropy(logits, y_a, reduction="none")
+    per_b = torch.nn.functional.cross_entropy(logits, y_b, reduction="none")
+    want = lam * (w_a * per_a).sum() / w_a.sum() + (1 - lam) * (w_b * per_b).sum() / w_b.sum()
+    assert mixup_loss(loss_fn, logits, y_a, y_b, lam, w_a, w_b).item() == pytest.approx(want.item(), rel=1e-6)
+    assert mixup_loss(loss_fn, logits, y_a, y_b, lam).item() == pytest.approx(
+        (lam * per_a.mean() + (1 - lam) * per_b.mean()).item(), rel=1e-6)

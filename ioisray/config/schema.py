@@ -298,6 +298,9 @@ class SynthesisConfig(_Strict):
     pace_real_reads: bool = Field(True, description="Read real rows into the stream as the synthetic chunks are "
                                   "made, so the chunks do not queue behind every real row; false reads them all "
                                   "at once.")
+    loss_weight: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "A synthetic image's weight in the training loss, a real image's being 1 (the batch's loss is the "
+        "weighted mean); 1 trains on both alike, as before."))
 
     @model_validator(mode="after")
     def _budget_when_on(self):

@@ -92,7 +92,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stats = train_one_epoch(model, iois.wrap(batches) if iois else batches, loss_fn, optimizer, transform,
                                 num_classes, worker.device, mixup_alpha=cfg.method.mixup_alpha,
                                 generator=worker.generator, max_batches=cfg.train.max_batches_per_epoch, log=log,
-                                precision=precision, scaler=scaler, channels_last=cfg.train.channels_last)
+                                precision=precision, scaler=scaler, channels_last=cfg.train.channels_last,
+                                synthetic_weight=cfg.synthesis.loss_weight if iois else 1.0)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy, "lr": lr,
