@@ -90,6 +90,23 @@ def quotas(
     return floor + largest_remainder(shares, int(budget) - floor * n_classes)
 
 
+def balance_quotas(class_counts: Sequence[int], cap: int | None = None) -> np.ndarray:
+    """Quotas that fill every class up to the largest: quota_c = max_k n_k - n_c (int64, shape (C,)).
+
+    When they total more than `cap`, the cap is split in proportion to them (largest remainder), so the
+    smallest classes still get the most and the total is exactly `cap`.
+    """
+    counts = np.asarray(class_counts)
+    if counts.ndim != 1 or counts.size == 0 or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
+        raise ValueError(f"class counts must be non-negative integers per class, got {list(class_counts)!r}")
+    deficits = (counts.max() - counts).astype(np.int64)
+    if cap is None or deficits.sum() <= cap:
+        return deficits
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1:
+        raise ValueError(f"synthesis.max_budget must be an integer >= 1, got {cap!r}")
+    return largest_remainder(deficits / deficits.sum(), int(cap))
+
+
 @dataclass
 class AASState:
     """What the training checkpoint stores about AAS: plain lists, so torch.load(weights_only=True) works."""

@@ -162,9 +162,10 @@ def _can_place(requests: list[Request], capacity: Capacity, budget: int = 100_00
 
 
 # Paths read or written by processes that may run on any node: the run's outputs (rank 0 writes the
-# checkpoints, the driver reads them), the diffusion model (the synthesis actors load it) and the
-# classifier's initial weights (every training worker reads them).
-SHARED_PATHS = ("output_dir", "diffusion.model_dir", "model.weights", "model.pretrained_file")
+# checkpoints, the driver reads them), the diffusion model (the synthesis actors load it), the
+# classifier's initial weights (every training worker reads them) and the run whose model filters the
+# synthetic images (the synthesis actors load it).
+SHARED_PATHS = ("output_dir", "diffusion.model_dir", "model.weights", "model.pretrained_file", "synthesis.filter_model")
 
 
 def check_shared_paths(cfg: Config, capacity: Capacity) -> None:

@@ -10,9 +10,14 @@ On every training worker, around each epoch of ordinary training (recipes/train.
                     each synthetic image is used once, and only in the epoch it was made for
     end_epoch    4. the epoch's per-class accuracy on real images (all workers) updates AAS
 
+`synthesis.filter` drops, in the actors, each image its judge (the classifier as it ended the last
+epoch, none at e = 0, or `synthesis.filter_model`) gives less than that probability of its class; the
+epoch records the drops per class. AAS counts real images only, so it never sees them either way.
+
 Ablations by config: `aas.enabled: false` (uniform quotas), `synthesis.guidance: false` (unguided), and
 `synthesis.mode: offline` (one set of `synthesis.budget` images, uniform quotas, unguided, made once
-and reused every epoch). The pool (synthesis/pool.py) and the stream that carries its images into
+and reused every epoch). `synthesis.budget: balance` replaces the quotas, online and offline, by those
+that fill every class up to the largest (resolve_budget), the same every epoch. The pool (synthesis/pool.py) and the stream that carries its images into
 training (synthesis/stream.py) are Ray's part; this module is the algorithm.
 """
 from __future__ import annotations
@@ -24,8 +29,9 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from ioisray.aas import AASState, quotas as uniform_quotas
-from ioisray.config import Config
+from ioisray.aas import AASState, balance_quotas, quotas as uniform_quotas
+from ioisray.config import Config, ConfigError
+from ioisray.config.schema import MAX_BUDGET
 from ioisray.distributed import all_reduce_min, all_reduce_sum, barrier
 from ioisray.engine import EpochStats
 from ioisray.models.classifier import cpu_state_dict
@@ -39,12 +45,42 @@ def is_on(cfg: Config) -> bool:
     return cfg.synthesis.mode != "none"
 
 
+def live_filter(cfg: Config) -> bool:
+    """Whether the classifier being trained judges the synthetic images (synthesis.filter without a
+    filter_model): the actors then need its weights every epoch, guided or not."""
+    sy = cfg.synthesis
+    return sy.mode == "online" and sy.filter > 0 and not sy.filter_model
+
+
+def resolve_budget(cfg: Config, class_counts) -> tuple[Config, Optional[np.ndarray]]:
+    """`cfg` with an integer synthesis.budget, and the fixed quotas of every epoch (None: AAS's or uniform
+    ones). `synthesis.budget: balance` becomes the quotas that fill each class of the training split
+    (`class_counts`) up to the largest, capped by synthesis.max_budget, and their sum: the budget, which
+    fixes the epoch's chunks, stays the same for the whole run. Any other config is returned as it is."""
+    s = cfg.synthesis
+    if s.budget != "balance" or s.mode == "none":
+        return cfg, None
+    quotas = balance_quotas(class_counts, s.max_budget or MAX_BUDGET)
+    if quotas.sum() == 0:
+        raise ConfigError(f"synthesis.budget=balance: every class of the training split has {int(max(class_counts))} "
+                          f"images already, so there is nothing to balance; give synthesis.budget a number")
+    resolved = s.model_copy(update={"budget": int(quotas.sum()), "max_budget": None})
+    return cfg.model_copy(update={"synthesis": resolved}), quotas
+
+
 class IOIS:
     """The IOIS state of one training worker: AAS (the same on every worker: it is fed all-reduced
-    counts), this epoch's quotas and what the worker received. Rank 0 talks to the pool."""
+    counts), this epoch's quotas and what the worker received. Rank 0 talks to the pool.
+    `fixed_quotas` (synthesis.budget=balance, see resolve_budget) are every epoch's quotas, online or
+    offline; AAS still records the accuracy then, but does not split the budget."""
 
-    def __init__(self, cfg: Config, num_classes: int, pool, rank: int):
+    def __init__(self, cfg: Config, num_classes: int, pool, rank: int, fixed_quotas=None):
         self.cfg, self.pool, self.rank = cfg, pool, rank
+        self.fixed_quotas = None if fixed_quotas is None else np.asarray(fixed_quotas, dtype=np.int64)
+        if self.fixed_quotas is not None and (self.fixed_quotas.shape != (num_classes,)
+                                              or self.fixed_quotas.sum() != cfg.synthesis.budget):
+            raise ValueError(f"fixed quotas {self.fixed_quotas.tolist()} must be one per class ({num_classes}) and "
+                             f"sum to synthesis.budget={cfg.synthesis.budget}")
         self.aas = AASState(num_classes)
         self.quotas: Optional[np.ndarray] = None
         self.tally: Optional[SyntheticTally] = None
@@ -63,15 +99,19 @@ class IOIS:
         # Offline synthesis replays epoch 0's plan: the same images, made once.
         made_for = epoch if self.online else 0
         if self.rank == 0:
-            guided = self.online and s.guidance and epoch > 0
+            # The classifier as it ended the last epoch, to guide and/or to judge (synthesis.filter).
+            live = self.online and epoch > 0 and (s.guidance or live_filter(self.cfg))
             self.pool.start_epoch(made_for, plan_epoch(self.quotas, made_for, self.cfg.seed, s.chunk_size, s.pool_size),
-                                  cpu_state_dict(classifier) if guided else None, reuse=not self.online)
+                                  cpu_state_dict(classifier) if live else None, reuse=not self.online)
         barrier()
         self.tally = SyntheticTally(self.aas.num_classes, made_for, EXAMPLES_PER_CLASS if self.rank == 0 else 0,
                                     started_at=time.time())
 
     def _quotas(self) -> np.ndarray:
         s, a = self.cfg.synthesis, self.cfg.aas
+        if self.fixed_quotas is not None:
+            self.aas.last_quotas = [int(v) for v in self.fixed_quotas]
+            return self.fixed_quotas.copy()
         if self.online and a.enabled:
             return self.aas.quotas(s.budget, a.temperature, floor=a.floor)
         q = uniform_quotas(None, s.budget, num_classes=self.aas.num_classes, floor=a.floor)
@@ -99,6 +139,8 @@ class IOIS:
             out.update(generation_seconds=pool["generation_seconds"], seconds_to_first_chunk=pool["seconds_to_first_chunk"],
                        images_per_second_per_actor=pool["images_per_second"], actors_started=pool["actors_started"],
                        synthesis_node_ids=pool["node_ids"], actor_gpu_memory_mb=pool["gpu_memory_mb"])
+            if self.cfg.synthesis.filter:  # made, judged and dropped before they reached training
+                out["filtered_per_class"] = pool.get("filtered_per_class") or [0] * self.aas.num_classes
         return out
 
     # -- checkpoint and reporting ---------------------------------------------------------------
@@ -119,7 +161,8 @@ class IOIS:
         def secs(v):
             return "nan" if v is None else f"{v:.1f}"
 
-        return (f"synthesis: quotas {m['quotas']}, received {sum(m['synthetic_per_class'])}, first after "
+        filtered = f" (filtered out {sum(m['filtered_per_class'])})" if "filtered_per_class" in m else ""
+        return (f"synthesis: quotas {m['quotas']}, received {sum(m['synthetic_per_class'])}{filtered}, first after "
                 f"{secs(m['seconds_to_first_synthetic'])}s (first batch {secs(m['seconds_to_first_batch'])}s, first "
                 f"chunk made {secs(m.get('seconds_to_first_chunk'))}s), all generated after "
                 f"{secs(m.get('generation_seconds'))}s, images/s per actor "

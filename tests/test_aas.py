@@ -97,3 +97,18 @@ def test_state_update_keeps_unseen_classes_and_round_trips(tmp_path):
     loaded = AASState.from_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["aas"])
     assert loaded == state
     assert AASState.from_dict(AASState(num_classes=2).to_dict()) == AASState(num_classes=2)
+
+
+def test_balance_quotas_fill_every_class_up_to_the_largest_within_the_cap():
+    from ioisray.aas import balance_quotas
+
+    counts = [50, 10, 5, 50]
+    np.testing.assert_array_equal(balance_quotas(counts), [0, 40, 45, 0])
+    np.testing.assert_array_equal(balance_quotas(counts, cap=85), [0, 40, 45, 0])  # the cap not reached
+    # Over the cap: the cap split in proportion to the deficits, 40:45 of 60 is 28.2:31.8.
+    capped = balance_quotas(counts, cap=60)
+    np.testing.assert_array_equal(capped, [0, 28, 32, 0])
+    assert capped.dtype == np.int64 and capped.sum() == 60
+    np.testing.assert_array_equal(balance_quotas([7, 7]), [0, 0])
+    with pytest.raises(ValueError, match="class counts"):
+        balance_quotas([5, -1])

@@ -41,6 +41,12 @@ def test_overrides_are_typed_and_win(tmp_path):
     ("train.augment.crop_scale=[1.2,0.5]", "train.augment.crop_scale"),
     ("name=", "name: needs a value"),
     ("synthesis.budget=1000000000", "synthesis.budget=1000000000 is more than 10,000,000"),
+    ("synthesis.budget=balanced", "synthesis.budget must be an integer >= 0 or 'balance'"),
+    ("synthesis.max_budget=100", "synthesis.max_budget caps synthesis.budget=balance only"),
+    ("synthesis.loss_weight=0", "synthesis.loss_weight"),
+    ("synthesis.loss_weight=1.5", "synthesis.loss_weight"),
+    ("sampler.guidance_objective=margin", "sampler.guidance_objective"),
+    ("sampler.cfg_scale=-1", "sampler.cfg_scale"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -137,3 +143,24 @@ def test_local_paths_become_absolute_and_uris_stay(tmp_path):
     assert out.model.weights == str(tmp_path / "w.safetensors") and out.baseline == str(tmp_path / "runs/ce")
     assert out.diffusion.model_dir == "s3://bucket/unet" and out.data.root is None
     assert with_absolute_paths(out, "/elsewhere") == out  # absolute paths are kept
+
+
+def test_new_options_default_to_what_runs_did_before_them():
+    cfg = load_config(None, [])
+    assert (cfg.sampler.cfg_scale, cfg.sampler.guidance_objective) == (1.0, "log_prob")
+    assert (cfg.synthesis.loss_weight, cfg.synthesis.budget, cfg.synthesis.max_budget) == (1.0, 0, None)
+    assert cfg.synthesis.filter == 0.0 and cfg.synthesis.filter_model is None
+    # Every new key says what it does in the schema.
+    from ioisray.config.schema import SynthesisConfig
+
+    schema = Config.model_json_schema()["$defs"]
+    for key in ("cfg_scale", "guidance_objective"):
+        assert schema["SamplerConfig"]["properties"][key]["description"]
+    for key in ("loss_weight", "budget", "max_budget", "filter", "filter_model"):
+        assert SynthesisConfig.model_fields[key].description
+
+
+def test_balance_budget_is_a_config_value():
+    cfg = load_config(None, ["synthesis.mode=online", "synthesis.budget=balance", "synthesis.max_budget=500"])
+    assert cfg.synthesis.budget == "balance" and cfg.synthesis.max_budget == 500
+    assert load_config(None, ["synthesis.mode=offline", "synthesis.budget=balance"]).synthesis.max_budget is None

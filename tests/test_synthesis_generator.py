@@ -144,3 +144,88 @@ def test_a_cfg_generator_warms_up_and_samples_only_real_classes(two_level_model_
     gen.sampler = dataclasses.replace(gen.sampler, compile=True)
     assert gen.warm_up([5]) == [5] and gen.sampler.cfg_scale == 2.0
     assert gen.generate(np.array([0, 1, 1]), np.array([1, 2, 3]))["image"].shape == (3, 8, 8, 3)
+
+
+class SureOfClassZero(torch.nn.Module):
+    """A judge that gives class 0 probability ~0.99 whatever the image (its logits are a parameter)."""
+
+    def __init__(self, logits=(5.0, 0.0, 0.0)):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1) + 0 * x.mean()
+
+
+def test_the_filter_drops_images_its_judge_doubts_and_counts_them_per_class(model_dir):
+    labels, seeds = np.array([0, 1, 2, 0, 2]), np.arange(5)
+    plain = DiffusionGenerator(model_dir, 3, SamplerConfig(steps=1, guidance_scale=0.0))
+    made = plain.generate(labels, seeds)
+    assert "filtered" not in made and len(made["label"]) == 5
+    judged = DiffusionGenerator(model_dir, 3, SamplerConfig(steps=1, guidance_scale=0.0), filter_threshold=0.5,
+                                make_judge=SureOfClassZero)
+    out = judged.generate(labels, seeds)
+    assert out["label"].tolist() == [0, 0] and out["seed"].tolist() == [0, 3]
+    np.testing.assert_array_equal(out["image"], made["image"][[0, 3]])  # the kept images, unchanged
+    assert out["filtered"].tolist() == [0, 1, 2]
+    # The live classifier judges once it has weights (none before the first epoch: nothing filtered).
+    live = DiffusionGenerator(model_dir, 3, SamplerConfig(steps=1, guidance_scale=0.0), filter_threshold=0.5,
+                              make_classifier=SureOfClassZero)
+    live.set_classifier(None)
+    assert len(live.generate(labels, seeds)["label"]) == 5
+    live.set_classifier({"logits": torch.tensor([0.0, 5.0, 0.0])})  # this epoch's classifier: sure of class 1
+    out = live.generate(labels, seeds)
+    assert out["label"].tolist() == [1] and out["filtered"].tolist() == [2, 0, 2] and not live.guided
+
+
+def _finished_run(path, cfg, class_names):
+    """A finished `ioisray train` run's files as load_classifier_run reads them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ioisray.config import save_config
+
+    save_config(cfg, path / "config.yaml")
+    (path / "metrics.json").write_text(json.dumps({"class_names": class_names}))
+    model = build_classifier(cfg, len(class_names), pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "best_model.safetensors")
+    return path
+
+
+def test_a_filter_model_is_a_finished_run_of_the_datas_classes_checked_before_the_run(model_dir, tmp_path):
+    from ioisray.config import ConfigError
+    from ioisray.recipes.prerequisites import check_filter_model
+
+    judge_cfg = load_config(None, ["model.name=resnet10t", "data.image_size=8"])
+    run = _finished_run(tmp_path / "judge", judge_cfg, ["a", "b", "c"])
+    cfg = load_config(None, ["model.name=resnet10t", "synthesis.mode=online", "synthesis.budget=8", "data.image_size=8",
+                             "sampler.steps=1", "synthesis.filter=0.3", f"synthesis.filter_model={run}"])
+    make = generator_factory(cfg, model_dir, 3)
+    assert make.keywords["make_classifier"] is not None  # the guide; the judge is the run's own model
+    gen = make()
+    assert gen.judge is not None and gen.filter_threshold == 0.3 and not gen.judge.training
+    out = gen.generate(np.array([0, 1, 2, 1]), np.arange(4))
+    assert len(out["label"]) + int(out["filtered"].sum()) == 4
+
+    class Data:
+        class_names = ["a", "b", "c"]
+
+    check_filter_model(cfg, Data)
+    Data.class_names = ["a", "b", "d"]
+    with pytest.raises(ConfigError, match=r"synthesis.filter_model: .* classifies \['a', 'b', 'c'\]"):
+        check_filter_model(cfg, Data)
+    Data.class_names = ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="synthesis.filter_model: .*trained at 8px"):
+        check_filter_model(cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": 16})}), Data)
+    with pytest.raises(ConfigError, match="synthesis.filter_model: .*not a finished"):
+        check_filter_model(cfg.model_copy(update={"synthesis": cfg.synthesis.model_copy(
+            update={"filter_model": str(tmp_path / "nothing")})}), Data)
+    # Without a filter_model the classifier being trained judges: the actors build its architecture even
+    # unguided, and no other model.
+    live = load_config(None, ["synthesis.mode=online", "synthesis.budget=8", "synthesis.guidance=false",
+                              "synthesis.filter=0.3", "data.image_size=8", "sampler.steps=1"])
+    make = generator_factory(live, model_dir, 3)
+    assert make.keywords["make_classifier"] is not None and make.keywords["make_judge"] is None
+    assert generator_factory(live.model_copy(update={"synthesis": live.synthesis.model_copy(update={"filter": 0.0})}),
+                             model_dir, 3).keywords["make_classifier"] is None

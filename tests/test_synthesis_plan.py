@@ -87,3 +87,60 @@ def test_tally_counts_synthetic_rows_and_refuses_another_epochs_images():
     assert [len(e) for e in examples] == [0, 1, 2]
     with pytest.raises(RuntimeError, match="plan epoch 1"):
         list(tally.watch([batch([0], [1], [1])]))
+
+
+def test_balance_budget_resolves_to_fixed_quotas_for_online_and_offline_runs():
+    from ioisray.config import ConfigError, load_config
+    from ioisray.iois import IOIS, resolve_budget
+
+    counts = np.array([30, 12, 3])
+    for mode in ("online", "offline"):
+        cfg = load_config(None, [f"synthesis.mode={mode}", "synthesis.budget=balance"])
+        run_cfg, fixed = resolve_budget(cfg, counts)
+        np.testing.assert_array_equal(fixed, [0, 18, 27])
+        assert run_cfg.synthesis.budget == 45 and cfg.synthesis.budget == "balance"  # the asked-for config kept
+        iois = IOIS(run_cfg, 3, pool=None, rank=1, fixed_quotas=fixed)
+        iois.aas.update([30, 0, 0], [30, 12, 3])  # AAS would give class 1 and 2 the most; the balance stays
+        for _ in range(2):
+            np.testing.assert_array_equal(iois._quotas(), [0, 18, 27])
+        assert iois.aas.last_quotas == [0, 18, 27]
+        plan = plan_epoch(iois._quotas(), epoch=1, run_seed=0, chunk_size=8)
+        assert np.bincount(np.concatenate([c.labels for c in plan]), minlength=3).tolist() == [0, 18, 27]
+    capped, fixed = resolve_budget(load_config(None, ["synthesis.mode=online", "synthesis.budget=balance",
+                                                      "synthesis.max_budget=20"]), counts)
+    assert capped.synthesis.budget == 20 and fixed.tolist() == [0, 8, 12]
+    # An integer budget is left as it is; a split that is balanced already has nothing to balance.
+    plain = load_config(None, ["synthesis.mode=online", "synthesis.budget=64"])
+    assert resolve_budget(plain, counts) == (plain, None)
+    with pytest.raises(ConfigError, match="synthesis.budget=balance: every class .* has 9 images already"):
+        resolve_budget(load_config(None, ["synthesis.mode=online", "synthesis.budget=balance"]), [9, 9, 9])
+
+
+def test_filtered_images_are_summed_per_class_over_the_epochs_chunks():
+    from ioisray.iois import IOIS
+    from ioisray.synthesis.tally import filtered_per_class
+
+    timings = [{"filtered": [0, 2, 1]}, None, {"filtered": [1, 0, 3]}, {"images": 4}]  # one chunk not made yet
+    assert filtered_per_class(timings) == [1, 2, 4]
+    assert filtered_per_class([{"filtered": None}, None]) is None  # no judge (the live one before epoch 1)
+    line = IOIS.summary({"quotas": [3, 4], "synthetic_per_class": [2, 2], "filtered_per_class": [1, 2],
+                         "seconds_to_first_synthetic": 1.0, "seconds_to_first_batch": 0.5})
+    assert "received 4 (filtered out 3)" in line
+    assert "filtered" not in IOIS.summary({"quotas": [3, 4], "synthetic_per_class": [3, 4],
+                                           "seconds_to_first_synthetic": 1.0, "seconds_to_first_batch": 0.5})
+
+
+def test_the_live_classifier_is_sent_to_the_actors_when_it_filters_even_unguided():
+    from ioisray.config import ConfigError, load_config
+    from ioisray.iois import live_filter
+
+    online = ["synthesis.mode=online", "synthesis.budget=8"]
+    assert live_filter(load_config(None, online + ["synthesis.filter=0.5", "synthesis.guidance=false"]))
+    assert not live_filter(load_config(None, online))
+    assert not live_filter(load_config(None, online + ["synthesis.filter=0.5", "synthesis.filter_model=/runs/judge"]))
+    with pytest.raises(ConfigError, match="synthesis.filter with synthesis.mode=offline needs synthesis.filter_model"):
+        load_config(None, ["synthesis.mode=offline", "synthesis.budget=8", "synthesis.filter=0.5"])
+    with pytest.raises(ConfigError, match="synthesis.filter_model judges for synthesis.filter, which is 0"):
+        load_config(None, online + ["synthesis.filter_model=/runs/judge"])
+    with pytest.raises(ConfigError, match="synthesis.filter"):
+        load_config(None, online + ["synthesis.filter=1.0"])

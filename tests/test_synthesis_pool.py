@@ -95,6 +95,32 @@ def test_two_actors_deliver_each_epochs_quota_exactly_once_loading_the_model_onc
     pool.shutdown()
 
 
+class DropsClassOne(SeedImages):
+    """Stand-in for a generator whose filter's judge doubts every image of class 1."""
+
+    def generate(self, labels, seeds):
+        out = super().generate(labels, seeds)
+        keep = out["label"] != 1
+        filtered = np.bincount(out["label"][~keep], minlength=2)
+        return {**{k: v[keep] for k, v in out.items() if k != "seconds"}, "seconds": out["seconds"],
+                "filtered": filtered}
+
+
+def test_filtered_images_never_reach_the_stream_and_are_counted_per_class(local_ray):
+    # One image of class 0 among 15 of class 1: most chunks lose every image, and yield no block at all.
+    pool = start_pool(DropsClassOne, 1)
+    ds = epoch_stream(pool, chunk_sizes(16, 4), (SIZE, SIZE, 3), concurrency=4)
+    chunks = plan([1, 15], 0, run_seed=3, chunk_size=4, actors=1)
+    pool.start_epoch(0, chunks, None)
+    rows = read_epoch(ds)
+    assert [(int(label), int(seed)) for label, seed in zip(rows["label"], rows["seed"])] == \
+        [p for p in pairs(chunks) if p[0] == 0]
+    np.testing.assert_array_equal(decoded_seeds(rows["image"]), rows["seed"])
+    stats = pool.wait_until_made(timeout=30)
+    assert stats["filtered_per_class"] == [0, 15] and sum(stats["images"]) == 16  # made 16, dropped 15
+    pool.shutdown()
+
+
 class Delays:
     """Hands each stand-in generator its delay per chunk, in the order the actors start."""
 

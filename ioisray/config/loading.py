@@ -165,7 +165,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 
 # Keys that hold a path on this machine (or a filesystem URI, which is kept as it is).
 PATH_KEYS = ("output_dir", "data.root", "data.csv", "model.weights", "model.pretrained_file", "diffusion.model_dir",
-             "baseline")
+             "baseline", "synthesis.filter_model")
 
 
 def with_absolute_paths(cfg: Config, start: str | os.PathLike | None = None) -> Config:

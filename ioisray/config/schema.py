@@ -3,7 +3,7 @@ that names the key). Loading, composition and overrides are in loading.py."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -277,8 +277,13 @@ class SynthesisConfig(_Strict):
                                                        "and reused every epoch).")
     # At most MAX_BUDGET: the epoch's plan holds a label and a seed per image in memory, and a billion
     # (a typo) would need about 16 GB before anything is made.
-    budget: int = Field(0, ge=0, description="Synthetic images per epoch (N), at most 10,000,000; needed when "
-                        "synthesis.mode is not none.")
+    budget: Union[int, Literal["balance"]] = Field(0, description=(
+        "Synthetic images per epoch (N), at most 10,000,000 and needed when synthesis.mode is not none; or "
+        "`balance`: each class gets the largest class's count less its own (of the training split), every epoch, "
+        "at most synthesis.max_budget in all."))
+    max_budget: Optional[int] = Field(None, ge=1, le=MAX_BUDGET, description=(
+        "The most synthetic images an epoch that synthesis.budget=balance may ask for; over it, the quotas "
+        "shrink in proportion; unset: 10,000,000, the limit of any budget."))
     guidance: bool = Field(True, description="Guide sampling by the classifier being trained (online only).")
     chunk_size: int = Field(32, ge=1, description="Images per synthesis actor call and per Ray Data block.")
     pool_size: int = Field(2, ge=1, description="Synthesis actors in the pool.")
@@ -298,12 +303,42 @@ class SynthesisConfig(_Strict):
     pace_real_reads: bool = Field(True, description="Read real rows into the stream as the synthetic chunks are "
                                   "made, so the chunks do not queue behind every real row; false reads them all "
                                   "at once.")
+    filter: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Drop a synthetic image to which the judge (the live classifier, or synthesis.filter_model) gives less "
+        "than this probability of its class; 0 keeps every image."))
+    filter_model: Optional[str] = Field(None, description=(
+        "A finished `ioisray train` run folder (local or a URI) whose best model judges for synthesis.filter, "
+        "from the first epoch on; unset: the classifier being trained, as it ended the previous epoch."))
     loss_weight: float = Field(1.0, gt=0.0, le=1.0, description=(
         "A synthetic image's weight in the training loss, a real image's being 1 (the batch's loss is the "
         "weighted mean); 1 trains on both alike, as before."))
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_value(cls, v):
+        # One message for both forms (pydantic would list a failure per member of the union).
+        if v == "balance":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError("synthesis.budget must be an integer >= 0 or 'balance'")
+        return v
+
+    @model_validator(mode="after")
+    def _filter_has_a_judge(self):
+        if self.filter_model and not self.filter:
+            raise ValueError("synthesis.filter_model judges for synthesis.filter, which is 0 (off): set a threshold")
+        if self.mode == "offline" and self.filter and not self.filter_model:
+            raise ValueError("synthesis.filter with synthesis.mode=offline needs synthesis.filter_model: the offline "
+                             "set is made before the classifier has trained, so it cannot judge it")
+        return self
+
     @model_validator(mode="after")
     def _budget_when_on(self):
+        if self.budget == "balance":
+            return self
+        if self.max_budget is not None:
+            raise ValueError(f"synthesis.max_budget caps synthesis.budget=balance only; with "
+                             f"synthesis.budget={self.budget} leave it unset")
         if self.mode != "none" and self.budget < 1:
             raise ValueError(f"synthesis.budget must be >= 1 when synthesis.mode is {self.mode!r}")
         if self.budget > MAX_BUDGET:

@@ -48,7 +48,10 @@ def local_object_store_bytes(cfg: Config, data_bytes: int = 0, system_bytes: Opt
     if cfg.ray.object_store_mb is not None:
         return cfg.ray.object_store_mb * 2**20
     s = cfg.synthesis
-    synthetic = s.budget * cfg.data.image_size ** 2 * 3 if s.mode != "none" else 0
+    # A run resolves budget=balance to a number before its Ray starts (iois.resolve_budget); a search's
+    # Ray, started before any split is loaded, counts its cap.
+    budget = s.budget if isinstance(s.budget, int) else (s.max_budget or 0)
+    synthetic = budget * cfg.data.image_size ** 2 * 3 if s.mode != "none" else 0
     cap = int(OBJECT_STORE_MEMORY_SHARE * (system_bytes or _system_memory()))
     return max(OBJECT_STORE_FLOOR_BYTES, min(2 * (int(data_bytes) + synthetic), cap))
 

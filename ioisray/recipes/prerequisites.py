@@ -115,6 +115,25 @@ def check_cfg_scale(cfg: Config, model_dir: str, null_label: Optional[int]) -> N
                           f"sampler.cfg_scale=1 or a model pretrained with diffusion.label_dropout > 0")
 
 
+def check_filter_model(cfg: Config, ds) -> None:
+    """synthesis.filter_model: a finished `ioisray train` run of this data's classes and image size (its
+    model judges the synthetic images, which are made at data.image_size); checked before any actor
+    loads it."""
+    from ioisray.recipes.sample import load_classifier_run
+
+    path = cfg.synthesis.filter_model
+    try:
+        _, judge_cfg, names = load_classifier_run(storage.fetch_dir(path))
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"synthesis.filter_model: {e}") from None
+    if names != ds.class_names:
+        raise ConfigError(f"synthesis.filter_model: {path} classifies {names}, but the data's classes are "
+                          f"{ds.class_names}")
+    if judge_cfg.data.image_size != cfg.data.image_size:
+        raise ConfigError(f"synthesis.filter_model: {path} was trained at {judge_cfg.data.image_size}px, but the "
+                          f"synthetic images are made at data.image_size={cfg.data.image_size}")
+
+
 def shared_diffusion_model(cfg: Config, loaded: Optional[dict] = None) -> Config:
     """`cfg` with diffusion.model_dir set when it synthesises: the model every trial of a search or
     benchmark shares, pretrained here (once, before any trial starts) if it does not exist yet, and

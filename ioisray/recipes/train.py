@@ -28,7 +28,7 @@ from ioisray.config import Config, ConfigError
 from ioisray.data import provenance
 from ioisray.data.setup import setup_data
 from ioisray.engine import predict, train_one_epoch
-from ioisray.iois import IOIS, is_on
+from ioisray.iois import IOIS, is_on, resolve_budget
 from ioisray.metrics import classification_metrics, format_table, predictions_csv
 from ioisray.models import build_classifier, cpu_state_dict, unwrap
 from ioisray.precision import grad_scaler, resolve_precision
@@ -65,7 +65,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer, scheduler = build_optimizer(cfg, model)
     loss_fn = build_loss(cfg, counts).to(worker.device)
     pool = loop_config.get("synthesis_pool")  # None unless synthesis.mode is on
-    iois = IOIS(cfg, num_classes, pool, worker.rank) if pool is not None else None
+    iois = IOIS(cfg, num_classes, pool, worker.rank, loop_config.get("synthesis_quotas")) if pool is not None else None
     model, state = worker.prepare_and_resume(model, optimizer, scheduler)
     if iois is not None and state.epoch:
         iois.load_state_dict(state.extra)
@@ -209,18 +209,23 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
         if cfg.model.pretrained or cfg.model.pretrained_file:
             say(cfg.name, f"model {cfg.model.name}: timm's pretrained weights "
                           f"({cfg.model.pretrained_file or 'timm cache'}), new {ds.num_classes}-class head")
+        train_ds = ds.subset(splits["train"])
+        counts = train_ds.class_counts()
+        # What the run trains with: `run_cfg`, its synthesis budget a number (`balance` made into one from
+        # the counts); the run's own config.yaml keeps what was asked for.
+        run_cfg, fixed_quotas = resolve_budget(cfg, counts)
         split_ids = _check_inputs(cfg, ds, splits)
         run.start()
+        cfg = run_cfg
         with ray_session(cfg, data_bytes=ds.images.nbytes):  # one Ray for the run and what it needs made first
             model_dir, baseline = _prerequisites(cfg, ds, splits, split_ids)
-            train_ds = ds.subset(splits["train"])
-            counts = train_ds.class_counts()
             loop_config = {"config": cfg.model_dump(mode="json"), "class_names": ds.class_names,
                            "class_counts": counts.tolist(), "evaluate_test": evaluate_test, **locations(run),
                            # test_predictions.csv names each image as `ioisray evaluate` does
                            "test_paths": provenance.relative_paths([ds.sources[i] for i in splits["test"]],
                                                                    provenance.data_folder(cfg.data))
-                           if evaluate_test else []}
+                           if evaluate_test else [],
+                           **({"synthesis_quotas": fixed_quotas.tolist()} if fixed_quotas is not None else {})}
 
             def datasets(handles: dict) -> dict:  # built once Ray is up
                 from ioisray.data.ray_dataset import to_ray_dataset
@@ -272,7 +277,8 @@ def _comparison(cfg: Config, test: dict, baseline) -> str:
 
 def _check_inputs(cfg: Config, ds, splits: dict) -> dict:
     """What can be checked before Ray starts: a finished baseline's test split, a given diffusion model
-    (its class count, and that it never saw this run's held-out images). Returns the split ids."""
+    (its class count, and that it never saw this run's held-out images), the filter's judge. Returns the
+    split ids."""
 
     split_ids = {k: provenance.split_id(provenance.image_keys(ds, v, provenance.data_folder(cfg.data)))
                  for k, v in splits.items()}
@@ -280,6 +286,8 @@ def _check_inputs(cfg: Config, ds, splits: dict) -> dict:
         prerequisites.check_same_test_split(finished, split_ids["test"])
     if is_on(cfg) and cfg.diffusion.model_dir:
         prerequisites.diffusion_model(cfg, ds, splits)
+    if is_on(cfg) and cfg.synthesis.filter_model:
+        prerequisites.check_filter_model(cfg, ds)
     return split_ids
 
 

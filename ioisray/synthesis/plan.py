@@ -58,6 +58,15 @@ def chunk_sizes(budget: int, chunk_size: int, actors: int = 1) -> list[int]:
     return sizes
 
 
+def epoch_budget(synthesis) -> int:
+    """synthesis.budget as the number of images an epoch, which `balance` only becomes once the training
+    split's class counts are known (iois.resolve_budget)."""
+    if not isinstance(synthesis.budget, int):
+        raise ValueError(f"synthesis.budget={synthesis.budget!r} must be resolved from the training split's class "
+                         f"counts first (ioisray.iois.resolve_budget)")
+    return synthesis.budget
+
+
 def image_seeds(run_seed: int, epoch: int, count: int) -> np.ndarray:
     if count > SEED_EPOCH:
         raise ValueError(f"synthesis.budget {count} exceeds {SEED_EPOCH} images per epoch")

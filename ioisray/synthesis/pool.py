@@ -26,6 +26,7 @@ import numpy as np
 import ray
 
 from ioisray.synthesis.plan import Chunk
+from ioisray.synthesis.tally import filtered_per_class
 
 # An actor that died for good, or a lost result: the chunk is made again. Anything else is a bug: raised.
 RECOVERABLE = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
@@ -48,11 +49,13 @@ class SynthesisActor:
             self.weights_id = key
         out = self.generator.generate(chunk.labels, chunk.seeds)
         seconds = out.pop("seconds")
-        n = len(chunk)
+        filtered = out.pop("filtered", None)  # images synthesis.filter dropped, per class
+        n = len(out["label"])  # the chunk's images, less those dropped
         out["synthetic"] = np.ones(n, dtype=np.int8)
         out["plan_epoch"] = np.full(n, plan_epoch, dtype=np.int64)
-        timing = {"chunk": chunk.index, "images": n, "seconds": seconds, "pid": os.getpid(),
-                  "node_id": ray.get_runtime_context().get_node_id(), "gpu_memory_mb": _gpu_memory_mb()}
+        timing = {"chunk": chunk.index, "images": len(chunk), "seconds": seconds, "pid": os.getpid(),
+                  "node_id": ray.get_runtime_context().get_node_id(), "gpu_memory_mb": _gpu_memory_mb(),
+                  "filtered": None if filtered is None else [int(v) for v in filtered]}
         return out, timing
 
     def info(self) -> dict:
@@ -223,6 +226,7 @@ class PoolCoordinator:
             by_actor.setdefault(t["slot"], []).append(t)
         done = [d for d in e.done_after if d is not None]
         return {
+            "filtered_per_class": filtered_per_class(e.timings),
             "images_per_second": [sum(t["images"] for t in ts) / max(sum(t["seconds"] for t in ts), 1e-9)
                                   for ts in by_actor.values()],
             "images": [sum(t["images"] for t in ts) for ts in by_actor.values()],

@@ -53,7 +53,11 @@ def _read_real(real: dict, i: int, num_slices: int, pool=None, after_chunk: Opti
 
 
 def _read_chunk(pool: SynthesisPool, i: int, max_retries: int):
-    yield BlockAccessor.batch_to_block(_synthetic_rows(pool, i, max_retries))
+    rows = _synthetic_rows(pool, i, max_retries)
+    # A chunk synthesis.filter emptied yields no block: Ray Data would store an empty image column as
+    # pickled objects, another type than the other blocks'.
+    if len(rows["label"]):
+        yield BlockAccessor.batch_to_block(rows)
 
 
 def stream_order(num_chunks: int, num_slices: int, head: int) -> list[tuple[str, int, Optional[int]]]:
@@ -177,13 +181,14 @@ def training_stream(cfg, images: np.ndarray, labels: np.ndarray, pool: Synthesis
     Ray Train gives each worker an equal share by dropping the remainder, so the real part gets a few
     repeated real images until the total divides evenly: no synthetic image is dropped.
     """
-    from ioisray.synthesis.plan import chunk_sizes
+    from ioisray.synthesis.plan import chunk_sizes, epoch_budget
 
     s, t = cfg.synthesis, cfg.train
-    return epoch_stream(pool, chunk_sizes(s.budget, s.chunk_size, s.pool_size),
+    budget = epoch_budget(s)
+    return epoch_stream(pool, chunk_sizes(budget, s.chunk_size, s.pool_size),
                         (cfg.data.image_size, cfg.data.image_size, 3),
                         real_images=images, real_labels=labels, sampling=cfg.method.sampling, seed=cfg.seed,
-                        epoch_counter=epoch_counter, extra_real_rows=-(len(labels) + s.budget) % max(num_workers, 1),
+                        epoch_counter=epoch_counter, extra_real_rows=-(len(labels) + budget) % max(num_workers, 1),
                         real_rows_ahead=(real_rows_ahead(t.shuffle_buffer, t.batch_size, num_workers)
                                          if s.pace_real_reads else None),
                         real_slice_rows=t.batch_size, max_retries=s.max_retries,

@@ -1,4 +1,5 @@
-"""What a training worker sees of an epoch's synthetic images (plain PyTorch, no Ray)."""
+"""What a training worker sees of an epoch's synthetic images, and what synthesis.filter dropped before
+they were sent (plain PyTorch, no Ray)."""
 from __future__ import annotations
 
 import time
@@ -61,3 +62,10 @@ class SyntheticTally:
     def examples(self) -> list[torch.Tensor]:
         """Kept images per class, uint8 (k, H, W, 3) each (k may be 0)."""
         return [torch.cat(t) if t else torch.zeros((0,), dtype=torch.uint8) for t in self.kept]
+
+
+def filtered_per_class(timings: Iterable[Optional[dict]]) -> Optional[list[int]]:
+    """Images synthesis.filter dropped per class, summed over an epoch's finished chunks (the "filtered"
+    of each chunk's timing); None when no chunk was filtered (no filter, or no judge yet)."""
+    counts = [t["filtered"] for t in timings if t is not None and t.get("filtered") is not None]
+    return np.sum(counts, axis=0, dtype=np.int64).tolist() if counts else None
