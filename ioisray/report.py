@@ -140,12 +140,14 @@ def tensorboard_scalars(writer, prefix: str, metrics: dict, epoch: int) -> None:
 
 
 def tensorboard_synthesis(writer, class_names: Sequence[str], synthesis: dict, examples: list, epoch: int) -> None:
-    """An IOIS epoch: quotas per class, images/s per actor, the timing of the synthetic stream, and a grid
+    """An IOIS epoch: quotas (and images filtered out) per class, images/s per actor, the timing of the synthetic stream, and a grid
     of the epoch's synthetic images, one row per class that received any."""
     from torchvision.utils import make_grid
 
     for name, q in zip(class_names, synthesis["quotas"]):
         writer.add_scalar(f"synthesis_quota/{name}", int(q), epoch)
+    for name, n in zip(class_names, synthesis.get("filtered_per_class", [])):  # synthesis.filter's drops
+        writer.add_scalar(f"synthesis_filtered/{name}", int(n), epoch)
     for a, rate in enumerate(synthesis.get("images_per_second_per_actor", [])):
         writer.add_scalar(f"synthesis/images_per_second_actor_{a}", rate, epoch)
     for key in ("seconds_to_first_synthetic", "seconds_to_first_batch", "seconds_to_first_chunk", "generation_seconds"):

@@ -124,8 +124,10 @@ def test_node_local_paths_are_refused_on_more_than_one_node(cluster_yaml_types):
         cluster.check_shared_paths(load_config(ROOT / "configs/digits.yaml", [
             *on_cluster, "output_dir=file:///mnt/efs/runs", "diffusion.model_dir=file:///mnt/efs/unet"]), capacity)
         for key, value in (("output_dir", "outputs"), ("diffusion.model_dir", "/home/ray/unet"),
-                           ("model.weights", "/home/ray/resnet.safetensors")):
-            cfg = load_config(ROOT / "configs/digits.yaml", [*on_cluster, f"{key}={value}"])
+                           ("model.weights", "/home/ray/resnet.safetensors"),
+                           ("synthesis.filter_model", "/home/ray/judge_run")):
+            extra = ["synthesis.filter=0.5"] if key == "synthesis.filter_model" else []
+            cfg = load_config(ROOT / "configs/digits.yaml", [*on_cluster, f"{key}={value}", *extra])
             with pytest.raises(ConfigError, match=rf"^{key}: '{value}' is a path on one node's disk, but this "
                                                   r"cluster has (2|up to 9) nodes"):
                 cluster.check_shared_paths(cfg, capacity)

@@ -137,8 +137,10 @@ def test_local_paths_become_absolute_and_uris_stay(tmp_path):
     from ioisray.config import with_absolute_paths
 
     cfg = load_config(None, ["data.name=csv", "data.csv=lists/labels.csv", "model.weights=w.safetensors",
-                             "diffusion.model_dir=s3://bucket/unet", "baseline=runs/ce"])
+                             "diffusion.model_dir=s3://bucket/unet", "baseline=runs/ce", "synthesis.filter=0.5",
+                             "synthesis.filter_model=runs/judge"])
     out = with_absolute_paths(cfg, tmp_path)
+    assert out.synthesis.filter_model == str(tmp_path / "runs/judge")
     assert out.output_dir == str(tmp_path / "outputs") and out.data.csv == str(tmp_path / "lists/labels.csv")
     assert out.model.weights == str(tmp_path / "w.safetensors") and out.baseline == str(tmp_path / "runs/ce")
     assert out.diffusion.model_dir == "s3://bucket/unet" and out.data.root is None

@@ -90,6 +90,10 @@ def test_the_local_object_store_is_sized_from_the_data_within_a_floor_and_a_shar
     assert local_object_store_bytes(plain, ham, system_bytes=GB) == 512 * MB  # never below the floor
     iois = load_config(None, ["synthesis.mode=online", "synthesis.budget=2000", "data.image_size=224"])
     assert local_object_store_bytes(iois, ham, system_bytes=24 * GB) == 2 * (ham + 2000 * 224 * 224 * 3)
+    # budget=balance is a number once a run has its split; a Ray started before that counts the cap.
+    balance = load_config(None, ["synthesis.mode=online", "synthesis.budget=balance", "synthesis.max_budget=2000",
+                                 "data.image_size=224"])
+    assert local_object_store_bytes(balance, ham, system_bytes=24 * GB) == 2 * (ham + 2000 * 224 * 224 * 3)
     asked = load_config(None, ["ray.object_store_mb=128"])
     assert local_object_store_bytes(asked, ham, system_bytes=24 * GB) == 128 * MB  # as configured
 
