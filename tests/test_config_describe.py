@@ -52,7 +52,8 @@ def test_describe_filters_by_prefix_and_names_types():
     keys = {k.key: k for k in describe("train.augment")}
     assert set(keys) == {"train.augment", *(f"train.augment.{n}" for n in schema.AugmentConfig.model_fields)}
     assert keys["train.augment.hflip"].type == "bool"
-    assert describe("synthesis.budget")[0].type == "int, >= 0"
+    assert describe("synthesis.budget")[0].type == "int or balance"
+    assert describe("synthesis.max_retries")[0].type == "int, >= 0"
     assert describe("method.sampling")[0].type == "one of: natural, class_balanced"
     assert describe("train.precision")[0].type == "one of: bf16, fp16, fp32 or null"
     with pytest.raises(ConfigError, match=r"'synthesys' is not a config key or section \(did you mean synthesis\?\)"):
@@ -65,7 +66,7 @@ def test_config_describe_on_the_command_line(capsys):
     lines = [line for line in out.splitlines() if not line.startswith(" ")]
     assert lines and all(line.startswith("synthesis") for line in lines)
     budget = schema.SynthesisConfig.model_fields["budget"]
-    assert "synthesis.budget  (int, >= 0; default 0)" in out
+    assert "synthesis.budget  (int or balance; default 0)" in out
     assert " ".join(budget.description.split()[:6]) in " ".join(out.split())
     assert main(["config", "describe", "synthesis.budjet"]) == 2
     assert capsys.readouterr().err.strip() == ("ioisray: error: 'synthesis.budjet' is not a config key or section "

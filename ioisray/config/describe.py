@@ -94,10 +94,13 @@ def _human(name: str) -> str:
 
 
 def type_name(annotation: Any) -> str:
-    """A short reading of a field's type: `int`, `one of: a, b`, `list of int`, `float or null`."""
+    """A short reading of a field's type: `int`, `one of: a, b`, `list of int`, `float or null`, `int or a`."""
     inner, optional = _without_none(annotation)
     origin, args = typing.get_origin(inner), typing.get_args(inner)
-    if origin is Literal:
+    if origin in (Union, types.UnionType):  # e.g. synthesis.budget: a number or `balance`
+        text = " or ".join(", ".join(str(v) for v in typing.get_args(a)) if typing.get_origin(a) is Literal
+                           else type_name(a) for a in args)
+    elif origin is Literal:
         text = "one of: " + ", ".join(str(a) for a in args)
     elif origin is list:
         text = f"list of {type_name(args[0])}" if args else "list"

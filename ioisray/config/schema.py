@@ -278,9 +278,9 @@ class SynthesisConfig(_Strict):
     # At most MAX_BUDGET: the epoch's plan holds a label and a seed per image in memory, and a billion
     # (a typo) would need about 16 GB before anything is made.
     budget: Union[int, Literal["balance"]] = Field(0, description=(
-        "Synthetic images per epoch (N), at most 10,000,000 and needed when synthesis.mode is not none; or "
-        "`balance`: each class gets the largest class's count less its own (of the training split), every epoch, "
-        "at most synthesis.max_budget in all."))
+        "Synthetic images per epoch (an integer N >= 0, at most 10,000,000, needed when synthesis.mode is not "
+        "none), or `balance`: each class gets the largest class's count less its own (of the training split), "
+        "every epoch, at most synthesis.max_budget in all."))
     max_budget: Optional[int] = Field(None, ge=1, le=MAX_BUDGET, description=(
         "The most synthetic images an epoch that synthesis.budget=balance may ask for; over it, the quotas "
         "shrink in proportion; unset: 10,000,000, the limit of any budget."))
