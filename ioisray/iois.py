@@ -17,8 +17,9 @@ epoch records the drops per class. AAS counts real images only, so it never sees
 Ablations by config: `aas.enabled: false` (uniform quotas), `synthesis.guidance: false` (unguided), and
 `synthesis.mode: offline` (one set of `synthesis.budget` images, uniform quotas, unguided, made once
 and reused every epoch). `synthesis.budget: balance` replaces the quotas, online and offline, by those
-that fill every class up to the largest (resolve_budget), the same every epoch. The pool (synthesis/pool.py) and the stream that carries its images into
-training (synthesis/stream.py) are Ray's part; this module is the algorithm.
+that fill every class up to the largest (resolve_budget), the same every epoch. The pool
+(synthesis/pool.py) and the stream that carries its images into training (synthesis/stream.py) are
+Ray's part; this module is the algorithm.
 """
 from __future__ import annotations
 

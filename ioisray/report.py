@@ -140,8 +140,8 @@ def tensorboard_scalars(writer, prefix: str, metrics: dict, epoch: int) -> None:
 
 
 def tensorboard_synthesis(writer, class_names: Sequence[str], synthesis: dict, examples: list, epoch: int) -> None:
-    """An IOIS epoch: quotas (and images filtered out) per class, images/s per actor, the timing of the synthetic stream, and a grid
-    of the epoch's synthetic images, one row per class that received any."""
+    """An IOIS epoch: quotas (and images filtered out) per class, images/s per actor, the timing of the
+    synthetic stream, and a grid of the epoch's synthetic images, one row per class that received any."""
     from torchvision.utils import make_grid
 
     for name, q in zip(class_names, synthesis["quotas"]):

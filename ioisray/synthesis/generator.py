@@ -159,7 +159,8 @@ def generator_factory(cfg: Config, model_dir: str, num_classes: int):
         DiffusionGenerator, model_dir, num_classes, sampler, output_size=cfg.data.image_size,
         warmup_sizes=tuple(sorted(set(chunk_sizes(epoch_budget(sy), sy.chunk_size, sy.pool_size)))),
         filter_threshold=sy.filter,
-        make_judge=functools.partial(load_judge, sy.filter_model, num_classes) if sy.filter and sy.filter_model else None,
+        make_judge=(functools.partial(load_judge, sy.filter_model, num_classes) if sy.filter and sy.filter_model
+                    else None),
         make_classifier=(functools.partial(build_classifier, cfg, num_classes, pretrained=False) if needs_live
                          else None),
         device="cuda" if sy.num_gpus > 0 else "cpu", num_threads=max(1, int(sy.num_cpus)) if sy.num_gpus == 0 else None,
