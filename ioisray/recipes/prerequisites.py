@@ -119,19 +119,13 @@ def check_filter_model(cfg: Config, ds) -> None:
     """synthesis.filter_model: a finished `ioisray train` run of this data's classes and image size (its
     model judges the synthetic images, which are made at data.image_size); checked before any actor
     loads it."""
-    from ioisray.recipes.sample import load_classifier_run
+    from ioisray.recipes.sample import load_classifier_for
 
-    path = cfg.synthesis.filter_model
+    key = "synthesis.filter_model"
     try:
-        _, judge_cfg, names = load_classifier_run(storage.fetch_dir(path))
+        load_classifier_for(storage.fetch_dir(cfg.synthesis.filter_model), ds.class_names, cfg.data.image_size, key)
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"synthesis.filter_model: {e}") from None
-    if names != ds.class_names:
-        raise ConfigError(f"synthesis.filter_model: {path} classifies {names}, but the data's classes are "
-                          f"{ds.class_names}")
-    if judge_cfg.data.image_size != cfg.data.image_size:
-        raise ConfigError(f"synthesis.filter_model: {path} was trained at {judge_cfg.data.image_size}px, but the "
-                          f"synthetic images are made at data.image_size={cfg.data.image_size}")
+        raise ConfigError(str(e) if str(e).startswith(key) else f"{key}: {e}") from None
 
 
 def shared_diffusion_model(cfg: Config, loaded: Optional[dict] = None) -> Config:

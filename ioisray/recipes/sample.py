@@ -56,6 +56,18 @@ def load_classifier_run(run: str | Path):
     return model.eval(), cfg, class_names
 
 
+def load_classifier_for(run: str | Path, class_names: list[str], image_size: int, key: str):
+    """`load_classifier_run` of a run that must classify these classes at this image size (a guide or a
+    judge of synthetic images); a ValueError naming `key` otherwise."""
+    model, run_cfg, names = load_classifier_run(run)
+    if names != class_names:
+        raise ValueError(f"{key}: {run} classifies {names}, but the data's classes are {class_names}")
+    if run_cfg.data.image_size != image_size:
+        raise ValueError(f"{key}: {run} was trained at {run_cfg.data.image_size}px, but the images are made at "
+                         f"data.image_size={image_size}: set data.image_size to match")
+    return model, run_cfg, names
+
+
 def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None) -> Path:
     from tqdm import tqdm
 
@@ -68,13 +80,7 @@ def sample_grid(cfg: Config, per_class: int = 8, guide_run: Optional[str] = None
     noise_scheduler = load_noise_scheduler(cfg.diffusion.model_dir)
     guide = None
     if guide_run and cfg.sampler.guidance_scale > 0:
-        guide, guide_cfg, guide_names = load_classifier_run(guide_run)
-        if guide_names != ds.class_names:
-            raise ValueError(f"--guide-run {guide_run}: its classes {guide_names} differ from the data's "
-                             f"{ds.class_names}")
-        if guide_cfg.data.image_size != cfg.data.image_size:
-            raise ValueError(f"--guide-run {guide_run} was trained at {guide_cfg.data.image_size}px but "
-                             f"data.image_size is {cfg.data.image_size}: set data.image_size to match")
+        guide, _, _ = load_classifier_for(guide_run, ds.class_names, cfg.data.image_size, "--guide-run")
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
     s = cfg.sampler
     scfg = dataclasses.replace(s, guidance_scale=s.guidance_scale if guide else 0.0)
