@@ -22,7 +22,7 @@ import torch
 
 from ioisray.engine import predict
 from ioisray.models.diffusion import load_noise_scheduler, load_unet, null_class
-from ioisray.recipes.sample import load_classifier_run
+from ioisray.models.trained import load_classifier_run
 from ioisray.sampler import SamplerConfig, sample
 
 

@@ -85,7 +85,7 @@ def run(unet, classifier, cfg, labels, seeds, device, schedule=None, repeats: in
 
 def main() -> None:
     # Here, not at the top: the helpers above (gpu_acceptance.py uses them) need no config, hence no pydantic.
-    from ioisray.recipes.sample import load_classifier_run
+    from ioisray.models.trained import load_classifier_run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="tiny")

@@ -19,7 +19,7 @@ from ioisray.config import load_config, save_config
 from ioisray.data import load_dataset, provenance, split_dataset
 from ioisray.metrics import classification_metrics
 from ioisray.models import build_classifier
-from ioisray.recipes.train import BEST_MODEL_FILE
+from ioisray.models.trained import BEST_MODEL_FILE
 from ioisray.run import run_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -264,7 +264,7 @@ def test_the_runs_outputs_are_on_the_uri(job):
         assert set(results[split]) >= {"accuracy", "balanced_accuracy", "macro_f1", "macro_precision", "mcc",
                                        "auc", "per_class_accuracy", "confusion_matrix"}
     assert load_config(run / "config.yaml").name == "iois"
-    from ioisray.recipes.sample import load_classifier_run  # the tested weights, reloadable on their own
+    from ioisray.models.trained import load_classifier_run  # the tested weights, reloadable on their own
 
     model, _, names = load_classifier_run(run)
     assert names == results["class_names"]

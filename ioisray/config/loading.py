@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from ioisray.atomic import atomic_write_text
 from ioisray.config.describe import hint, suggest_keys, suggest_values
-from ioisray.config.schema import Config, ConfigError, section_fields
+from ioisray.config.schema import Config, ConfigError, is_config_key, section_fields
 
 
 def _read_text(path: Path) -> str:
@@ -139,9 +139,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 def build_config(raw: dict, source: str = "config") -> Config:
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+    for key in cfg.tune.search_space:  # here, not in the schema: the suggestions walk the schema
+        if not is_config_key(key):
+            raise ConfigError(f"{source}: tune.search_space: {key!r} is not a config key{hint(suggest_keys(key))}")
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:

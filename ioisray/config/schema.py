@@ -481,15 +481,6 @@ class Config(_Strict):
                              f"learns one, or diffusion.model_dir to such a model")
         return self
 
-    @model_validator(mode="after")
-    def _searched_keys_exist(self):
-        for key in self.tune.search_space:
-            if not is_config_key(key):
-                from ioisray.config.describe import hint, suggest_keys  # it imports this module
-
-                raise ValueError(f"tune.search_space: {key!r} is not a config key{hint(suggest_keys(key))}")
-        return self
-
     @property
     def split_seed(self) -> int:
         """The seed that fixes the data split: `data.split_seed`, or `seed` when that is not set."""

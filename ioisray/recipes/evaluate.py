@@ -27,7 +27,7 @@ from ioisray.data.base import SPLIT_NAMES, decode_error
 from ioisray.data.loaders import IMAGE_EXTENSIONS
 from ioisray.engine import numpy_batches, predict
 from ioisray.metrics import classification_metrics, format_table, predictions_csv
-from ioisray.recipes.sample import load_classifier_run
+from ioisray.models.trained import load_classifier_run
 
 EVAL_DIR = "eval"
 PREDICTIONS_DIR = "predictions"

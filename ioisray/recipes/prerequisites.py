@@ -119,7 +119,7 @@ def check_filter_model(cfg: Config, ds) -> None:
     """synthesis.filter_model: a finished `ioisray train` run of this data's classes and image size (its
     model judges the synthetic images, which are made at data.image_size); checked before any actor
     loads it."""
-    from ioisray.recipes.sample import load_classifier_for
+    from ioisray.models.trained import load_classifier_for
 
     key = "synthesis.filter_model"
     try:

@@ -31,6 +31,7 @@ from ioisray.engine import predict, train_one_epoch
 from ioisray.iois import IOIS, is_on, resolve_budget
 from ioisray.metrics import classification_metrics, format_table, predictions_csv
 from ioisray.models import build_classifier, cpu_state_dict, unwrap
+from ioisray.models.trained import BEST_MODEL_FILE
 from ioisray.precision import grad_scaler, resolve_precision
 from ioisray.recipes import prerequisites
 from ioisray.recipes.console import method_words, say
@@ -41,7 +42,6 @@ from ioisray.training import COUNT_BASED_LOSSES, build_loss, build_optimizer, pr
 from ioisray.transforms import TrainTransform
 
 RESULTS_FILE = "results.json"
-BEST_MODEL_FILE = "best_model.safetensors"
 TEST_PREDICTIONS_FILE = "test_predictions.csv"
 SYNTHETIC_EXAMPLES_FILE = "synthetic_examples.safetensors"
 

@@ -138,7 +138,7 @@ def load_judge(run: str, num_classes: int) -> torch.nn.Module:
     """The best model of a finished `ioisray train` run (synthesis.filter_model; a URI is fetched to this
     node), in eval mode."""
     from ioisray import storage
-    from ioisray.recipes.sample import load_classifier_run
+    from ioisray.models.trained import load_classifier_run
 
     model, _, names = load_classifier_run(storage.fetch_dir(run))
     if len(names) != num_classes:
