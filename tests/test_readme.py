@@ -76,10 +76,13 @@ def test_the_readme_own_images_commands_and_python_example_run_as_written(tmp_pa
         assert "/path/to/" not in line, line
         args = shlex.split(line)[1:] + (SMALL if line.startswith("ioisray train") else [])
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=work, env=ENV, capture_output=True,
+        # As a user runs it: without the suite's RAY_AUTH_MODE=disabled, and without Ray's warning about it.
+        user_env = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"}
+        r = subprocess.run([sys.executable, "-m", "ioisray.cli", *args], cwd=work, env=user_env, capture_output=True,
                            text=True, timeout=600)
         print(f"{args[0]}: {time.perf_counter() - t0:.0f} s")
         assert r.returncode == 0, f"{line}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        assert "Token authentication" not in r.stdout + r.stderr, line
         ran.append(args[0])
     assert ran == ["train", "evaluate", "predict"]
     assert (work / "outputs" / "my_run" / "metrics.json").is_file()

@@ -4,6 +4,7 @@ no synthesis): what is tested is the search, its resumption and the grid's table
 runs that) or Ray Train's workers (test_job.py, test_cluster.py)."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -41,6 +42,12 @@ def test_a_stopped_search_resumes_and_asha_stops_the_weak_trial(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
     assert f"resuming the search in {search / 'tune'}" in out
+    # Tune's own console output stays out (ioisray prints the trials' table), and each trial's lines
+    # say which trial they are of.
+    for printed_by_tune in ("Configuration for experiment", "To visualize your results with TensorBoard",
+                            "may be a performance bottleneck", "Tuner.restore", "Resume experiment with"):
+        assert printed_by_tune not in out + printed, printed_by_tune
+    assert re.search(r"^\[trial_\w+\] epoch 1/2 loss", out, flags=re.M), out[-3000:]
     with open(search / "trials.csv") as f:
         trials = {float(t["train.lr"]): t for t in csv.DictReader(f)}
     assert set(trials) == {3e-3, 1e-7}

@@ -106,6 +106,38 @@ def quiet_ray_train() -> None:
         pass
 
 
+class DropLines(logging.Filter):
+    """Drops records whose message contains one of `parts`."""
+
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p in str(record.msg) for p in self.parts)
+
+
+# Tune's lines that contradict or repeat ioisray's own: the resume hint (ioisray resumes by rerunning the
+# command), and timings of its own bookkeeping that a busy small machine always exceeds.
+TUNE_NOTICES = {"ray.tune.tune": ("Resume experiment with", "Resume training with"),
+                "ray.tune.utils.util": ("may be a performance bottleneck",),
+                "ray.tune.execution.tune_controller": ("may be a performance bottleneck",)}
+
+
+def quiet_tune() -> None:
+    """Tune's console output down to its warnings that matter, unless `ioisray --verbose`: its legacy
+    reporter at verbose=0 prints nothing (the new one prints a configuration box, a results path and a
+    TensorBoard path under Ray's session folder that are not the run's), ioisray prints the trials'
+    table, and TUNE_NOTICES are dropped. Ray's log files keep everything."""
+    if verbose():
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name, parts in TUNE_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropLines) for f in logger.filters):
+            logger.addFilter(DropLines(*parts))
+
+
 def say(run: str, message: str) -> None:
     """One console line of run `run`, tagged with its name: a job's baseline, diffusion pretraining and
     IOIS runs (and a search's trials) print alike, and the tag says whose line it is."""

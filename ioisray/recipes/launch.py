@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from ioisray import storage
 from ioisray.config import Config
 from ioisray.recipes.console import (RAY_DATA_LOGGING, drop_raylet_notices, quiet_data_context, quiet_ray_data,
-                                     verbose as verbose_asked)
+                                     quiet_tune, verbose as verbose_asked)
 from ioisray.run import run_location
 
 
@@ -146,8 +146,8 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
     if verbose is None:
         verbose = verbose_asked()
     level = "INFO" if verbose else "WARNING"
-    env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", RAY_DATA_LOGGING,
-                                                  "PYTHONWARNINGS", LOCAL_ONLY, *LOCAL_RAY_TRAIN)}
+    env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_AUTH_MODE",
+                                                  RAY_DATA_LOGGING, "PYTHONWARNINGS", LOCAL_ONLY, *LOCAL_RAY_TRAIN)}
     from ray._private import ray_constants
 
     cluster_before = ray_constants.ENABLE_RAY_CLUSTER
@@ -162,6 +162,9 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
             for k, v in LOCAL_RAY_TRAIN.items():
                 os.environ.setdefault(k, v)
             os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
+            # Ray's default for a new local Ray (token authentication on), said explicitly: Ray then
+            # does not announce it in a warning on every command.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
             _local_only()
             ray.init(address="local", num_cpus=local_ray_cpus(cfg),
                      object_store_memory=local_object_store_bytes(cfg, data_bytes),
@@ -248,6 +251,12 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ioisray.recipes.console import say
+
+    per_worker = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {}),
+                  **cfg.ray.resources_per_worker}
+    say(cfg.name, f"starting {cfg.ray.num_workers} Ray Train worker{'s' if cfg.ray.num_workers > 1 else ''} "
+                  f"(each {per_worker}); their first lines follow once they have started")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -336,6 +345,7 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
     from ioisray.config import ConfigError
     from ioisray.experiments import max_concurrent_trials
 
+    quiet_tune()
     with ray_session(cfg):
         # What the cluster can scale to, not what is up now: an autoscaling cluster shows no GPU node
         # before a request makes the autoscaler add one.
