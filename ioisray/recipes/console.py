@@ -124,6 +124,23 @@ TUNE_NOTICES = {"ray.tune.tune": ("Resume experiment with", "Resume training wit
                 "ray.tune.execution.tune_controller": ("may be a performance bottleneck",)}
 
 
+# Ray's notice, at every start of a local Ray, that token authentication is on (its default, which
+# ioisray keeps: the private Ray's ports are on 127.0.0.1, which other users of the machine reach).
+AUTH_NOTICES = {"ray._private.authentication.authentication_token_setup":
+                ("Token authentication is enabled for this Ray cluster",)}
+
+
+def _drop(notices: dict) -> None:
+    for name, parts in notices.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropLines) for f in logger.filters):
+            logger.addFilter(DropLines(*parts))
+
+
+def quiet_auth_notice() -> None:
+    _drop(AUTH_NOTICES)
+
+
 def quiet_tune() -> None:
     """Tune's console output down to its warnings that matter, unless `ioisray --verbose`: its legacy
     reporter at verbose=0 prints nothing (the new one prints a configuration box, a results path and a
@@ -132,10 +149,7 @@ def quiet_tune() -> None:
     if verbose():
         return
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    for name, parts in TUNE_NOTICES.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, DropLines) for f in logger.filters):
-            logger.addFilter(DropLines(*parts))
+    _drop(TUNE_NOTICES)
 
 
 def say(run: str, message: str) -> None:

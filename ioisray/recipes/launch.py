@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from ioisray import storage
 from ioisray.config import Config
 from ioisray.recipes.console import (RAY_DATA_LOGGING, drop_raylet_notices, quiet_data_context, quiet_ray_data,
-                                     quiet_tune, verbose as verbose_asked)
+                                     quiet_auth_notice, quiet_tune, verbose as verbose_asked)
 from ioisray.run import run_location
 
 
@@ -146,13 +146,14 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
     if verbose is None:
         verbose = verbose_asked()
     level = "INFO" if verbose else "WARNING"
-    env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "RAY_AUTH_MODE",
-                                                  RAY_DATA_LOGGING, "PYTHONWARNINGS", LOCAL_ONLY, *LOCAL_RAY_TRAIN)}
+    env_before = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", RAY_DATA_LOGGING,
+                                                  "PYTHONWARNINGS", LOCAL_ONLY, *LOCAL_RAY_TRAIN)}
     from ray._private import ray_constants
 
     cluster_before = ray_constants.ENABLE_RAY_CLUSTER
     if not verbose:
         quiet_ray_data()
+        quiet_auth_notice()
     try:
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, logging_level=level, logging_config=ray.LoggingConfig(log_level=level))
@@ -162,9 +163,6 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
             for k, v in LOCAL_RAY_TRAIN.items():
                 os.environ.setdefault(k, v)
             os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
-            # Ray's default for a new local Ray (token authentication on), said explicitly: Ray then
-            # does not announce it in a warning on every command.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             _local_only()
             ray.init(address="local", num_cpus=local_ray_cpus(cfg),
                      object_store_memory=local_object_store_bytes(cfg, data_bytes),
