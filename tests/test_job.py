@@ -299,7 +299,7 @@ def test_the_console_says_which_run_each_line_is_of_and_ends_with_the_comparison
     assert "[iois] baseline ce_tiny: training it first, 4 epochs" in second
     assert "[ce_tiny] training resnet10t with cb_focal + class-balanced sampling, mixup 0.2: 4 epochs" in second
     assert "[ce_tiny] epoch 1/4 loss" in second
-    assert f"[iois] training resnet10t with IOIS ({BUDGET} synthetic images an epoch from 1 synthesis actor)" in third
+    assert f"[iois] training resnet10t with IOIS ({BUDGET} synthetic images an epoch from 1 synthesis actor), ce:" in third
     assert "on 2 Ray Train workers" in third and f"[iois] epoch {EPOCHS}/{EPOCHS} loss" in third
     assert "[iois] starting 2 Ray Train workers (each {'CPU': " in third
     # The job's answer, in one line: its test figures next to the baseline's.

@@ -160,14 +160,14 @@ def say(run: str, message: str) -> None:
 
 def method_words(cfg) -> str:
     """What a run trains with, in words, for its announcement."""
-    s = cfg.synthesis
+    s, m = cfg.synthesis, cfg.method
+    extra = [x for x in ("class-balanced sampling" if m.sampling == "class_balanced" else "",
+                         f"mixup {m.mixup_alpha:g}" if m.mixup_alpha else "") if x]
+    base = f"{m.loss}{' + ' + ', '.join(extra) if extra else ''}"
     if s.mode == "online":
         return (f"IOIS ({s.budget} synthetic images an epoch from {s.pool_size} synthesis "
                 f"actor{'s' if s.pool_size > 1 else ''}{'' if cfg.aas.enabled else ', AAS off'}"
-                f"{'' if s.guidance else ', unguided'})")
+                f"{'' if s.guidance else ', unguided'}), {base}")
     if s.mode == "offline":
-        return f"offline synthesis ({s.budget} synthetic images an epoch)"
-    extra = [x for x in ("class-balanced sampling" if cfg.method.sampling == "class_balanced" else "",
-                         f"mixup {cfg.method.mixup_alpha:g}" if cfg.method.mixup_alpha else "") if x]
-    return f"{cfg.method.loss}{' + ' + ', '.join(extra) if extra else ''}"
-
+        return f"offline synthesis ({s.budget} synthetic images an epoch), {base}"
+    return base
