@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_utils import ENV, ROOT, descendants, interrupt_after, latest_epoch
+from cli_utils import ENV, ROOT, ListenerWatch, descendants, interrupt_after, latest_epoch
 
 from ioisray.aas import quotas
 from ioisray.checkpoint import CheckpointStore
@@ -92,24 +92,26 @@ def job(tmp_path_factory):
             f"baseline={baseline}"]
     env = {"TMPDIR": tmpdir, "IOISRAY_STAGING": str(root / "staging")}
     base_run, run = store / "ce_tiny", store / "iois"
-    # 1. Ctrl-C in diffusion pretraining, then its newest checkpoint damaged.
-    t0 = time.perf_counter()
-    pre_done, first = interrupt_after(args, store / "pretraining", epochs=2, env=env,
-                                      progress=lambda: max(map(latest_epoch, _pretraining_runs(store)), default=0))
-    t1 = time.perf_counter()
-    (pre_run,) = _pretraining_runs(store)
-    newest = pre_run / "checkpoints" / f"epoch_{pre_done:05d}" / "state.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    # 2. Pretraining resumes and saves its model; Ctrl-C in the baseline.
-    base_done, second = interrupt_after(args, base_run, epochs=2, env=env)
-    t2 = time.perf_counter()
-    # 3. The baseline resumes and finishes; IOIS runs; a worker dies mid-epoch; the run finishes.
-    code, third = _run_killing_a_worker(args, run, 1, root / "third.log", env)
+    # Every TCP socket the job's processes listen on, checked once a second.
+    with ListenerWatch(every=1.0) as listeners:
+        # 1. Ctrl-C in diffusion pretraining, then its newest checkpoint damaged.
+        t0 = time.perf_counter()
+        pre_done, first = interrupt_after(args, store / "pretraining", epochs=2, env=env,
+                                          progress=lambda: max(map(latest_epoch, _pretraining_runs(store)), default=0))
+        t1 = time.perf_counter()
+        (pre_run,) = _pretraining_runs(store)
+        newest = pre_run / "checkpoints" / f"epoch_{pre_done:05d}" / "state.pt"
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+        # 2. Pretraining resumes and saves its model; Ctrl-C in the baseline.
+        base_done, second = interrupt_after(args, base_run, epochs=2, env=env)
+        t2 = time.perf_counter()
+        # 3. The baseline resumes and finishes; IOIS runs; a worker dies mid-epoch; the run finishes.
+        code, third = _run_killing_a_worker(args, run, 1, root / "third.log", env)
     print(f"job: {t1 - t0:.0f} s, {t2 - t1:.0f} s, {time.perf_counter() - t2:.0f} s")
     leftovers = [p.name for p in Path(tmpdir).iterdir() if p.name.startswith(("ioisray-ckpt", "ioisray-tb"))]
     return {"root": root, "args": args, "run": run, "base_run": base_run, "pre_run": pre_run, "pre_done": pre_done,
             "base_done": base_done, "first": first, "second": second, "third": third, "code": code,
-            "tmp_leftovers": leftovers}
+            "tmp_leftovers": leftovers, "listeners_seen": listeners.seen, "listeners_outside": listeners.outside}
 
 
 def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(job):
@@ -256,6 +258,13 @@ def test_a_finished_run_is_refused_from_a_machine_without_its_local_copy(job, mo
     assert main(job["args"]) == 2
     assert "has finished (its test split was used once already)" in capsys.readouterr().err
     assert (job["run"] / "metrics.json").read_text() == results
+
+
+def test_nothing_the_job_starts_listens_beyond_loopback(job):
+    # Its private Ray listens on 127.0.0.1 only, and so does the process group of its two Ray Train
+    # workers (pretraining and IOIS): the rendezvous store, which torch would bind to every interface.
+    assert "ray::RayTrainWo" in job["listeners_seen"], job["listeners_seen"]  # the store was seen
+    assert not job["listeners_outside"], job["listeners_outside"]
 
 
 def test_the_console_is_quiet(job):

@@ -245,9 +245,12 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ioisray.recipes.process_group import NodeAddressTorchConfig
+
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
+        torch_config=NodeAddressTorchConfig(),  # its rendezvous listens on the node's address only
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}),
