@@ -31,9 +31,10 @@ def ctrl_c_as_usual() -> None:
 
 
 def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240, env=None,
-                    progress=None, cwd=ROOT) -> tuple[int, str]:
-    """Start `ioisray *args`, send SIGINT once `epochs` epochs of `run` are checkpointed (or once
-    `progress()`, if given, returns at least `epochs`); returns (epochs done, what it printed)."""
+                    progress=None, cwd=ROOT, sig=signal.SIGINT) -> tuple[int, str, int]:
+    """Start `ioisray *args`, send `sig` (Ctrl-C's SIGINT by default) once `epochs` epochs of `run` are
+    checkpointed (or once `progress()`, if given, returns at least `epochs`); returns (epochs done,
+    what it printed, its exit code)."""
     progress = progress or (lambda: latest_epoch(run))
     log = run.parent / f".{run.name}-interrupted.log"
     run.parent.mkdir(parents=True, exist_ok=True)
@@ -45,12 +46,12 @@ def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 24
             while progress() < epochs and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.2)
             assert progress() >= epochs, "no checkpoint appeared:\n" + log.read_text()[-3000:]
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    return progress(), log.read_text()
+    return progress(), log.read_text(), proc.returncode
 
 
 def descendants(pid: int) -> set[int]:

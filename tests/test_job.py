@@ -4,7 +4,7 @@ its CE baseline (in-process), with outputs on a filesystem URI (as s3://... on a
 three ways along the way and must lose nothing:
   1. Ctrl-C during diffusion pretraining; its newest checkpoint is then damaged on disk;
   2. rerun: pretraining resumes from the checkpoint before and saves the model; the baseline starts;
-     Ctrl-C during the baseline;
+     SIGTERM during the baseline (what docker stop, systemd, Kubernetes, Slurm and `timeout` send);
   3. rerun: the baseline resumes and finishes; IOIS runs; a Ray Train worker is killed mid-epoch, and
      Ray Train restarts the workers from the last checkpoint by itself (train.max_failures), AAS state
      intact; the run finishes.
@@ -96,14 +96,16 @@ def job(tmp_path_factory):
     with ListenerWatch(every=1.0) as listeners:
         # 1. Ctrl-C in diffusion pretraining, then its newest checkpoint damaged.
         t0 = time.perf_counter()
-        pre_done, first = interrupt_after(args, store / "pretraining", epochs=2, env=env,
-                                          progress=lambda: max(map(latest_epoch, _pretraining_runs(store)), default=0))
+        pre_done, first, first_code = interrupt_after(
+            args, store / "pretraining", epochs=2, env=env,
+            progress=lambda: max(map(latest_epoch, _pretraining_runs(store)), default=0))
         t1 = time.perf_counter()
         (pre_run,) = _pretraining_runs(store)
         newest = pre_run / "checkpoints" / f"epoch_{pre_done:05d}" / "state.pt"
         newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-        # 2. Pretraining resumes and saves its model; Ctrl-C in the baseline.
-        base_done, second = interrupt_after(args, base_run, epochs=2, env=env)
+        # 2. Pretraining resumes and saves its model; SIGTERM in the baseline (trained in this process).
+        base_done, second, second_code = interrupt_after(args, base_run, epochs=2, env=env, sig=signal.SIGTERM)
+        locks_left = [p for p in (base_run / ".lock", run / ".lock") if p.exists()]  # the baseline's, the job's
         t2 = time.perf_counter()
         # 3. The baseline resumes and finishes; IOIS runs; a worker dies mid-epoch; the run finishes.
         code, third = _run_killing_a_worker(args, run, 1, root / "third.log", env)
@@ -111,16 +113,22 @@ def job(tmp_path_factory):
     leftovers = [p.name for p in Path(tmpdir).iterdir() if p.name.startswith(("ioisray-ckpt", "ioisray-tb"))]
     return {"root": root, "args": args, "run": run, "base_run": base_run, "pre_run": pre_run, "pre_done": pre_done,
             "base_done": base_done, "first": first, "second": second, "third": third, "code": code,
+            "first_code": first_code, "second_code": second_code, "locks_left": locks_left,
             "tmp_leftovers": leftovers, "listeners_seen": listeners.seen, "listeners_outside": listeners.outside}
 
 
-def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(job):
+def test_ctrl_c_and_sigterm_say_where_the_run_stopped_and_how_to_resume(job):
     pre = job["pre_run"].name
     assert f"run {pre} interrupted at epoch {job['pre_done'] + 1} of {PRETRAIN_EPOCHS}" in job["first"], \
         job["first"][-3000:]
-    assert f"run ce_tiny interrupted at epoch {job['base_done'] + 1} of 4" in job["second"], job["second"][-3000:]
+    assert f"stopped by SIGTERM: run ce_tiny interrupted at epoch {job['base_done'] + 1} of 4" in job["second"], \
+        job["second"][-3000:]
     for printed in (job["first"], job["second"]):
         assert "rerun the same command to resume" in printed and "Traceback" not in printed
+    # 128 + the signal, as a shell reports it; no stack dump from Ray's own SIGTERM handler; the run's
+    # locks released (the rerun resumes it: test_the_in_process_baseline_resumes_and_finishes_once).
+    assert (job["first_code"], job["second_code"]) == (130, 143)
+    assert "SIGTERM received" not in job["second"] and not job["locks_left"], job["locks_left"]
 
 
 def test_pretraining_resumes_past_its_damaged_checkpoint_and_saves_a_reloadable_model(job):

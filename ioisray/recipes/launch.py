@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 from typing import Callable, Optional
@@ -121,6 +122,24 @@ def _start_autoscaling_coordinator() -> None:
 
 
 @contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """ray.init, with SIGTERM still a Ctrl-C (ioisray/sigterm.py): ray.init replaces the handler with one
+    that exits at once (SystemExit), and its core worker with one that dumps a stack and aborts; ours is
+    put back once Ray is up, and a SIGTERM that came while Ray started stops the command as Ctrl-C does."""
+    from ioisray import sigterm
+
+    try:
+        yield
+    except SystemExit as e:
+        if sigterm.installed() and e.code == signal.SIGTERM:
+            sigterm.mark_received()
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        sigterm.reinstall()
+
+
+@contextlib.contextmanager
 def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0):
     """Ray for the block: the cluster `ray.address` names, or a private local Ray, shut down at the end.
     Nested sessions (a baseline or a diffusion model made before the run) use the one already up, so a
@@ -151,19 +170,21 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
     if not verbose:
         quiet_ray_data()
     try:
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, logging_level=level, logging_config=ray.LoggingConfig(log_level=level))
-        else:
-            port = _free_port()
-            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-            for k, v in LOCAL_RAY_TRAIN.items():
-                os.environ.setdefault(k, v)
-            os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
-            _local_only()
-            ray.init(address="local", num_cpus=local_ray_cpus(cfg),
-                     object_store_memory=local_object_store_bytes(cfg, data_bytes),
-                     dashboard_host="127.0.0.1", logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
-                     _system_config=LOCAL_RAY_SYSTEM)
+        with _sigterm_as_ctrl_c():
+            if cfg.ray.address:
+                ray.init(address=cfg.ray.address, logging_level=level,
+                         logging_config=ray.LoggingConfig(log_level=level))
+            else:
+                port = _free_port()
+                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+                for k, v in LOCAL_RAY_TRAIN.items():
+                    os.environ.setdefault(k, v)
+                os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
+                _local_only()
+                ray.init(address="local", num_cpus=local_ray_cpus(cfg),
+                         object_store_memory=local_object_store_bytes(cfg, data_bytes),
+                         dashboard_host="127.0.0.1", logging_level=level,
+                         logging_config=ray.LoggingConfig(log_level=level), _system_config=LOCAL_RAY_SYSTEM)
         if not verbose:
             drop_raylet_notices()
         _start_autoscaling_coordinator()
@@ -391,9 +412,7 @@ def _trial_process_resources(cfg: Config) -> dict:
 def _fit_tuner(tuner):
     """tuner.fit(), and whether Ctrl-C stopped it. On Ctrl-C Tune stops the trials, saves the search and
     returns as if it had ended; its Ctrl-C handler then puts back the handler it found, which is how a
-    stop is told from an end here."""
-    import signal
-
+    stop is told from an end here. SIGTERM goes the same way (ioisray/sigterm.py calls the Ctrl-C handler)."""
     if threading.current_thread() is not threading.main_thread() or os.environ.get("TUNE_DISABLE_SIGINT_HANDLER",
                                                                                      "0") != "0":
         return tuner.fit(), False  # Tune catches no Ctrl-C: it ends the process as usual
