@@ -31,22 +31,27 @@ def ctrl_c_as_usual() -> None:
 
 
 def interrupt_after(args: list[str], run: Path, epochs: int, timeout: float = 240, env=None,
-                    progress=None, cwd=ROOT, sig=signal.SIGINT) -> tuple[int, str, int]:
+                    progress=None, cwd=ROOT, sig=signal.SIGINT, group=False) -> tuple[int, str, int]:
     """Start `ioisray *args`, send `sig` (Ctrl-C's SIGINT by default) once `epochs` epochs of `run` are
     checkpointed (or once `progress()`, if given, returns at least `epochs`); returns (epochs done,
-    what it printed, its exit code)."""
+    what it printed, its exit code). `group`: to every process it started as well (its Ray's), as
+    systemd and Slurm send SIGTERM to every process of a service or job."""
     progress = progress or (lambda: latest_epoch(run))
     log = run.parent / f".{run.name}-interrupted.log"
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ioisray", *args], cwd=cwd, env={**ENV, **(env or {})},
-                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_as_usual)
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_as_usual,
+                                start_new_session=group)
         try:
             deadline = time.time() + timeout
             while progress() < epochs and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.2)
             assert progress() >= epochs, "no checkpoint appeared:\n" + log.read_text()[-3000:]
-            proc.send_signal(sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             proc.wait(timeout=120)
         finally:
             if proc.poll() is None:

@@ -4,7 +4,8 @@ its CE baseline (in-process), with outputs on a filesystem URI (as s3://... on a
 three ways along the way and must lose nothing:
   1. Ctrl-C during diffusion pretraining; its newest checkpoint is then damaged on disk;
   2. rerun: pretraining resumes from the checkpoint before and saves the model; the baseline starts;
-     SIGTERM during the baseline (what docker stop, systemd, Kubernetes, Slurm and `timeout` send);
+     SIGTERM during the baseline, to every process of the command, its Ray's included, as systemd and
+     Slurm send it (docker stop, Kubernetes and `timeout` send it to the command only: test_tune_cli.py);
   3. rerun: the baseline resumes and finishes; IOIS runs; a Ray Train worker is killed mid-epoch, and
      Ray Train restarts the workers from the last checkpoint by itself (train.max_failures), AAS state
      intact; the run finishes.
@@ -103,8 +104,10 @@ def job(tmp_path_factory):
         (pre_run,) = _pretraining_runs(store)
         newest = pre_run / "checkpoints" / f"epoch_{pre_done:05d}" / "state.pt"
         newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-        # 2. Pretraining resumes and saves its model; SIGTERM in the baseline (trained in this process).
-        base_done, second, second_code = interrupt_after(args, base_run, epochs=2, env=env, sig=signal.SIGTERM)
+        # 2. Pretraining resumes and saves its model; SIGTERM in the baseline (trained in the driver),
+        # to the command and its Ray.
+        base_done, second, second_code = interrupt_after(args, base_run, epochs=2, env=env, sig=signal.SIGTERM,
+                                                         group=True)
         locks_left = [p for p in (base_run / ".lock", run / ".lock") if p.exists()]  # the baseline's, the job's
         t2 = time.perf_counter()
         # 3. The baseline resumes and finishes; IOIS runs; a worker dies mid-epoch; the run finishes.

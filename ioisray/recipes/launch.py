@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Callable, Optional
 
 from ioisray import storage
@@ -334,11 +335,39 @@ def _in_a_thread(fn, in_process: bool):
     except KeyboardInterrupt:
         STOP.set()
         if in_process:
-            finished.wait(60)
+            # The loop stops at its next batch. A SIGTERM sent to the whole process group or cgroup (as
+            # systemd and Slurm do) stops this Ray's own processes too, and a loop waiting on them then
+            # waits until Ray's client ends this process (60 s): it is left behind.
+            deadline = time.monotonic() + 60
+            while not finished.wait(0.5) and time.monotonic() < deadline and not _local_ray_gone():
+                pass
+            if not finished.is_set():
+                _no_new_ray()
         raise
     if "error" in out:
         raise out["error"]
     return out["value"]
+
+
+def _local_ray_gone() -> bool:
+    """Whether a process of the local Ray this driver started (its GCS, raylet, ...) has exited."""
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        return node is not None and node.head and bool(node.dead_processes())
+    except Exception:  # noqa: BLE001 - another Ray: not known, so not gone
+        return False
+
+
+def _no_new_ray() -> None:
+    """No Ray started by a thread left behind: a Ray call made after ray.shutdown() starts a new local Ray
+    by itself (Ray's auto-init), which this process would then hold."""
+    try:
+        from ray._private import auto_init_hook
+    except ImportError:  # another Ray
+        return
+    auto_init_hook.enable_auto_connect = False
 
 
 def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, float], *, name: str,
