@@ -174,8 +174,12 @@ def _config_command(args, cfg) -> int:
 def _one_line(e: Exception) -> int:
     """Print what went wrong in one line and return the exit code; an error of unknown cause (a bug)
     is raised again, with its traceback."""
+    from ioisray.recipes.launch import RayDidNotStart
     from ioisray.run import RunInterrupted, RunLockedError
 
+    if isinstance(e, RayDidNotStart):  # a busy machine: says why and what to do
+        print(f"ioisray: error: {e}", file=sys.stderr)
+        return 1
     if isinstance(e, RunInterrupted):
         print(f"ioisray: {_stopped_by()}{e}", file=sys.stderr)
         return _interrupted_code()

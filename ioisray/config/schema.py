@@ -142,6 +142,9 @@ class RayConfig(_Strict):
     local_num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs for a local Ray (default 2 * cores)
     # local Ray only; None: sized from the run's images (recipes/launch.local_object_store_bytes)
     object_store_mb: Optional[int] = Field(None, ge=64)
+    start_timeout_s: float = Field(120.0, gt=0.0, description=(
+        "Seconds the local Ray this command starts may take to come up (Ray's own limit is 30 s, too short "
+        "on a busy machine); then the command stops with one line saying so."))
 
     @model_validator(mode="after")
     def _one_gpu_per_nccl_rank(self):

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -74,7 +75,8 @@ LOCAL_RAY_TRAIN = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRIC
 
 # Ray's settings for the private local Ray. Idle worker processes are kept a while: Ray Data starts a read
 # task per chunk each epoch, and a fresh Python process for each costs more CPU than a small machine can
-# spare (Ray's default ends an idle worker after 1 s).
+# spare (Ray's default ends an idle worker after 1 s). ray.init adds its session's spilling folder to the
+# dict it is given: each start gets a copy, or the next Ray of the process would spill into the last one's.
 LOCAL_RAY_SYSTEM = {"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64,
                     "enable_metrics_collection": False}
 
@@ -120,6 +122,120 @@ def _start_autoscaling_coordinator() -> None:
     except ImportError:  # another Ray: at worst that traceback
         return
     ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("ioisray"))
+
+
+class RayDidNotStart(Exception):
+    """The local Ray did not come up within ray.start_timeout_s; the message says why and what to do."""
+
+
+class _RayletExited(Exception):
+    """The raylet of a starting Ray exited (it gives its agents 15 s to come up, a limit no setting
+    changes, and on a busy machine their imports alone can take longer): Ray is started again."""
+
+
+def _did_not_start(seconds: float) -> RayDidNotStart:
+    return RayDidNotStart(
+        f"Ray did not start within {seconds:g} s (ray.start_timeout_s): its processes start slowly when the "
+        f"machine is busy (other jobs on its CPUs, little free memory, a slow disk under its temporary folder), "
+        f"and its raylet gives up on its agents after 15 s; rerun when the machine is less busy, or give Ray "
+        f"longer, e.g. ray.start_timeout_s={max(2 * seconds, 300):g}. Nothing of the run was lost: the same "
+        f"command resumes it")
+
+
+# Ray's own limits on how long a starting node may take, raised (never lowered) to ray.start_timeout_s:
+# how long the driver and the GCS wait for the raylet to register, and how long the raylet waits for its
+# runtime-environment agent. In seconds, and the factor to Ray's unit.
+START_WAITS = {"RAY_raylet_start_wait_time_s": 1, "RAY_agent_register_timeout_ms": 1000}
+RAY_START_WAIT_DEFAULT_S = 30
+
+
+def _init_local_ray(seconds: float, init: Callable[[], None]) -> None:
+    """init() (ray.init of a local Ray), given `seconds` to come up; started again while time is left
+    when its raylet exits during start-up (_RayletExited), as it does when the machine is busy.
+    RayDidNotStart past the time."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with _start_within(seconds, deadline):
+                init()
+            return
+        except _RayletExited:
+            if time.monotonic() >= deadline:
+                raise _did_not_start(seconds) from None
+            print("[ioisray] Ray's raylet stopped while starting (its agents were slow to start: a busy "
+                  "machine); starting Ray again", flush=True)
+
+
+@contextlib.contextmanager
+def _start_within(seconds: float, deadline: float):
+    """ray.init of a local Ray, by `deadline`. Ray's own limits (START_WAITS, and its dashboard's)
+    become at least `seconds` for the processes it starts, and its own fixed 30 s for its node to
+    register (it asks the GCS in a loop it ends after 30 s) becomes the deadline; the deadline is also
+    checked before the dashboard and the raylet start. Past it (or once the raylet has exited) the
+    processes started so far are stopped and RayDidNotStart (or _RayletExited) is raised."""
+    from ray._private import ray_constants, services
+
+    def check(caller) -> None:
+        node = caller.f_locals.get("self")
+        raylet_gone = any(kind == ray_constants.PROCESS_TYPE_RAYLET for kind, _ in _dead_processes(node))
+        if raylet_gone or time.monotonic() > deadline:
+            _stop_half_started(node)
+            raise _RayletExited() if raylet_gone else _did_not_start(seconds)
+
+    def by_the_deadline(start):
+        def started(*args, **kwargs):
+            check(sys._getframe(1))
+            return start(*args, **kwargs)
+
+        return started
+
+    def get_node_by_the_deadline(gcs_address, node_id):
+        while True:
+            check(sys._getframe(1))
+            try:
+                return original["get_node"](gcs_address, node_id)
+            except RuntimeError:  # not registered yet
+                time.sleep(0.1)
+
+    original = {name: getattr(services, name) for name in ("get_node", "start_api_server", "start_raylet")}
+    dashboard_wait = ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S
+    waits = max(RAY_START_WAIT_DEFAULT_S, math.ceil(seconds))
+    env_before = {k: os.environ.get(k) for k in START_WAITS}
+    for k, unit in START_WAITS.items():  # read by this process's Ray and inherited by those it starts
+        os.environ.setdefault(k, str(waits * unit))
+    services.get_node = get_node_by_the_deadline
+    services.start_api_server = by_the_deadline(original["start_api_server"])
+    services.start_raylet = by_the_deadline(original["start_raylet"])
+    ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(dashboard_wait, waits)
+    try:
+        yield
+    except Exception as e:
+        if "timed out during startup" in str(e):  # Ray's own limit, should another Ray's start-up differ
+            raise _did_not_start(seconds) from None
+        raise
+    finally:
+        for name, function in original.items():
+            setattr(services, name, function)
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = dashboard_wait
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _dead_processes(node) -> list:
+    from ray._private.node import Node
+
+    return node.dead_processes() if isinstance(node, Node) else []
+
+
+def _stop_half_started(node) -> None:
+    """The processes a Ray start-up that is given up has started (its Node is not yet ray's to shut down)."""
+    from ray._private.node import Node
+
+    if isinstance(node, Node):
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
 
 
 @contextlib.contextmanager
@@ -182,10 +298,11 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
                     os.environ.setdefault(k, v)
                 os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
                 _local_only()
-                ray.init(address="local", num_cpus=local_ray_cpus(cfg),
-                         object_store_memory=local_object_store_bytes(cfg, data_bytes),
-                         dashboard_host="127.0.0.1", logging_level=level,
-                         logging_config=ray.LoggingConfig(log_level=level), _system_config=LOCAL_RAY_SYSTEM)
+                _init_local_ray(cfg.ray.start_timeout_s, lambda: ray.init(
+                    address="local", num_cpus=local_ray_cpus(cfg),
+                    object_store_memory=local_object_store_bytes(cfg, data_bytes), dashboard_host="127.0.0.1",
+                    logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
+                    _system_config=dict(LOCAL_RAY_SYSTEM)))
         if not verbose:
             drop_raylet_notices()
         _start_autoscaling_coordinator()
