@@ -113,7 +113,7 @@ def job(tmp_path_factory):
         # 3. The baseline resumes and finishes; IOIS runs; a worker dies mid-epoch; the run finishes.
         code, third = _run_killing_a_worker(args, run, 1, root / "third.log", env)
     print(f"job: {t1 - t0:.0f} s, {t2 - t1:.0f} s, {time.perf_counter() - t2:.0f} s")
-    leftovers = [p.name for p in Path(tmpdir).iterdir() if p.name.startswith(("ioisray-ckpt", "ioisray-tb"))]
+    leftovers = [p.name for p in Path(tmpdir).iterdir() if p.name.startswith(("ioisray-ckpt", "ioisray-tb", "pymp-"))]
     return {"root": root, "args": args, "run": run, "base_run": base_run, "pre_run": pre_run, "pre_done": pre_done,
             "base_done": base_done, "first": first, "second": second, "third": third, "code": code,
             "first_code": first_code, "second_code": second_code, "locks_left": locks_left,
@@ -201,7 +201,8 @@ def test_the_in_process_baseline_resumes_and_finishes_once(job):
     # Finished: its checkpoints are gone (the default), its weights stay; the IOIS run keeps its own.
     assert not (job["base_run"] / "checkpoints").exists() and (job["base_run"] / "best_model.safetensors").is_file()
     assert CheckpointStore(job["run"] / "checkpoints").complete("final")
-    assert not job["tmp_leftovers"]  # no temporary checkpoint copies or event folders in $TMPDIR
+    # No temporary checkpoint copies, event folders or multiprocessing folders (Ray's dashboard's) in $TMPDIR.
+    assert not job["tmp_leftovers"], job["tmp_leftovers"]
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_by_itself(job):

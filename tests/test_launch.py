@@ -3,6 +3,8 @@ starts, so Ray's helpers never guess among other Ray instances on the host, and 
 Ray: nothing it opens listens beyond 127.0.0.1 (its Prometheus /metrics endpoints would answer anyone
 on the network, without Ray's token)."""
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,10 +19,20 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_local_ray_has_an_explicit_address_and_listens_on_loopback_only():
+@pytest.fixture
+def short_tmpdir():
+    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")  # short: Ray's socket paths live under $TMPDIR
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_local_ray_has_an_explicit_address_listens_on_loopback_only_and_leaves_no_pymp(monkeypatch, short_tmpdir):
     import ray
 
     cfg = load_config(ROOT / "configs/digits_ce.yaml", ["ray.local_num_cpus=2"])
+    tmp = short_tmpdir
+    monkeypatch.setenv("TMPDIR", tmp)
+    monkeypatch.setattr(tempfile, "tempdir", tmp)
     with ray_session(cfg):
         address = os.environ["RAY_ADDRESS"]
         gcs = ray.get_runtime_context().gcs_address
@@ -38,7 +50,15 @@ def test_the_local_ray_has_an_explicit_address_and_listens_on_loopback_only():
         for pid, ip, port in sockets:
             process = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:120]
             assert is_loopback(ip), f"{ip}:{port} is open to the network ({process})"
+        # Ray's dashboard starts its modules from a multiprocessing forkserver, which listens in a
+        # pymp-* folder of $TMPDIR ...
+        deadline = time.monotonic() + 60
+        while not list(Path(tmp).glob("pymp-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(Path(tmp).glob("pymp-*"))
     assert "RAY_ADDRESS" not in os.environ or os.environ["RAY_ADDRESS"] != address  # restored after the job
+    # ... which Ray, ending the dashboard, would leave behind: one per run.
+    assert not list(Path(tmp).glob("pymp-*"))
 
 
 def test_the_local_object_store_is_sized_from_the_data_within_a_floor_and_a_share_of_memory():

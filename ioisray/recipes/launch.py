@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, Optional
@@ -284,6 +285,7 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
     from ray._private import ray_constants
 
     cluster_before = ray_constants.ENABLE_RAY_CLUSTER
+    mp_before = _multiprocessing_folders()
     if not verbose:
         quiet_ray_data()
     try:
@@ -315,13 +317,70 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
         _stop_data_executors()
         raise
     finally:
+        ours = {os.path.dirname(p) for p in _listening_in_multiprocessing_folders(children_only=True)}
         ray.shutdown()
+        if not cfg.ray.address:
+            _remove_multiprocessing_folders(ours, _multiprocessing_folders() - mp_before)
         ray_constants.ENABLE_RAY_CLUSTER = cluster_before
         for k, v in env_before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _multiprocessing_folders() -> set[str]:
+    """Python multiprocessing's temporary folders (pymp-*) in the temporary folder this process and the
+    Ray it starts use."""
+    base = tempfile.gettempdir()
+    try:
+        return {os.path.join(base, n) for n in os.listdir(base) if n.startswith("pymp-")}
+    except OSError:
+        return set()
+
+
+def _listening_in_multiprocessing_folders(children_only: bool) -> set[str]:
+    """The Unix sockets in pymp-* folders that the processes this one started (`children_only`), or any
+    process, listen on. Ray's dashboard starts its modules from a forkserver listening in one; Python
+    removes the folder when the dashboard exits, but Ray ends the dashboard without letting it (an
+    empty pymp-* folder left in $TMPDIR per run)."""
+    try:
+        import psutil  # Ray's dependency
+    except ImportError:
+        return set()
+    try:
+        if not children_only:
+            connections = psutil.net_connections(kind="unix")
+        else:
+            connections = []
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    connections += child.net_connections(kind="unix")
+                except psutil.Error:
+                    continue
+    except psutil.Error:
+        return set()
+    return {c.laddr for c in connections
+            if isinstance(c.laddr, str) and os.path.basename(os.path.dirname(c.laddr)).startswith("pymp-")}
+
+
+def _remove_multiprocessing_folders(ours: set[str], new: set[str]) -> None:
+    """Remove the pymp-* folders of this Ray: `ours`, where its processes listened before it was shut
+    down, and `new`, those made while it ran, where no process listens any longer (its processes may
+    have been ended first, by a SIGTERM to the whole process group); each only if nothing but its
+    listening sockets is in it."""
+    live = _listening_in_multiprocessing_folders(children_only=False) if new - ours else set()
+    for folder in ours | new:
+        try:
+            names = os.listdir(folder)
+            if any(not n.startswith("listener-") or (folder not in ours and os.path.join(folder, n) in live)
+                   for n in names):
+                continue
+            for name in names:
+                os.unlink(os.path.join(folder, name))
+            os.rmdir(folder)
+        except OSError:  # gone already, or no longer only sockets
+            pass
 
 
 def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
