@@ -7,6 +7,7 @@ import argparse
 import errno
 import sys
 
+from ioisray import sigterm
 from ioisray.config import ConfigError, RunFinishedError, load_config
 
 COMMANDS = {
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         return _describe(args.prefix)
     _quiet(args.verbose)
+    before = sigterm.install()  # SIGTERM stops the command as Ctrl-C does
     try:
         if args.command in RUN_COMMANDS:
             return _run_command(args)
@@ -116,10 +118,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _config_command(args, cfg)
     except KeyboardInterrupt:
-        print("ioisray: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        print(f"ioisray: {_stopped_by()}interrupted; rerun the same command to resume", file=sys.stderr)
+        return _interrupted_code()
     except Exception as e:  # noqa: BLE001 - sorted into one line where the cause is known, re-raised otherwise
         return _one_line(e)
+    finally:
+        sigterm.uninstall(before)
+
+
+def _stopped_by() -> str:
+    return "stopped by SIGTERM: " if sigterm.received() else ""
+
+
+def _interrupted_code() -> int:
+    """130 after Ctrl-C, 143 after SIGTERM: 128 + the signal, as a shell reports a process it ended."""
+    return sigterm.EXIT_CODE if sigterm.received() else 130
 
 
 def _describe(prefix: str | None) -> int:
@@ -182,11 +195,15 @@ def _config_command(args, cfg) -> int:
 def _one_line(e: Exception) -> int:
     """Print what went wrong in one line and return the exit code; an error of unknown cause (a bug)
     is raised again, with its traceback."""
+    from ioisray.recipes.launch import RayDidNotStart
     from ioisray.run import RunInterrupted, RunLockedError
 
+    if isinstance(e, RayDidNotStart):  # a busy machine: says why and what to do
+        print(f"ioisray: error: {e}", file=sys.stderr)
+        return 1
     if isinstance(e, RunInterrupted):
-        print(f"ioisray: {e}", file=sys.stderr)
-        return 130
+        print(f"ioisray: {_stopped_by()}{e}", file=sys.stderr)
+        return _interrupted_code()
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, RunFinishedError, RunLockedError)):
         # Bad input: one clear line naming the file, key or option, no traceback.
         print(f"ioisray: error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@ import errno
 from pathlib import Path
 
 import pytest
-from cli_utils import ROOT
+from cli_utils import ROOT, run_cli
 
 from ioisray.cli import main
 from ioisray.config import ConfigError
@@ -97,3 +97,16 @@ def test_an_output_dir_that_cannot_be_written_is_one_line_before_ray_starts(tmp_
     assert f"output_dir: cannot write the run folder {tmp_path}/out/ro ({why})" in err_text
     assert "Traceback" not in err_text and len(err_text.strip().splitlines()) == 1
     assert not list((tmp_path / "out" / "ro").iterdir())  # nothing half-written
+
+
+@pytest.mark.ray
+def test_a_ray_that_does_not_start_in_time_is_one_line_and_loses_nothing(tmp_path):
+    # A start-up limit no Ray meets: what a machine too busy for the limit sees.
+    r = run_cli("train", "configs/digits_ce.yaml", f"output_dir={tmp_path}", "name=late", "ray.start_timeout_s=0.001")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-3000:]  # one line
+    assert r.stderr.startswith("ioisray: error: Ray did not start within 0.001 s (ray.start_timeout_s): ")
+    assert "rerun when the machine is less busy, or give Ray longer" in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    run = tmp_path / "late"
+    assert (run / "config.yaml").is_file() and not (run / ".lock").exists()  # released, resumable

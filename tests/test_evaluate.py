@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_csv, make_imagefolder, write_corrupt, write_image
+from data_fixtures import make_csv, make_imagefolder, write_corrupt, write_csv, write_image
 
 from ioisray.atomic import atomic_save_safetensors
 from ioisray.cli import main
@@ -77,6 +77,19 @@ def test_evaluate_on_an_imagefolder_with_every_class(tmp_path, capsys):
     assert "balanced_accuracy" in out_text and str(out / "metrics.json") in out_text and "warning" not in err
     assert (out / "metrics.md").read_text().startswith("| metric | skin_folder |")
     assert own_files(run) == before
+
+
+def test_an_image_listed_twice_is_evaluated_once(tmp_path, capsys):
+    # A CSV that lists its 6 images twice (repeated lines): 6 predictions, metrics over 6 images.
+    rows = [[f"img{i}.png", "ab"[i % 2]] for i in range(6)]
+    for i in range(6):
+        write_image(tmp_path / "data" / f"img{i}.png", (40 * i, 200 - 30 * i, 7))
+    write_csv(tmp_path / "data" / "labels.csv", ["path", "label"], rows + rows)
+    run = make_run(tmp_path, ["a", "b"])
+    assert main(["evaluate", str(run), "data.name=csv", f"data.root={tmp_path / 'data'}"]) == 0
+    out = run / "eval" / "data"
+    assert len(read_predictions(out / "predictions.csv")) == 6
+    assert json.loads((out / "metrics.json").read_text())["num_samples"] == 6
 
 
 def test_classes_are_matched_by_name_and_mismatches_named(tmp_path, capsys):

@@ -4,7 +4,8 @@ its CE baseline (in-process), with outputs on a filesystem URI (as s3://... on a
 three ways along the way and must lose nothing:
   1. Ctrl-C during diffusion pretraining; its newest checkpoint is then damaged on disk;
   2. rerun: pretraining resumes from the checkpoint before and saves the model; the baseline starts;
-     Ctrl-C during the baseline;
+     SIGTERM during the baseline, to every process of the command, its Ray's included, as systemd and
+     Slurm send it (docker stop, Kubernetes and `timeout` send it to the command only: test_tune_cli.py);
   3. rerun: the baseline resumes and finishes; IOIS runs; a Ray Train worker is killed mid-epoch, and
      Ray Train restarts the workers from the last checkpoint by itself (train.max_failures), AAS state
      intact; the run finishes.
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_utils import ENV, ROOT, descendants, interrupt_after, latest_epoch
+from cli_utils import ENV, ROOT, ListenerWatch, descendants, interrupt_after, latest_epoch
 from safetensors.torch import save_file
 
 from ioisray.aas import quotas
@@ -98,33 +99,45 @@ def job(tmp_path_factory):
             f"baseline={baseline}"]
     env = {"TMPDIR": tmpdir, "IOISRAY_STAGING": str(root / "staging")}
     base_run, run = store / "ce_tiny", store / "iois"
-    # 1. Ctrl-C in diffusion pretraining, then its newest checkpoint damaged.
-    t0 = time.perf_counter()
-    pre_done, first = interrupt_after(args, store / "pretraining", epochs=2, env=env,
-                                      progress=lambda: max(map(latest_epoch, _pretraining_runs(store)), default=0))
-    t1 = time.perf_counter()
-    (pre_run,) = _pretraining_runs(store)
-    newest = pre_run / "checkpoints" / f"epoch_{pre_done:05d}" / "state.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    # 2. Pretraining resumes and saves its model; Ctrl-C in the baseline.
-    base_done, second = interrupt_after(args, base_run, epochs=2, env=env)
-    t2 = time.perf_counter()
-    # 3. The baseline resumes and finishes; IOIS runs; a worker dies mid-epoch; the run finishes.
-    code, third = _run_killing_a_worker(args, run, 1, root / "third.log", env)
+    # Every TCP socket the job's processes listen on, checked once a second.
+    with ListenerWatch(every=1.0) as listeners:
+        # 1. Ctrl-C in diffusion pretraining, then its newest checkpoint damaged.
+        t0 = time.perf_counter()
+        pre_done, first, first_code = interrupt_after(
+            args, store / "pretraining", epochs=2, env=env,
+            progress=lambda: max(map(latest_epoch, _pretraining_runs(store)), default=0))
+        t1 = time.perf_counter()
+        (pre_run,) = _pretraining_runs(store)
+        newest = pre_run / "checkpoints" / f"epoch_{pre_done:05d}" / "state.pt"
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+        # 2. Pretraining resumes and saves its model; SIGTERM in the baseline (trained in the driver),
+        # to the command and its Ray.
+        base_done, second, second_code = interrupt_after(args, base_run, epochs=2, env=env, sig=signal.SIGTERM,
+                                                         group=True)
+        locks_left = [p for p in (base_run / ".lock", run / ".lock") if p.exists()]  # the baseline's, the job's
+        t2 = time.perf_counter()
+        # 3. The baseline resumes and finishes; IOIS runs; a worker dies mid-epoch; the run finishes.
+        code, third = _run_killing_a_worker(args, run, 1, root / "third.log", env)
     print(f"job: {t1 - t0:.0f} s, {t2 - t1:.0f} s, {time.perf_counter() - t2:.0f} s")
-    leftovers = [p.name for p in Path(tmpdir).iterdir() if p.name.startswith(("ioisray-ckpt", "ioisray-tb"))]
+    leftovers = [p.name for p in Path(tmpdir).iterdir() if p.name.startswith(("ioisray-ckpt", "ioisray-tb", "pymp-"))]
     return {"root": root, "args": args, "run": run, "base_run": base_run, "pre_run": pre_run, "pre_done": pre_done,
             "base_done": base_done, "first": first, "second": second, "third": third, "code": code,
-            "tmp_leftovers": leftovers}
+            "first_code": first_code, "second_code": second_code, "locks_left": locks_left,
+            "tmp_leftovers": leftovers, "listeners_seen": listeners.seen, "listeners_outside": listeners.outside}
 
 
-def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(job):
+def test_ctrl_c_and_sigterm_say_where_the_run_stopped_and_how_to_resume(job):
     pre = job["pre_run"].name
     assert f"run {pre} interrupted at epoch {job['pre_done'] + 1} of {PRETRAIN_EPOCHS}" in job["first"], \
         job["first"][-3000:]
-    assert f"run ce_tiny interrupted at epoch {job['base_done'] + 1} of 4" in job["second"], job["second"][-3000:]
+    assert f"stopped by SIGTERM: run ce_tiny interrupted at epoch {job['base_done'] + 1} of 4" in job["second"], \
+        job["second"][-3000:]
     for printed in (job["first"], job["second"]):
         assert "rerun the same command to resume" in printed and "Traceback" not in printed
+    # 128 + the signal, as a shell reports it; no stack dump from Ray's own SIGTERM handler; the run's
+    # locks released (the rerun resumes it: test_the_in_process_baseline_resumes_and_finishes_once).
+    assert (job["first_code"], job["second_code"]) == (130, 143)
+    assert "SIGTERM received" not in job["second"] and not job["locks_left"], job["locks_left"]
 
 
 def test_pretraining_resumes_past_its_damaged_checkpoint_and_saves_a_reloadable_model(job):
@@ -195,7 +208,8 @@ def test_the_in_process_baseline_resumes_and_finishes_once(job):
     # Finished: its checkpoints are gone (the default), its weights stay; the IOIS run keeps its own.
     assert not (job["base_run"] / "checkpoints").exists() and (job["base_run"] / "best_model.safetensors").is_file()
     assert CheckpointStore(job["run"] / "checkpoints").complete("final")
-    assert not job["tmp_leftovers"]  # no temporary checkpoint copies or event folders in $TMPDIR
+    # No temporary checkpoint copies, event folders or multiprocessing folders (Ray's dashboard's) in $TMPDIR.
+    assert not job["tmp_leftovers"], job["tmp_leftovers"]
 
 
 def test_evaluate_reproduces_the_runs_own_test_predictions_exactly(job, tmp_path):
@@ -281,6 +295,13 @@ def test_a_finished_run_is_refused_from_a_machine_without_its_local_copy(job, mo
     assert main(job["args"]) == 2
     assert "has finished (its test split was used once already)" in capsys.readouterr().err
     assert (job["run"] / "metrics.json").read_text() == results
+
+
+def test_nothing_the_job_starts_listens_beyond_loopback(job):
+    # Its private Ray listens on 127.0.0.1 only, and so does the process group of its two Ray Train
+    # workers (pretraining and IOIS): the rendezvous store, which torch would bind to every interface.
+    assert "ray::RayTrainWo" in job["listeners_seen"], job["listeners_seen"]  # the store was seen
+    assert not job["listeners_outside"], job["listeners_outside"]
 
 
 def test_the_console_is_quiet(job):

@@ -2,60 +2,37 @@
 starts, so Ray's helpers never guess among other Ray instances on the host, and it is a loopback-only
 Ray: nothing it opens listens beyond 127.0.0.1 (its Prometheus /metrics endpoints would answer anyone
 on the network, without Ray's token)."""
-import ipaddress
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from cli_utils import descendants
+from cli_utils import descendants, is_loopback, listeners
 
 from ioisray.config import load_config
-from ioisray.recipes.launch import ray_session
+from ioisray.recipes.launch import LOCAL_RAY_SYSTEM, RayDidNotStart, ray_session
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _listening_sockets(pids: set[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of every TCP socket in LISTEN state held by one of `pids` (Linux /proc)."""
-    inodes: dict[str, tuple[str, int]] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for row in Path(table).read_text().splitlines()[1:]:
-            fields = row.split()
-            if fields[3] != "0A":  # LISTEN
-                continue
-            hex_ip, hex_port = fields[1].split(":")
-            # The kernel prints the address as 32-bit words in host (little-endian) order.
-            raw = b"".join(int(hex_ip[i:i + 8], 16).to_bytes(4, "little") for i in range(0, len(hex_ip), 8))
-            inodes[fields[9]] = (str(ipaddress.ip_address(raw)), int(hex_port, 16))
-    found = []
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                found.append((*inodes[target[8:-1]], pid))
-    return sorted(set(found))
+@pytest.fixture
+def short_tmpdir():
+    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")  # short: Ray's socket paths live under $TMPDIR
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
-
-
-def test_the_local_ray_has_an_explicit_address_and_listens_on_loopback_only():
+def test_the_local_ray_has_an_explicit_address_listens_on_loopback_only_and_leaves_no_pymp(monkeypatch, short_tmpdir):
     import ray
 
     cfg = load_config(ROOT / "configs/digits_ce.yaml", ["ray.local_num_cpus=2"])
+    tmp = short_tmpdir
+    monkeypatch.setenv("TMPDIR", tmp)
+    monkeypatch.setattr(tempfile, "tempdir", tmp)
     with ray_session(cfg):
         address = os.environ["RAY_ADDRESS"]
         gcs = ray.get_runtime_context().gcs_address
@@ -66,14 +43,22 @@ def test_the_local_ray_has_an_explicit_address_and_listens_on_loopback_only():
             return os.environ.get("RAY_ADDRESS")
 
         assert ray.get(seen_by_a_task.remote()) == gcs  # worker processes are told, too
-        sockets = _listening_sockets(descendants(os.getpid()))
+        sockets = listeners(descendants(os.getpid()))
         assert len(sockets) >= 3, f"found too few of this Ray's listening sockets: {sockets}"
         # Nothing beyond loopback: not the GCS, the raylet or the agents, and not the Prometheus
         # /metrics endpoints of the dashboard and the autoscaler monitor (no token asked there).
-        for ip, port, pid in sockets:
+        for pid, ip, port in sockets:
             process = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:120]
-            assert _loopback(ip), f"{ip}:{port} is open to the network ({process})"
+            assert is_loopback(ip), f"{ip}:{port} is open to the network ({process})"
+        # Ray's dashboard starts its modules from a multiprocessing forkserver, which listens in a
+        # pymp-* folder of $TMPDIR ...
+        deadline = time.monotonic() + 60
+        while not list(Path(tmp).glob("pymp-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(Path(tmp).glob("pymp-*"))
     assert "RAY_ADDRESS" not in os.environ or os.environ["RAY_ADDRESS"] != address  # restored after the job
+    # ... which Ray, ending the dashboard, would leave behind: one per run.
+    assert not list(Path(tmp).glob("pymp-*"))
 
 
 def test_the_local_object_store_is_sized_from_the_data_within_a_floor_and_a_share_of_memory():
@@ -104,3 +89,21 @@ def test_a_local_ray_gets_the_object_store_its_data_needs():
     cfg = load_config(ROOT / "configs/digits_ce.yaml", ["ray.local_num_cpus=2"])
     with ray_session(cfg, data_bytes=400 * 2**20):
         assert ray.cluster_resources()["object_store_memory"] == pytest.approx(800 * 2**20, rel=0.01)
+    # ray.init adds its session's spilling folder to the system config it is given: not to ioisray's own,
+    # which the next Ray of this process would then spill into.
+    assert "object_spilling_config" not in LOCAL_RAY_SYSTEM
+
+
+def test_a_ray_that_does_not_start_in_time_is_stopped_and_said_so():
+    import ray
+
+    cfg = load_config(ROOT / "configs/digits_ce.yaml", ["ray.local_num_cpus=2", "ray.start_timeout_s=0.001"])
+    before = descendants(os.getpid())
+    with pytest.raises(RayDidNotStart, match=r"Ray did not start within 0.001 s \(ray.start_timeout_s\)"):
+        with ray_session(cfg):
+            pass
+    assert not ray.is_initialized()
+    deadline = time.monotonic() + 10
+    while descendants(os.getpid()) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not descendants(os.getpid()) - before  # what it had started (its GCS) is gone

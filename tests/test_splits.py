@@ -1,4 +1,5 @@
 """split_dataset: official splits, stratified and grouped splits, duplicates, option validation."""
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -144,20 +145,66 @@ def write_each_image_twice(root, layout: str, n: int = 30):
 
 
 @pytest.mark.parametrize("layout", ["csv", "imagefolder"])
-def test_an_image_listed_twice_stays_in_one_split(tmp_path, layout):
+def test_an_image_listed_twice_is_in_one_split_once(tmp_path, layout):
     write_each_image_twice(tmp_path, layout)
     ds = load_dataset(layout, str(tmp_path), image_size=4)
-    assert len(ds.labels) == 60  # every row kept, the copies grouped
+    assert len(ds.labels) == 60 and ds.duplicates == 30 and ds.merged_rows == 30  # every row read
     same_file = [os.path.realpath(s) for s in ds.sources]
     same_bytes = [hashlib.sha1(open(s, "rb").read()).hexdigest() for s in ds.sources]
+    image = [same_bytes.index(b) for b in same_bytes]  # the first row of each row's image
     for seed in range(3):
         split = split_dataset(ds, val_fraction=0.2, test_fraction=0.2, seed=seed)
-        check_partition(split, 60)
+        rows = np.concatenate(list(split.values()))
+        # Every image in exactly one split, once: 30 rows, not 60, so that no split's metrics count a
+        # copy twice.
+        assert len(rows) == len(set(rows)) == 30 and sorted({image[i] for i in rows}) == sorted(set(image))
+        for idx in split.values():
+            assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)
         for key in (same_file, same_bytes):
-            owner = {}
-            for name, idx in split.items():
-                for i in idx:
-                    assert owner.setdefault(key[i], name) == name, (ds.sources[i], name, owner[key[i]])
+            assert len({key[i] for i in rows}) == 30
+    # Evaluating every image of the data (`ioisray evaluate` without --split) counts each once, too.
+    assert sorted(image[i] for i in ds.distinct_rows()) == sorted(set(image))
+
+
+def test_copies_are_merged_after_the_split_so_no_image_changes_split(tmp_path):
+    # 60 images, 22 of them listed twice (repeated CSV lines): the 22 are counted once, and every image
+    # stays in the split it had when the copies were counted (a run started then resumes on the same
+    # split, without an image moving between training and evaluation).
+    rows = [[f"img{i}.png", str(i % 2)] for i in range(60)]
+    for i in range(60):
+        write_image(tmp_path / f"img{i}.png", (4 * i, 255 - 4 * i, 9), size=(8, 8))
+    write_csv(tmp_path / "labels.csv", ["path", "label"], rows + rows[:22])
+    ds = load_dataset("csv", str(tmp_path), image_size=4)
+    assert (len(ds.labels), ds.duplicates, ds.merged_rows) == (82, 22, 22)
+    split = split_dataset(ds, val_fraction=0.2, test_fraction=0.3, seed=1)
+    counted = split_dataset(dataclasses.replace(ds, first_copy=None), val_fraction=0.2, test_fraction=0.3, seed=1)
+    for name in split:
+        assert split[name].tolist() == [i for i in counted[name] if i < 60]  # rows 60..81 repeat rows 0..21
+    assert sum(map(len, split.values())) == 60
+
+
+def test_an_image_under_two_labels_keeps_a_row_for_each(tmp_path):
+    # Not a repeated row but a conflict in the data (the same image, two diagnoses): nothing merged.
+    write_image(tmp_path / "a.png", (1, 2, 3))
+    write_image(tmp_path / "b.png", (4, 5, 6))
+    write_csv(tmp_path / "labels.csv", ["path", "label"], [["a.png", "x"], ["b.png", "y"], ["./a.png", "y"],
+                                                           ["./a.png", "x"]])
+    ds = load_dataset("csv", str(tmp_path), image_size=4)
+    assert (ds.duplicates, ds.relabelled, ds.merged_rows) == (1, 1, 1)  # line 5 repeats line 2
+    assert ds.distinct_rows().tolist() == [0, 1, 2]
+
+
+def test_the_data_line_says_how_many_rows_were_merged(tmp_path, capsys):
+    from ioisray.config import load_config
+    from ioisray.data.setup import setup_data
+
+    write_each_image_twice(tmp_path, "csv")
+    ds, splits = setup_data(load_config(None, ["data.name=csv", f"data.root={tmp_path}", "data.image_size=8",
+                                               "data.val_fraction=0.2", "data.test_fraction=0.2"]))
+    line = capsys.readouterr().out
+    assert "data csv: 30 images" in line and "30 images listed twice or more" in line
+    assert "30 repeated rows merged, each image counted once" in line
+    assert sum(map(len, splits.values())) == 30
 
 
 def test_duplicates_join_the_groups_they_are_in(tmp_path):

@@ -5,6 +5,7 @@ runs that) or Ray Train's workers (test_job.py, test_cluster.py)."""
 import csv
 import json
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ TINY_CE = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16", 
 
 def test_a_stopped_search_resumes_and_asha_stops_the_weak_trial(tmp_path):
     # Two trials, one at a time: the second learns nothing (lr 1e-7), so ASHA stops it at its first
-    # rung, after epoch 1 of 2. The search is stopped (Ctrl-C) during the first trial, then rerun.
+    # rung, after epoch 1 of 2. The search is stopped during the first trial by SIGTERM (what docker stop,
+    # systemd, Kubernetes, Slurm and `timeout` send; ioisray treats it as Ctrl-C), then rerun.
     # Started in tmp_path with the default, relative output_dir: the trials, each in a working folder of
     # Tune's, write where the user would look (tmp_path/outputs), not below Ray's session folder.
     args = ["tune", str(ROOT / "configs/digits_ce.yaml"), *TINY_CE, "name=search",
@@ -33,11 +35,12 @@ def test_a_stopped_search_resumes_and_asha_stops_the_weak_trial(tmp_path):
     def epochs_of_the_first_trial():
         return max((latest_epoch(t) for t in (search / "trials").glob("trial_*")), default=0)
 
-    done, printed = interrupt_after(args, search, epochs=1, timeout=300, progress=epochs_of_the_first_trial,
-                                    cwd=tmp_path)
+    done, printed, code = interrupt_after(args, search, epochs=1, timeout=300, progress=epochs_of_the_first_trial,
+                                          cwd=tmp_path, sig=signal.SIGTERM)
     assert done >= 1 and not (search / "trials.csv").exists(), "the search was not stopped:\n" + printed[-3000:]
-    assert "tune: the search was interrupted; rerun the same command to resume it" in printed
-    assert "Traceback" not in printed, printed[-3000:]
+    assert code == 143, printed[-3000:]  # 128 + SIGTERM
+    assert "stopped by SIGTERM: tune: the search was interrupted; rerun the same command to resume it" in printed
+    assert "Traceback" not in printed and "SIGTERM received" not in printed, printed[-3000:]
     r = run_cli(*args, timeout=600, cwd=tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]

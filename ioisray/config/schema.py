@@ -202,6 +202,9 @@ class RayConfig(_Strict):
                                           "twice the machine's cores (or what the run needs, if more).")
     object_store_mb: Optional[int] = Field(None, ge=64, description="Object store of a private local Ray in MB; "
                                            "unset: sized from the run's images (recipes/launch.py).")
+    start_timeout_s: float = Field(120.0, gt=0.0, description=(
+        "Seconds the local Ray this command starts may take to come up (Ray's own limit is 30 s, too short "
+        "on a busy machine); then the command stops with one line saying so."))
 
     @model_validator(mode="after")
     def _one_gpu_per_nccl_rank(self):

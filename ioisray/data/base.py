@@ -30,6 +30,10 @@ class ImageDataset:
     official_split: np.ndarray | None = None  # (N,) str in {"train","val","test"}
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
     duplicates: int = 0  # images listed more than once (same file or same bytes), each kept in one group
+    # Per row, the first row listing the same image with the same label (itself if none; None: no image
+    # is listed twice): splits count each image once (see distinct_rows).
+    first_copy: np.ndarray | None = None
+    relabelled: int = 0  # images listed under two labels or more: each of their rows is kept
 
     @property
     def num_classes(self) -> int:
@@ -40,6 +44,10 @@ class ImageDataset:
 
     def subset(self, idx: np.ndarray) -> "ImageDataset":
         idx = np.asarray(idx, dtype=np.int64)
+        first_copy = None
+        if self.first_copy is not None:  # renumbered: the first of each image's rows within idx
+            _, first, inverse = np.unique(self.first_copy[idx], return_index=True, return_inverse=True)
+            first_copy = first[inverse.reshape(-1)].astype(np.int64)
         return ImageDataset(
             images=self.images[idx],
             labels=self.labels[idx],
@@ -49,7 +57,23 @@ class ImageDataset:
             official_split=None if self.official_split is None else self.official_split[idx],
             skipped=list(self.skipped),
             duplicates=self.duplicates,
+            first_copy=first_copy,
+            relabelled=self.relabelled,
         )
+
+    def distinct_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """`rows` (default: all), in order, without those that repeat an earlier one of them (the same
+        image with the same label): each image is trained on, and evaluated, once."""
+        rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.first_copy is None:
+            return rows
+        first = np.unique(self.first_copy[rows], return_index=True)[1]
+        return rows[np.sort(first)]
+
+    @property
+    def merged_rows(self) -> int:
+        """Rows that repeat another (the same image with the same label), merged into it."""
+        return 0 if self.first_copy is None else int(len(self.labels) - len(np.unique(self.first_copy)))
 
 
 def check_on_bad_image(on_bad_image: str) -> None:
@@ -201,19 +225,22 @@ def build_dataset(
     kept = np.flatnonzero(keep)
     sources = [paths[i] for i in kept]
     split = None if official_split is None else np.asarray(official_split, dtype=str)[keep]
-    merged_groups, duplicates = merge_duplicates(
+    labels = np.asarray(labels, dtype=np.int64)[keep]
+    found = merge_duplicates(
         sources, [real_paths[i] for i in kept], [digests[i] for i in kept],
         None if groups is None else np.asarray(groups, dtype=str)[keep], split,
-        None if origins is None else [origins[i] for i in kept])
+        None if origins is None else [origins[i] for i in kept], labels)
     ds = ImageDataset(
         images=images[keep] if not keep.all() else images,
-        labels=np.asarray(labels, dtype=np.int64)[keep],
+        labels=labels,
         class_names=list(class_names),
         sources=sources,
-        groups=merged_groups,
+        groups=found.groups,
         official_split=split,
         skipped=skipped,
-        duplicates=duplicates,
+        duplicates=found.images,
+        first_copy=found.first,
+        relabelled=found.relabelled,
     )
     if require_all_classes:
         empty = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]

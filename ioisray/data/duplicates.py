@@ -2,6 +2,7 @@
 split group, so that no copy of a validation or test image is trained on."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,10 +30,23 @@ class _Components:
             self.parent[max(a, b)] = min(a, b)
 
 
+@dataclass(frozen=True)
+class Duplicates:
+    """What merge_duplicates found. `groups`: the rows' split groups with copies of one image joined;
+    `images`: images listed more than once; `first`: per row, the first row listing the same image with
+    the same label (the row itself when there is none; None when no image is listed twice), so that
+    each is counted once; `relabelled`: images listed under two labels or more (every row kept)."""
+
+    groups: np.ndarray | None
+    images: int = 0
+    first: np.ndarray | None = None
+    relabelled: int = 0
+
+
 def merge_duplicates(sources: Sequence[str], real_paths: Sequence[str], digests: Sequence[str],
                      groups: np.ndarray | None, official_split: np.ndarray | None,
-                     origins: Sequence[str] | None = None) -> tuple[np.ndarray | None, int]:
-    """The rows' split groups with duplicates joined, and the number of images listed more than once.
+                     origins: Sequence[str] | None = None, labels: Sequence[int] | None = None) -> Duplicates:
+    """The rows' split groups with duplicates joined, and which rows repeat another (see Duplicates).
 
     Rows with the same resolved path or the same content digest are one image. Each set of them,
     together with every row sharing a group with one of them, becomes one group, labelled by the
@@ -46,14 +60,22 @@ def merge_duplicates(sources: Sequence[str], real_paths: Sequence[str], digests:
     roots = [components.find(i) for i in range(len(sources))]
     duplicated = {root for i, root in enumerate(roots) if root != i}  # first rows of images listed again
     if not duplicated:
-        return groups, 0
+        return Duplicates(groups)
     if official_split is not None:
         _check_one_official_split(roots, sources, real_paths, digests, official_split, origins)
+    labels = [0] * len(sources) if labels is None else [int(x) for x in labels]
+    first: dict = {}
+    first_row = np.asarray([first.setdefault((root, label), i) for i, (root, label) in enumerate(zip(roots, labels))],
+                           dtype=np.int64)
+    labels_of: dict = {}
+    for root, label in first:
+        labels_of.setdefault(root, set()).add(label)
+    relabelled = sum(len(ls) > 1 for ls in labels_of.values())
     if groups is not None:
         components.join_equal(groups.tolist())
-    labels = sources if groups is None else groups.tolist()
-    merged = np.asarray([labels[components.find(i)] for i in range(len(sources))], dtype=str)
-    return merged, len(duplicated)
+    names = sources if groups is None else groups.tolist()
+    merged = np.asarray([names[components.find(i)] for i in range(len(sources))], dtype=str)
+    return Duplicates(merged, len(duplicated), first_row, relabelled)
 
 
 def _check_one_official_split(roots, sources, real_paths, digests, official_split, origins) -> None:

@@ -26,10 +26,13 @@ def setup_data(cfg: Config, image_size: Optional[int] = None) -> tuple[ImageData
         empty = [ds.class_names[i] for i in np.flatnonzero(counts == 0)]
         raise ValueError(f"the training split has no image of class(es) {empty}")
     sizes = {k: len(v) for k, v in splits.items()}
-    print(f"[ioisray] data {d.name}: {len(ds.labels)} images, {ds.num_classes} classes, splits {sizes}, "
-          f"train per class {dict(zip(ds.class_names, counts.tolist()))}"
+    print(f"[ioisray] data {d.name}: {len(ds.labels) - ds.merged_rows} images, {ds.num_classes} classes, "
+          f"splits {sizes}, train per class {dict(zip(ds.class_names, counts.tolist()))}"
           + (f", skipped {len(ds.skipped)} bad images" if ds.skipped else "")
-          + (f", {ds.duplicates} images listed twice or more (each kept in one split)" if ds.duplicates else "")
+          + (f", {ds.duplicates} images listed twice or more (each kept in one split; {ds.merged_rows} repeated "
+             f"rows merged, each image counted once)" if ds.duplicates else "")
+          + (f", {ds.relabelled} of them listed under different labels (a row for each label kept)"
+             if ds.relabelled else "")
           + f" ({time.perf_counter() - t0:.1f}s)", flush=True)
     for src, why in ds.skipped:
         print(f"[ioisray] skipped {src}: {why}", flush=True)

@@ -60,11 +60,14 @@ def _allocate(labels: np.ndarray, group_ids: np.ndarray, fractions: dict[str, fl
 
 def split_dataset(ds: ImageDataset, *, val_fraction: float, test_fraction: float,
                   seed: int) -> dict[str, np.ndarray]:
-    """Return {"train","val","test"} -> sorted, disjoint int64 row indices covering all rows.
+    """Return {"train","val","test"} -> sorted, disjoint int64 row indices covering every image once.
 
     Uses `ds.official_split` when set (carving val_fraction of its train rows into val if it
     has no val rows, and likewise test_fraction if it has no test rows); otherwise a
-    stratified split that keeps each `ds.groups` value in a single split.
+    stratified split that keeps each `ds.groups` value in a single split. The rows are split first,
+    copies of an image together (one group), then a row that repeats another (the same image with the
+    same label, ds.first_copy) is left out, so that each image is trained on or evaluated once and
+    every other image keeps the split it had.
     """
     _check_fractions(val_fraction, test_fraction)
     n = len(ds.labels)
@@ -88,4 +91,4 @@ def split_dataset(ds: ImageDataset, *, val_fraction: float, test_fraction: float
     else:
         split = _allocate(ds.labels, group_ids, {"test": test_fraction, "val": val_fraction},
                           ds.num_classes, rng) if n else np.empty(0, dtype=object)
-    return {name: np.flatnonzero(split == name).astype(np.int64) for name in SPLIT_NAMES}
+    return {name: ds.distinct_rows(np.flatnonzero(split == name).astype(np.int64)) for name in SPLIT_NAMES}

@@ -122,7 +122,7 @@ def load_rows(cfg: Config, split: Optional[str]) -> tuple[ImageDataset, Optional
     d = cfg.data
     ds = load_dataset(d.name, d.root, image_size=d.image_size, csv=d.csv, on_bad_image=d.on_bad_image,
                       imbalance_ratio=d.imbalance_ratio, seed=cfg.split_seed, num_threads=d.num_threads)
-    rows = np.arange(len(ds.labels))
+    rows = ds.distinct_rows()  # an image listed twice is evaluated once
     if split is not None:
         if split not in SPLIT_NAMES:
             raise ConfigError(f"--split {split!r}: one of {list(SPLIT_NAMES)}")
@@ -130,6 +130,7 @@ def load_rows(cfg: Config, split: Optional[str]) -> tuple[ImageDataset, Optional
                              seed=cfg.split_seed)[split]
         if not len(rows):
             raise DataError(f"the {split} split of {data_source(cfg)} is empty")
+    if len(rows) != len(ds.labels):
         ds = ds.subset(rows)
     return ds, provenance.split_id(provenance.image_keys(ds, np.arange(len(ds.labels)), provenance.data_folder(d)))
 

@@ -5,8 +5,12 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import sys
+import tempfile
 import threading
+import time
 from typing import Callable, Optional
 
 from ioisray import storage
@@ -75,7 +79,8 @@ LOCAL_RAY_TRAIN = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRIC
 
 # Ray's settings for the private local Ray. Idle worker processes are kept a while: Ray Data starts a read
 # task per chunk each epoch, and a fresh Python process for each costs more CPU than a small machine can
-# spare (Ray's default ends an idle worker after 1 s).
+# spare (Ray's default ends an idle worker after 1 s). ray.init adds its session's spilling folder to the
+# dict it is given: each start gets a copy, or the next Ray of the process would spill into the last one's.
 LOCAL_RAY_SYSTEM = {"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 64,
                     "enable_metrics_collection": False}
 
@@ -123,6 +128,138 @@ def _start_autoscaling_coordinator() -> None:
     ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("ioisray"))
 
 
+class RayDidNotStart(Exception):
+    """The local Ray did not come up within ray.start_timeout_s; the message says why and what to do."""
+
+
+class _RayletExited(Exception):
+    """The raylet of a starting Ray exited (it gives its agents 15 s to come up, a limit no setting
+    changes, and on a busy machine their imports alone can take longer): Ray is started again."""
+
+
+def _did_not_start(seconds: float) -> RayDidNotStart:
+    return RayDidNotStart(
+        f"Ray did not start within {seconds:g} s (ray.start_timeout_s): its processes start slowly when the "
+        f"machine is busy (other jobs on its CPUs, little free memory, a slow disk under its temporary folder), "
+        f"and its raylet gives up on its agents after 15 s; rerun when the machine is less busy, or give Ray "
+        f"longer, e.g. ray.start_timeout_s={max(2 * seconds, 300):g}. Nothing of the run was lost: the same "
+        f"command resumes it")
+
+
+# Ray's own limits on how long a starting node may take, raised (never lowered) to ray.start_timeout_s:
+# how long the driver and the GCS wait for the raylet to register, and how long the raylet waits for its
+# runtime-environment agent. In seconds, and the factor to Ray's unit.
+START_WAITS = {"RAY_raylet_start_wait_time_s": 1, "RAY_agent_register_timeout_ms": 1000}
+RAY_START_WAIT_DEFAULT_S = 30
+
+
+def _init_local_ray(seconds: float, init: Callable[[], None]) -> None:
+    """init() (ray.init of a local Ray), given `seconds` to come up; started again while time is left
+    when its raylet exits during start-up (_RayletExited), as it does when the machine is busy.
+    RayDidNotStart past the time."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with _start_within(seconds, deadline):
+                init()
+            return
+        except _RayletExited:
+            if time.monotonic() >= deadline:
+                raise _did_not_start(seconds) from None
+            print("[ioisray] Ray's raylet stopped while starting (its agents were slow to start: a busy "
+                  "machine); starting Ray again", flush=True)
+
+
+@contextlib.contextmanager
+def _start_within(seconds: float, deadline: float):
+    """ray.init of a local Ray, by `deadline`. Ray's own limits (START_WAITS, and its dashboard's)
+    become at least `seconds` for the processes it starts, and its own fixed 30 s for its node to
+    register (it asks the GCS in a loop it ends after 30 s) becomes the deadline; the deadline is also
+    checked before the dashboard and the raylet start. Past it (or once the raylet has exited) the
+    processes started so far are stopped and RayDidNotStart (or _RayletExited) is raised."""
+    from ray._private import ray_constants, services
+
+    def check(caller) -> None:
+        node = caller.f_locals.get("self")
+        raylet_gone = any(kind == ray_constants.PROCESS_TYPE_RAYLET for kind, _ in _dead_processes(node))
+        if raylet_gone or time.monotonic() > deadline:
+            _stop_half_started(node)
+            raise _RayletExited() if raylet_gone else _did_not_start(seconds)
+
+    def by_the_deadline(start):
+        def started(*args, **kwargs):
+            check(sys._getframe(1))
+            return start(*args, **kwargs)
+
+        return started
+
+    def get_node_by_the_deadline(gcs_address, node_id):
+        while True:
+            check(sys._getframe(1))
+            try:
+                return original["get_node"](gcs_address, node_id)
+            except RuntimeError:  # not registered yet
+                time.sleep(0.1)
+
+    original = {name: getattr(services, name) for name in ("get_node", "start_api_server", "start_raylet")}
+    dashboard_wait = ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S
+    waits = max(RAY_START_WAIT_DEFAULT_S, math.ceil(seconds))
+    env_before = {k: os.environ.get(k) for k in START_WAITS}
+    for k, unit in START_WAITS.items():  # read by this process's Ray and inherited by those it starts
+        os.environ.setdefault(k, str(waits * unit))
+    services.get_node = get_node_by_the_deadline
+    services.start_api_server = by_the_deadline(original["start_api_server"])
+    services.start_raylet = by_the_deadline(original["start_raylet"])
+    ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(dashboard_wait, waits)
+    try:
+        yield
+    except Exception as e:
+        if "timed out during startup" in str(e):  # Ray's own limit, should another Ray's start-up differ
+            raise _did_not_start(seconds) from None
+        raise
+    finally:
+        for name, function in original.items():
+            setattr(services, name, function)
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = dashboard_wait
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _dead_processes(node) -> list:
+    from ray._private.node import Node
+
+    return node.dead_processes() if isinstance(node, Node) else []
+
+
+def _stop_half_started(node) -> None:
+    """The processes a Ray start-up that is given up has started (its Node is not yet ray's to shut down)."""
+    from ray._private.node import Node
+
+    if isinstance(node, Node):
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """ray.init, with SIGTERM still a Ctrl-C (ioisray/sigterm.py): ray.init replaces the handler with one
+    that exits at once (SystemExit), and its core worker with one that dumps a stack and aborts; ours is
+    put back once Ray is up, and a SIGTERM that came while Ray started stops the command as Ctrl-C does."""
+    from ioisray import sigterm
+
+    try:
+        yield
+    except SystemExit as e:
+        if sigterm.installed() and e.code == signal.SIGTERM:
+            sigterm.mark_received()
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        sigterm.reinstall()
+
+
 @contextlib.contextmanager
 def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0):
     """Ray for the block: the cluster `ray.address` names, or a private local Ray, shut down at the end.
@@ -151,23 +288,27 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
     from ray._private import ray_constants
 
     cluster_before = ray_constants.ENABLE_RAY_CLUSTER
+    mp_before = _multiprocessing_folders()
     if not verbose:
         quiet_ray_data()
         quiet_auth_notice()
     try:
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, logging_level=level, logging_config=ray.LoggingConfig(log_level=level))
-        else:
-            port = _free_port()
-            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-            for k, v in LOCAL_RAY_TRAIN.items():
-                os.environ.setdefault(k, v)
-            os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
-            _local_only()
-            ray.init(address="local", num_cpus=local_ray_cpus(cfg),
-                     object_store_memory=local_object_store_bytes(cfg, data_bytes),
-                     dashboard_host="127.0.0.1", logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
-                     _system_config=LOCAL_RAY_SYSTEM)
+        with _sigterm_as_ctrl_c():
+            if cfg.ray.address:
+                ray.init(address=cfg.ray.address, logging_level=level,
+                         logging_config=ray.LoggingConfig(log_level=level))
+            else:
+                port = _free_port()
+                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+                for k, v in LOCAL_RAY_TRAIN.items():
+                    os.environ.setdefault(k, v)
+                os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # see _local_only
+                _local_only()
+                _init_local_ray(cfg.ray.start_timeout_s, lambda: ray.init(
+                    address="local", num_cpus=local_ray_cpus(cfg),
+                    object_store_memory=local_object_store_bytes(cfg, data_bytes), dashboard_host="127.0.0.1",
+                    logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
+                    _system_config=dict(LOCAL_RAY_SYSTEM)))
         if not verbose:
             drop_raylet_notices()
         _start_autoscaling_coordinator()
@@ -180,13 +321,70 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
         _stop_data_executors()
         raise
     finally:
+        ours = {os.path.dirname(p) for p in _listening_in_multiprocessing_folders(children_only=True)}
         ray.shutdown()
+        if not cfg.ray.address:
+            _remove_multiprocessing_folders(ours, _multiprocessing_folders() - mp_before)
         ray_constants.ENABLE_RAY_CLUSTER = cluster_before
         for k, v in env_before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _multiprocessing_folders() -> set[str]:
+    """Python multiprocessing's temporary folders (pymp-*) in the temporary folder this process and the
+    Ray it starts use."""
+    base = tempfile.gettempdir()
+    try:
+        return {os.path.join(base, n) for n in os.listdir(base) if n.startswith("pymp-")}
+    except OSError:
+        return set()
+
+
+def _listening_in_multiprocessing_folders(children_only: bool) -> set[str]:
+    """The Unix sockets in pymp-* folders that the processes this one started (`children_only`), or any
+    process, listen on. Ray's dashboard starts its modules from a forkserver listening in one; Python
+    removes the folder when the dashboard exits, but Ray ends the dashboard without letting it (an
+    empty pymp-* folder left in $TMPDIR per run)."""
+    try:
+        import psutil  # Ray's dependency
+    except ImportError:
+        return set()
+    try:
+        if not children_only:
+            connections = psutil.net_connections(kind="unix")
+        else:
+            connections = []
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    connections += child.net_connections(kind="unix")
+                except psutil.Error:
+                    continue
+    except psutil.Error:
+        return set()
+    return {c.laddr for c in connections
+            if isinstance(c.laddr, str) and os.path.basename(os.path.dirname(c.laddr)).startswith("pymp-")}
+
+
+def _remove_multiprocessing_folders(ours: set[str], new: set[str]) -> None:
+    """Remove the pymp-* folders of this Ray: `ours`, where its processes listened before it was shut
+    down, and `new`, those made while it ran, where no process listens any longer (its processes may
+    have been ended first, by a SIGTERM to the whole process group); each only if nothing but its
+    listening sockets is in it."""
+    live = _listening_in_multiprocessing_folders(children_only=False) if new - ours else set()
+    for folder in ours | new:
+        try:
+            names = os.listdir(folder)
+            if any(not n.startswith("listener-") or (folder not in ours and os.path.join(folder, n) in live)
+                   for n in names):
+                continue
+            for name in names:
+                os.unlink(os.path.join(folder, name))
+            os.rmdir(folder)
+        except OSError:  # gone already, or no longer only sockets
+            pass
 
 
 def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
@@ -250,6 +448,7 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
     from ray.train.torch import TorchTrainer
 
     from ioisray.recipes.console import say
+    from ioisray.recipes.process_group import NodeAddressTorchConfig
 
     per_worker = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {}),
                   **cfg.ray.resources_per_worker}
@@ -258,6 +457,7 @@ def _fit(cfg, train_loop, loop_config, datasets, split, callbacks):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
+        torch_config=NodeAddressTorchConfig(),  # its rendezvous listens on the node's address only
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}),
@@ -320,11 +520,39 @@ def _in_a_thread(fn, in_process: bool):
     except KeyboardInterrupt:
         STOP.set()
         if in_process:
-            finished.wait(60)
+            # The loop stops at its next batch. A SIGTERM sent to the whole process group or cgroup (as
+            # systemd and Slurm do) stops this Ray's own processes too, and a loop waiting on them then
+            # waits until Ray's client ends this process (60 s): it is left behind.
+            deadline = time.monotonic() + 60
+            while not finished.wait(0.5) and time.monotonic() < deadline and not _local_ray_gone():
+                pass
+            if not finished.is_set():
+                _no_new_ray()
         raise
     if "error" in out:
         raise out["error"]
     return out["value"]
+
+
+def _local_ray_gone() -> bool:
+    """Whether a process of the local Ray this driver started (its GCS, raylet, ...) has exited."""
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        return node is not None and node.head and bool(node.dead_processes())
+    except Exception:  # noqa: BLE001 - another Ray: not known, so not gone
+        return False
+
+
+def _no_new_ray() -> None:
+    """No Ray started by a thread left behind: a Ray call made after ray.shutdown() starts a new local Ray
+    by itself (Ray's auto-init), which this process would then hold."""
+    try:
+        from ray._private import auto_init_hook
+    except ImportError:  # another Ray
+        return
+    auto_init_hook.enable_auto_connect = False
 
 
 def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, float], *, name: str,
@@ -399,9 +627,7 @@ def _trial_process_resources(cfg: Config) -> dict:
 def _fit_tuner(tuner):
     """tuner.fit(), and whether Ctrl-C stopped it. On Ctrl-C Tune stops the trials, saves the search and
     returns as if it had ended; its Ctrl-C handler then puts back the handler it found, which is how a
-    stop is told from an end here."""
-    import signal
-
+    stop is told from an end here. SIGTERM goes the same way (ioisray/sigterm.py calls the Ctrl-C handler)."""
     if threading.current_thread() is not threading.main_thread() or os.environ.get("TUNE_DISABLE_SIGINT_HANDLER",
                                                                                      "0") != "0":
         return tuner.fit(), False  # Tune catches no Ctrl-C: it ends the process as usual

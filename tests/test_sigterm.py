@@ -1,0 +1,81 @@
+"""SIGTERM stops an `ioisray` command as Ctrl-C does (ioisray/sigterm.py). The stops of real runs are in
+test_job.py (`train`: a run trained in the driver, SIGTERM after its second epoch, then resumed) and
+test_tune_cli.py (`tune`: a search stopped and resumed); here, the handler itself and the entry every
+command shares."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from cli_utils import ENV, ROOT, ctrl_c_as_usual
+
+from ioisray import sigterm
+
+
+def _deliver(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)  # Python runs the handler at its next instruction in the main thread
+
+
+def test_sigterm_goes_to_the_ctrl_c_handler_once():
+    # Ray Tune's Ctrl-C handler stops and saves the search: SIGTERM reaches it; a second SIGTERM, while
+    # the stop is under way, is ignored.
+    calls = []
+    before_int = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    before = sigterm.install()
+    try:
+        assert not sigterm.received()
+        _deliver(signal.SIGTERM)
+        assert calls == [signal.SIGINT] and sigterm.received()
+        _deliver(signal.SIGTERM)
+        assert calls == [signal.SIGINT]
+    finally:
+        sigterm.uninstall(before)
+        signal.signal(signal.SIGINT, before_int)
+    assert signal.getsignal(signal.SIGTERM) == before and not sigterm.installed()
+
+
+@pytest.mark.parametrize("on_ctrl_c", [signal.default_int_handler, signal.SIG_IGN])
+def test_sigterm_raises_keyboard_interrupt_even_where_ctrl_c_is_ignored(on_ctrl_c):
+    before_int = signal.signal(signal.SIGINT, on_ctrl_c)
+    before = sigterm.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGTERM)
+        sigterm.reinstall()  # as after ray.init: still ours, the stop still marked
+        assert signal.getsignal(signal.SIGTERM) is sigterm._on_sigterm and sigterm.received()
+    finally:
+        sigterm.uninstall(before)
+        signal.signal(signal.SIGINT, before_int)
+
+
+@pytest.mark.ray
+def test_sigterm_while_pretraining_starts_stops_it_as_ctrl_c_would(tmp_path):
+    # The real command, stopped once its data is loaded: in its run's set-up or while its Ray starts
+    # (ray.init sets a handler of its own), wherever it lands it stops with the interrupted line and
+    # 128 + SIGTERM, its lock released, without Ray's stack dump.
+    log = tmp_path / "pretrain.log"
+    args = ["pretrain-diffusion", "configs/pretrain_digits.yaml", "diffusion.image_size=16", "pretrain.epochs=1",
+            "pretrain.max_batches_per_epoch=1", "pretrain.sample_every=0", "ray.num_workers=0",
+            f"output_dir={tmp_path}", "name=pre"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ioisray", *args], cwd=ROOT, env=ENV, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=ctrl_c_as_usual)
+        try:
+            deadline = time.time() + 120
+            while "[ioisray] data " not in log.read_text() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    printed = log.read_text()
+    assert proc.returncode == 143, printed[-3000:]
+    assert "ioisray: stopped by SIGTERM: " in printed and "interrupted" in printed, printed[-3000:]
+    assert "rerun the same command to resume" in printed
+    assert "Traceback" not in printed and "SIGTERM received" not in printed, printed[-3000:]
+    assert not (tmp_path / "pre" / ".lock").exists()
