@@ -221,11 +221,16 @@ def _start_within(seconds: float, deadline: float):
         for name, function in original.items():
             setattr(services, name, function)
         ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = dashboard_wait
-        for k, v in env_before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(env_before)
+
+
+def _restore_env(before: dict) -> None:
+    """The environment variables of `before` back to those values (None: unset)."""
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _dead_processes(node) -> list:
@@ -326,11 +331,7 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
         if not cfg.ray.address:
             _remove_multiprocessing_folders(ours, _multiprocessing_folders() - mp_before)
         ray_constants.ENABLE_RAY_CLUSTER = cluster_before
-        for k, v in env_before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(env_before)
 
 
 def _multiprocessing_folders() -> set[str]:
