@@ -3,6 +3,7 @@ epochs and images appended, and its placeholder paths filled with images the tes
 Python block, in a fresh working folder. The lines that need what a test machine lacks (a GPU, a cloud
 account, the HAM10000 data) are listed here by what they need; the README says so where it shows them.
 """
+import json
 import re
 import shlex
 import subprocess
@@ -95,3 +96,11 @@ def test_the_readme_own_images_commands_and_python_example_run_as_written(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     printed = [line for line in r.stdout.splitlines() if re.fullmatch(r"[0-9.]+", line)]
     assert len(printed) == 2 and printed[0] == printed[1], r.stdout[-3000:]  # evaluate reproduces the run's figure
+    # ioisray.predict, as docs/python-api.md shows it, on the run the example trained.
+    r = subprocess.run([sys.executable, "-c", "import ioisray, json; print(json.dumps(ioisray.predict("
+                        f"'outputs/digits_ce_short', ['{unlabelled}'])))"], cwd=work, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(rows) == 30 and set(rows[0]) == {"path", "predicted", "probabilities"}
+    assert rows[0]["predicted"] in rows[0]["probabilities"] and len(rows[0]["probabilities"]) == 10
