@@ -147,8 +147,8 @@ def _did_not_start(seconds: float) -> RayDidNotStart:
 
 
 # Ray's own limits on how long a starting node may take, raised (never lowered) to ray.start_timeout_s:
-# how long the driver and the GCS wait for the raylet to register, and how long the raylet waits for its
-# runtime-environment agent. In seconds, and the factor to Ray's unit.
+# how long the driver and the GCS wait for the raylet to register, and how long the raylet waits for
+# its agents to register. Each with the factor from seconds to its unit.
 START_WAITS = {"RAY_raylet_start_wait_time_s": 1, "RAY_agent_register_timeout_ms": 1000}
 RAY_START_WAIT_DEFAULT_S = 30
 
