@@ -133,7 +133,10 @@ BY_ID = {c.id: c for c in CHECKS}
 SAMPLING = {"sampling_small64": ("small64", "resnet50", 64, 64, 50, 2),
             "sampling_adm128": ("adm128", "resnet50", 224, 64, 50, 1)}
 SAMPLING_DRY = ("tiny", "resnet10t", 16, 8, 2, 1)
-DRY_RUN_SKIPS = {"sampling_adm128": "the dry run samples the tiny preset once, in sampling_small64"}
+DRY_RUN_SKIPS = {"sampling_adm128": "the dry run samples the tiny preset once, in sampling_small64",
+                 # A stopped run resuming through Ray Train is tested on the CPU by tests/test_job.py and
+                 # tests/test_tune_cli.py; a second Ray start here would put the suite past its 15 minutes.
+                 "iois_resume": "a stopped IOIS run resuming is the suite's job and Tune tests' on the CPU"}
 
 RESERVE_S = 5.0  # of the budget, kept for the last write of results.json
 TRAIN_GRACE_S = 30.0  # for a stopped `ioisray train` to shut its Ray down after Ctrl-C

@@ -22,8 +22,11 @@ def test_no_module_but_the_collectives_module_calls_a_collective():
         if path.name == "distributed.py" and path.parent == PACKAGE:
             continue
         text = path.read_text()
-        if re.search(r"^\s*(import torch\.distributed|from torch\.distributed|from torch import distributed)",
-                     text, re.M):
+        # recipes/process_group.py makes the rendezvous store the process group starts from (no collective:
+        # the scan below still applies to it).
+        imports_ok = path.relative_to(PACKAGE).as_posix() == "recipes/process_group.py"
+        if not imports_ok and re.search(r"^\s*(import torch\.distributed|from torch\.distributed|"
+                                        r"from torch import distributed)", text, re.M):
             offenders.append(f"{path.relative_to(PACKAGE)}: imports torch.distributed")
         offenders += [f"{path.relative_to(PACKAGE)}: {m.group(0)}" for m in COLLECTIVE.finditer(text)
                       if not m.group(0).startswith("distributed.")]

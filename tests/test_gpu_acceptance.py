@@ -37,6 +37,8 @@ def test_the_gpu_acceptance_script_passes_its_cpu_dry_run(tmp_path):
     assert two["status"] == "SKIPPED" and "2 GPUs" in two["detail"]  # never two NCCL ranks on one GPU
     adm = checks.pop("sampling_adm128")
     assert adm["status"] == "SKIPPED" and "sampling_small64" in adm["detail"]  # the same tiny model on the CPU
+    resume = checks.pop("iois_resume")
+    assert resume["status"] == "SKIPPED" and "test_job" in resume["detail"]  # a second Ray start, on a GPU only
     assert {c["status"] for c in checks.values()} == {"PASS"}, checks
     for c in checks.values():  # each with its figure, the goal it is held to, and the time it was given
         assert math.isfinite(c["value"]) and c["goal"] and 0 < c["timeout_s"] <= results["budget_s"], c
@@ -48,10 +50,8 @@ def test_the_gpu_acceptance_script_passes_its_cpu_dry_run(tmp_path):
     assert (probe["backend"], probe["world_size"], probe["all_reduce_sum"]) == ("gloo", 1, 1.0)
     first = checks["iois_epoch"]["figures"]["first_epoch"]
     assert first["synthetic_received"] == first["quota"] > 0
-    # ...stopped after it, and the same command resumed from that checkpoint and trained the rest.
-    resume = checks["iois_resume"]["figures"]
-    assert resume["resumed_from_epoch"] >= 1 and resume["epochs_trained_after_resume"] >= 1
-    assert resume["resumed_from_epoch"] + resume["epochs_trained_after_resume"] == 3
+    # ...stopped after it (Ctrl-C, as a user stops a run), with that epoch saved for iois_resume on a GPU.
+    assert checks["iois_epoch"]["figures"]["epochs_saved_when_stopped"] >= 1
 
 
 def test_the_gpu_settings_of_the_speed_checks_are_valid_configs_with_their_goals_settings(acceptance):
