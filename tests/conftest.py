@@ -3,13 +3,13 @@ import os
 import pytest
 import torch
 
-# The two end-to-end files that each start Ray and Ray Train several times run in one test process, one
+# The end-to-end files that each start Ray and Ray Train several times run in one test process, one
 # after the other: side by side on 2 cores they took longer than one after the other (the Tune resume: 98 s
 # alone, 268 s beside the job test). The other process starts with the cluster test, which mostly waits
 # (nodes joining, a job's runtime environment, 60% of 2 cores when alone), and the GPU dry run, then takes
 # the short files. xdist hands each process two units at first, in this order: the end-to-end pair and a
 # short file to one, the cluster test and the dry run to the other.
-END_TO_END = ["test_job.py", "test_tune_cli.py"]
+END_TO_END = ["test_job.py", "test_tune_cli.py", "test_readme.py"]
 FIRST = [*END_TO_END, "test_cluster.py", "test_aas.py", "test_gpu_acceptance.py"]
 
 
