@@ -13,7 +13,7 @@ from ioisray.config import Config, ModelConfig
 from ioisray.models.wrapping import cpu_state_dict, unwrap  # noqa: F401 - here for the classifier's users
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, key: str = "model.weights") -> dict[str, torch.Tensor]:
     """Read weights without unpickling arbitrary objects (safetensors, or torch.load weights_only),
     from a local file or a filesystem URI (s3://..., what every node of a cluster reaches).
 
@@ -26,24 +26,24 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             data = storage.read_bytes(str(path))
         except FileNotFoundError:
-            raise FileNotFoundError(f"model.weights: no such file: {path}") from None
+            raise FileNotFoundError(f"{key}: no such file: {path}") from None
     else:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"model.weights: no such file: {path}")
+            raise FileNotFoundError(f"{key}: no such file: {path}")
         if not path.is_file():  # a folder, or a FIFO torch.load would wait on forever
-            raise ValueError(f"model.weights: {path} is not a weights file (not a regular file)")
+            raise ValueError(f"{key}: {path} is not a weights file (not a regular file)")
         data = path.read_bytes()
     try:
         state = _parse_weights(str(path), data)
     except Exception as e:  # noqa: BLE001 - both parsers raise many types for bad input (see _short_reason)
-        raise ValueError(f"model.weights: {path} is not a weights file ({_short_reason(e)})") from None
+        raise ValueError(f"{key}: {path} is not a weights file ({_short_reason(e)})") from None
     # Accept common wrappers: {"state_dict": ...} or {"model": ...}.
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"model.weights: {path} does not hold a state dict")
+        raise ValueError(f"{key}: {path} does not hold a state dict")
     return state
 
 
@@ -79,7 +79,7 @@ def _timm_pretrained(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         raise ValueError(f"model.name: unknown timm model {cfg.name!r}")
     overlay = {}
     if cfg.pretrained_file:
-        state = _pretrained_state(load_state_dict_file, cfg.pretrained_file)
+        state = load_state_dict_file(cfg.pretrained_file, key="model.pretrained_file")
         # timm loads non-strictly once the head is dropped: check here that the file is this
         # architecture's, or a file for another one would leave a silently random backbone.
         own = timm.create_model(cfg.name, pretrained=False).state_dict()
@@ -100,13 +100,6 @@ def _timm_pretrained(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
                          f"without network, download them on a machine that has it (timm.create_model("
                          f"{cfg.name!r}, pretrained=True), then save_file(model.state_dict(), ...)) and give "
                          f"model.pretrained_file=/path/to/weights.safetensors") from None
-
-
-def _pretrained_state(load, source: str) -> dict[str, torch.Tensor]:
-    try:
-        return load(source)
-    except (FileNotFoundError, ValueError) as e:  # the same checks as model.weights, named for this key
-        raise type(e)(str(e).replace("model.weights", "model.pretrained_file", 1)) from None
 
 
 class NormedLinear(torch.nn.Module):
