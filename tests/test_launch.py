@@ -2,9 +2,11 @@
 starts, so Ray's helpers never guess among other Ray instances on the host, and it is a loopback-only
 Ray: nothing it opens listens beyond 127.0.0.1 (its Prometheus /metrics endpoints would answer anyone
 on the network, without Ray's token)."""
+import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -14,9 +16,32 @@ from cli_utils import descendants, is_loopback, listeners
 
 from ioisray.config import load_config
 from ioisray.recipes.launch import LOCAL_RAY_SYSTEM, RayDidNotStart, ray_session
+from ioisray.run import RunInterrupted
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
+
+
+STOP_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+
+
+def _read_slowly():
+    import ray
+
+    try:
+        for _ in ray.data.range(10_000, override_num_blocks=100).map_batches(_slow).iter_batches(batch_size=1):
+            pass
+    except Exception:  # noqa: BLE001 - its executor is shut down under it, which is the point
+        pass
+
+
+def _slow(batch):
+    time.sleep(0.5)
+    return batch
+
+
+def _data_executors():
+    return [t for t in threading.enumerate() if type(t).__name__ == "StreamingExecutor" and t.is_alive()]
 
 
 @pytest.fixture
@@ -33,7 +58,9 @@ def test_the_local_ray_has_an_explicit_address_listens_on_loopback_only_and_leav
     tmp = short_tmpdir
     monkeypatch.setenv("TMPDIR", tmp)
     monkeypatch.setattr(tempfile, "tempdir", tmp)
-    with ray_session(cfg):
+    for name in STOP_LOGGERS:  # ray_session silences them when a run stops; put back for the next tests
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    with pytest.raises(RunInterrupted), ray_session(cfg):
         address = os.environ["RAY_ADDRESS"]
         gcs = ray.get_runtime_context().gcs_address
         assert address == gcs  # the address every helper of this Ray will use
@@ -56,6 +83,18 @@ def test_the_local_ray_has_an_explicit_address_listens_on_loopback_only_and_leav
         while not list(Path(tmp).glob("pymp-*")) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert list(Path(tmp).glob("pymp-*"))
+        # A run stopped while Ray Data streams to it (a job's baseline stopped by SIGTERM ends as
+        # RunInterrupted): its executor is stopped before Ray shuts down under it, and what Ray's threads
+        # log about the shut-down Ray stays out of the console.
+        reading = threading.Thread(target=_read_slowly, daemon=True)
+        reading.start()
+        deadline = time.monotonic() + 60
+        while not _data_executors() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _data_executors()
+        raise RunInterrupted("run digits_ce interrupted at epoch 1 of 1")
+    assert not _data_executors()
+    assert all(logging.getLogger(name).level == logging.CRITICAL for name in STOP_LOGGERS)
     assert "RAY_ADDRESS" not in os.environ or os.environ["RAY_ADDRESS"] != address  # restored after the job
     # ... which Ray, ending the dashboard, would leave behind: one per run.
     assert not list(Path(tmp).glob("pymp-*"))

@@ -17,7 +17,7 @@ from ioisray import storage
 from ioisray.config import Config
 from ioisray.recipes.console import (RAY_DATA_LOGGING, drop_raylet_notices, quiet_data_context, quiet_ray_data,
                                      quiet_auth_notice, quiet_tune, verbose as verbose_asked)
-from ioisray.run import run_location
+from ioisray.run import RunInterrupted, run_location
 
 
 def _free_port() -> int:
@@ -319,8 +319,9 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
         _start_autoscaling_coordinator()
         quiet_data_context()
         yield
-    except KeyboardInterrupt:
-        # Ray threads cut off by Ctrl-C log their errors while Ray shuts down; the recipe says what happened.
+    except (KeyboardInterrupt, RunInterrupted):
+        # Ray threads cut off by Ctrl-C or SIGTERM log their errors while Ray shuts down; the recipe says
+        # what happened. A run inside this session (a job's baseline) turns the stop into RunInterrupted.
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         _stop_data_executors()
@@ -607,8 +608,6 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
                                           failure_config=tune.FailureConfig(max_failures=max_failures)))
         grid, stopped = _fit_tuner(tuner)
         if stopped:
-            from ioisray.run import RunInterrupted
-
             raise RunInterrupted(f"{name}: the search was interrupted; rerun the same command to resume it")
         return grid
 
