@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from cli_utils import ENV, ROOT, ctrl_c_as_usual
+from cli_utils import ENV, ROOT, ctrl_c_as_usual, interrupt_after
 
 from ioisray import sigterm
 
@@ -79,3 +79,18 @@ def test_sigterm_while_pretraining_starts_stops_it_as_ctrl_c_would(tmp_path):
     assert "rerun the same command to resume" in printed
     assert "Traceback" not in printed and "SIGTERM received" not in printed, printed[-3000:]
     assert not (tmp_path / "pre" / ".lock").exists()
+
+
+@pytest.mark.ray
+def test_sigterm_stops_a_benchmark_during_its_first_run_as_ctrl_c_would(tmp_path):
+    # `benchmark` runs its grid's unfinished runs as Ray Tune trials, as `tune` runs a search
+    # (test_tune_cli.py stops and resumes one): stopped during its first run, it says so in one line.
+    args = ["benchmark", str(ROOT / "configs/digits_ce.yaml"), "model.name=resnet10t", "data.image_size=16",
+            "train.batch_size=16", "ray.num_workers=0", "train.epochs=3", "name=bench",
+            "benchmark.methods={ce: []}", "benchmark.seeds=[0, 1]", "benchmark.max_concurrent_trials=1"]
+    done, printed, code = interrupt_after(args, tmp_path / "outputs" / "bench_ce_s0", epochs=1, timeout=300,
+                                          cwd=tmp_path, sig=signal.SIGTERM)
+    assert done >= 1 and not (tmp_path / "outputs" / "bench" / "results.md").exists(), printed[-3000:]
+    assert code == 143, printed[-3000:]  # 128 + SIGTERM
+    assert "ioisray: stopped by SIGTERM: " in printed and "rerun the same command to resume" in printed, printed[-3000:]
+    assert "Traceback" not in printed and "SIGTERM received" not in printed, printed[-3000:]
