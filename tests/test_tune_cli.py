@@ -48,7 +48,8 @@ def test_a_stopped_search_resumes_and_asha_stops_the_weak_trial(tmp_path):
     # Tune's own console output stays out (ioisray prints the trials' table), and each trial's lines
     # say which trial they are of.
     for printed_by_tune in ("Configuration for experiment", "To visualize your results with TensorBoard",
-                            "may be a performance bottleneck", "Tuner.restore", "Resume experiment with"):
+                            "may be a performance bottleneck", "Tuner.restore", "Resume experiment with",
+                            "Stop signal received"):
         assert printed_by_tune not in out + printed, printed_by_tune
     assert re.search(r"^\[trial_\w+\] epoch 1/2 loss", out, flags=re.M), out[-3000:]
     with open(search / "trials.csv") as f:

@@ -119,7 +119,8 @@ class DropLines(logging.Filter):
 
 # Tune's lines that contradict or repeat ioisray's own: the resume hint (ioisray resumes by rerunning the
 # command), and timings of its own bookkeeping that a busy small machine always exceeds.
-TUNE_NOTICES = {"ray.tune.tune": ("Resume experiment with", "Resume training with"),
+# "Stop signal received": ioisray says the search was interrupted, and how to resume it.
+TUNE_NOTICES = {"ray.tune.tune": ("Resume experiment with", "Resume training with", "Stop signal received"),
                 "ray.tune.utils.util": ("may be a performance bottleneck",),
                 "ray.tune.execution.tune_controller": ("may be a performance bottleneck",)}
 

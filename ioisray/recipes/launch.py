@@ -526,7 +526,7 @@ def _in_a_thread(fn, in_process: bool):
             # systemd and Slurm do) stops this Ray's own processes too, and a loop waiting on them then
             # waits until Ray's client ends this process (60 s): it is left behind.
             deadline = time.monotonic() + 60
-            while not finished.wait(0.5) and time.monotonic() < deadline and not _local_ray_gone():
+            while not finished.wait(0.5) and time.monotonic() < deadline and not local_ray_gone():
                 pass
             if not finished.is_set():
                 _no_new_ray()
@@ -536,7 +536,7 @@ def _in_a_thread(fn, in_process: bool):
     return out["value"]
 
 
-def _local_ray_gone() -> bool:
+def local_ray_gone() -> bool:
     """Whether a process of the local Ray this driver started (its GCS, raylet, ...) has exited."""
     try:
         import ray._private.worker as ray_worker

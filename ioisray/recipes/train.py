@@ -35,7 +35,7 @@ from ioisray.models.trained import BEST_MODEL_FILE
 from ioisray.precision import grad_scaler, resolve_precision
 from ioisray.recipes import prerequisites
 from ioisray.recipes.console import method_words, say
-from ioisray.recipes.launch import fit, ray_session
+from ioisray.recipes.launch import fit, local_ray_gone, ray_session
 from ioisray.recipes.worker import Worker, locations
 from ioisray.run import Run
 from ioisray.training import COUNT_BASED_LOSSES, build_loss, build_optimizer, prior_counts
@@ -321,7 +321,9 @@ def _services(cfg: Config, model_dir, num_classes: int):
                 handles["synthesis_pool"] = SynthesisPool.for_run(cfg, model_dir, num_classes)
             yield handles
         finally:
-            if "synthesis_pool" in handles:
+            # Not when the run's own Ray is gone (a SIGTERM sent to every process of the job): nothing is
+            # left to stop, and a call to its GCS would wait until Ray's client ends this process.
+            if "synthesis_pool" in handles and not local_ray_gone():
                 handles["synthesis_pool"].shutdown()
 
 

@@ -303,6 +303,13 @@ class SynthesisPool:
             time.sleep(0.05)
         return stats
 
-    def shutdown(self) -> None:
-        ray.get(self.coordinator.shutdown.remote())
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the actors, waiting at most `timeout` s for the coordinator to: a SIGTERM sent to every
+        process of a job (systemd, Slurm) also ends its Ray, and a wait without a limit then lasts until
+        Ray's client gives up on the lost GCS and ends the driver, before it can say where the run stopped.
+        The actors belong to the coordinator: killing it stops any it did not."""
+        try:
+            ray.get(self.coordinator.shutdown.remote(), timeout=timeout)
+        except Exception:  # noqa: BLE001 - gone or not answering: killed below all the same
+            pass
         ray.kill(self.coordinator)
