@@ -138,7 +138,7 @@ def test_ctrl_c_and_sigterm_say_where_the_run_stopped_and_how_to_resume(job):
     for printed in (job["first"], job["second"]):
         assert "rerun the same command to resume" in printed and "Traceback" not in printed
     # 128 + the signal, as a shell reports it; no stack dump from Ray's own SIGTERM handler; the run's
-    # locks released (the rerun resumes it: test_the_in_process_baseline_resumes_and_finishes_once).
+    # locks released (the rerun resumes it: test_the_in_process_baseline_finishes_once_and_iois_resumes).
     assert (job["first_code"], job["second_code"]) == (130, 143)
     assert "SIGTERM received" not in job["second"] and not job["locks_left"], job["locks_left"]
 

@@ -1,7 +1,7 @@
 """SIGTERM stops an `ioisray` command as Ctrl-C does (ioisray/sigterm.py). The stops of real runs are in
-test_job.py (`train`: a run trained in the driver, SIGTERM after its second epoch, then resumed) and
-test_tune_cli.py (`tune`: a search stopped and resumed); here, the handler itself and the entry every
-command shares."""
+test_job.py (`train`: IOIS on 2 Ray Train workers, SIGTERM to every process of the job after its first
+epoch, then resumed) and test_tune_cli.py (`tune`: a search stopped and resumed); here, the handler
+itself, the entry every command shares, and `pretrain-diffusion` and `benchmark` stopped."""
 import os
 import signal
 import subprocess
