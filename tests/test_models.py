@@ -33,6 +33,10 @@ def test_bad_model_inputs_name_the_option(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="model.weights"):
         create_classifier(ModelConfig(name="resnet10t", weights=str(tmp_path / "other.safetensors")), 3)
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")  # loads without unpickling anything, but no dict
+    for key in ("weights", "pretrained_file"):
+        with pytest.raises(ValueError, match=f"^model.{key}: {tmp_path / 'list.pth'} does not hold a state dict$"):
+            create_classifier(ModelConfig(name="resnet10t", **{key: str(tmp_path / "list.pth")}), 3)
 
 
 class MakesADirectory:

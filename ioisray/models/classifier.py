@@ -39,9 +39,9 @@ def load_state_dict_file(path: str | Path, key: str = "model.weights") -> dict[s
     except Exception as e:  # noqa: BLE001 - both parsers raise many types for bad input (see _short_reason)
         raise ValueError(f"{key}: {path} is not a weights file ({_short_reason(e)})") from None
     # Accept common wrappers: {"state_dict": ...} or {"model": ...}.
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if not isinstance(state, dict):
         raise ValueError(f"{key}: {path} does not hold a state dict")
     return state
