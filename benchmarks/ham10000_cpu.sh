@@ -44,7 +44,8 @@ for step in "$@"; do
     judge)
       benchmarks/judge_curve.sh "$diffusion" "$out/${arg%,*}" "$out/${arg#*,}" | tee "$diffusion/judge_curve.md" ;;
     *)
-      mapfile -t extra < <(overrides "$kind")
+      list=$(overrides "$kind")  # stops the queue (set -e) on a method the config lacks, before any run
+      extra=(); [ -z "$list" ] || mapfile -t extra <<< "$list"
       for s in ${arg//,/ }; do
         name="ham10000_cpu_${kind}_s${s}"
         [ -f "$out/$name/metrics.json" ] && continue
