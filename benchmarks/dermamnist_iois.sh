@@ -15,7 +15,11 @@ declare -A methods=(
   [iois_no_guidance]="configs/dermamnist_iois.yaml synthesis.guidance=false"
   [offline]="configs/dermamnist_iois.yaml synthesis.mode=offline"
 )
-for m in ${METHODS:-ce ldam_drw iois iois_no_aas iois_no_guidance offline}; do
+todo=${METHODS:-ce ldam_drw iois iois_no_aas iois_no_guidance offline}
+for m in $todo; do  # a typo would otherwise train the default config under its name
+  [ -n "${methods[$m]+x}" ] || { echo "$0: METHODS: no method '$m' (${!methods[*]})" >&2; exit 2; }
+done
+for m in $todo; do
   for s in $seeds; do
     run="dermamnist_${m}_s${s}"
     [ -f "$out/$run/metrics.json" ] && continue

@@ -10,13 +10,13 @@
 #                       snapshots every 10 epochs in OUT_DIR/ham10000_cpu_diffusion/snapshots/; with
 #                       PRESET=small32 (any diffusion.preset but tiny) in OUT_DIR/ham10000_cpu_diffusion_small32/
 #   judge:GUIDE,JUDGE   benchmarks/judge_curve.sh on those snapshots, guided by run GUIDE, judged by JUDGE
-# OVERRIDES='key=value ...' are added to every train run of the queue (after the method's own), e.g. the
-# judge of diffult's filter: OVERRIDES='synthesis.filter=0.3 synthesis.filter_model=OUT_DIR/<a real-data run>'.
+# EXTRA='key=value ...' are added to every train run of the queue (after the method's own), e.g. the
+# judge of diffult's filter: EXTRA='synthesis.filter=0.3 synthesis.filter_model=OUT_DIR/<a real-data run>'.
 # IOIS methods use the generator in $UNET (default: the pretraining run's epoch-10 snapshot, or its final
 # model when it ran 10 epochs: pretraining keeps no snapshot of its last epoch).
 set -euo pipefail
 root=${1:?usage: $0 DATA_ROOT OUT_DIR STEP...}; out=${2:?OUT_DIR}; shift 2
-read -r -a common <<< "${OVERRIDES:-}"
+read -r -a common <<< "${EXTRA:-}"  # as dermamnist_iois.sh takes them
 preset=${PRESET:-tiny}
 diffusion="$out/ham10000_cpu_diffusion"; [ "$preset" = tiny ] || diffusion="${diffusion}_$preset"
 generator() {  # resolved at each run: a pretrain step earlier in the same queue makes it

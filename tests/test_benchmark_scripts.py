@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _queue(tmp_path, *steps, overrides=None):
+def _queue(tmp_path, *steps, extra=None):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     recorder = bin_dir / "ioisray"
@@ -17,9 +17,9 @@ def _queue(tmp_path, *steps, overrides=None):
     recorder.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "UNET": "/models/cfg/unet"}
-    env.pop("OVERRIDES", None)
-    if overrides is not None:
-        env["OVERRIDES"] = overrides
+    env.pop("EXTRA", None)
+    if extra is not None:
+        env["EXTRA"] = extra
     done = subprocess.run(["bash", "benchmarks/ham10000_cpu.sh", "/data/ham", str(tmp_path / "out"), *steps],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     calls = (tmp_path / "calls").read_text().split("----\n")[:-1] if (tmp_path / "calls").exists() else []
@@ -31,7 +31,7 @@ def test_overrides_follow_the_methods_own_and_finished_runs_are_skipped(tmp_path
     finished.mkdir(parents=True)
     (finished / "metrics.json").write_text("{}")
     done, calls = _queue(tmp_path, "diffult:0,1",
-                         overrides="synthesis.filter=0.3 synthesis.filter_model=/runs/judge")
+                         extra="synthesis.filter=0.3 synthesis.filter_model=/runs/judge")
     assert done.returncode == 0, done.stderr
     assert len(calls) == 1  # seed 0 has its metrics.json
     args = calls[0]
@@ -50,3 +50,15 @@ def test_without_overrides_a_run_gets_its_methods_only_and_an_unknown_method_is_
                              "method.loss=logit_adjusted"]
     done, _ = _queue(tmp_path, "logit_adjustd:0")
     assert done.returncode != 0 and "no method 'logit_adjustd'" in done.stderr
+
+
+def test_dermamnist_iois_names_a_method_it_does_not_have_before_any_run(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ioisray").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\n")
+    (bin_dir / "ioisray").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "METHODS": "ce ldam-drw", "SEEDS": "0"}
+    done = subprocess.run(["bash", "benchmarks/dermamnist_iois.sh", "/data", "/unet", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no method 'ldam-drw'" in done.stderr
+    assert not (tmp_path / "calls").exists()  # not even ce, which comes first
