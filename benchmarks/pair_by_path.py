@@ -5,9 +5,10 @@ benchmark's (ioisray.metrics.paired_bootstrap: the mean over seed pairs, 2,000 r
 
     python benchmarks/pair_by_path.py --a RUN_S0 RUN_S1 --b OTHER_S0 OTHER_S1 [--paths-from RUN]
 
-Runs pair in the order given. A run whose test_predictions.csv has no `path` column (written before it
-had one) takes its paths from --paths-from, a run of the same split whose rows are in the same order;
-its labels must agree row by row.
+Runs pair in the order given. A run whose test_predictions.csv has no `path` column (kept runs: see
+benchmarks/keep_results.py) takes its paths from the first --paths-from run of the same split, one whose
+labels agree with it row by row. When no run lists paths and all were tested on one split (the same
+`split_ids.test`), they pair row by row, as `ioisray benchmark` would.
 """
 import argparse
 import csv
@@ -19,17 +20,29 @@ import numpy as np
 from ioisray.metrics import PAIRED_KEYS, paired_bootstrap
 
 
-def predictions(run: Path, paths_from: Path | None) -> dict[str, tuple[str, str]]:
-    """{image path: (label, predicted)}; an image listed twice keeps its first row."""
+def rows_of(run: Path) -> list[dict[str, str]]:
     with open(run / "test_predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and "path" not in rows[0]:
-        if paths_from is None:
+        return list(csv.DictReader(f))
+
+
+def test_split_id(run: Path) -> str | None:
+    return json.loads((run / "metrics.json").read_text()).get("split_ids", {}).get("test")
+
+
+def predictions(run: Path, paths_from: list[Path], by_row: bool) -> dict[str, tuple[str, str]]:
+    """{image path, or row number when by_row: (label, predicted)}; an image listed twice keeps its first row."""
+    rows = rows_of(run)
+    if by_row:
+        for i, row in enumerate(rows):
+            row["path"] = f"row {i}"
+    elif rows and "path" not in rows[0]:
+        if not paths_from:
             raise SystemExit(f"{run}/test_predictions.csv has no path column: give --paths-from")
-        with open(paths_from / "test_predictions.csv", newline="") as f:
-            reference = list(csv.DictReader(f))
-        if [r["label"] for r in reference] != [r["label"] for r in rows]:
-            raise SystemExit(f"{run} and --paths-from {paths_from} do not list the same split in the same order")
+        labels = [r["label"] for r in rows]
+        reference = next((ref for ref in map(rows_of, paths_from) if [r["label"] for r in ref] == labels), None)
+        if reference is None:
+            raise SystemExit(f"{run}: no --paths-from run lists its split in the same order "
+                             f"({', '.join(map(str, paths_from))})")
         for row, ref in zip(rows, reference):
             row["path"] = ref["path"]
     out: dict[str, tuple[str, str]] = {}
@@ -42,12 +55,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", nargs="+", type=Path, required=True, help="method A's runs, one per seed")
     ap.add_argument("--b", nargs="+", type=Path, required=True, help="method B's runs, paired in order")
-    ap.add_argument("--paths-from", type=Path, help="a run whose rows give paths to runs written without them")
+    ap.add_argument("--paths-from", nargs="+", type=Path, default=[],
+                    help="runs (one per split) whose rows give paths to runs written without them")
     args = ap.parse_args()
     if len(args.a) != len(args.b):
         raise SystemExit(f"{len(args.a)} runs of A against {len(args.b)} of B: they pair one to one")
-    runs_a = [predictions(r, args.paths_from) for r in args.a]
-    runs_b = [predictions(r, args.paths_from) for r in args.b]
+    everyone = args.a + args.b
+    by_row = (not any("path" in (rows_of(r)[:1] or [{}])[0] for r in everyone)
+              and len({test_split_id(r) for r in everyone}) == 1 and test_split_id(everyone[0]) is not None)
+    runs_a = [predictions(r, args.paths_from, by_row) for r in args.a]
+    runs_b = [predictions(r, args.paths_from, by_row) for r in args.b]
     common = sorted(set.intersection(*(set(r) for r in runs_a + runs_b)))
     names = json.loads((args.a[0] / "metrics.json").read_text())["class_names"]
     index = {n: i for i, n in enumerate(names)}
@@ -57,7 +74,8 @@ def main() -> None:
             raise SystemExit("the runs give one image different labels: not the same data")
     pred = [np.array([index[run[p][1]] for p in common]) for run in runs_a + runs_b]
     diff = paired_bootstrap(y, pred[:len(runs_a)], pred[len(runs_a):], len(names))
-    print(f"{len(common)} images in every run's test split, {len(runs_a)} seed pair(s)")
+    matched = "row by row (one split, no paths)" if by_row else "by path"
+    print(f"{len(common)} images in every run's test split, matched {matched}, {len(runs_a)} seed pair(s)")
     for key in PAIRED_KEYS:
         d, low, high = diff[key]
         print(f"  {key}: {d:+.3f} [{low:+.3f}, {high:+.3f}]{' *' if low > 0 or high < 0 else ''}")

@@ -1,10 +1,13 @@
 """benchmarks/ham10000_cpu.sh builds each run's command from configs/ham10000_cpu_benchmark.yaml; an
 `ioisray` earlier on PATH that writes its arguments down stands in for training, so the queue's logic
 (names, overrides, skipping finished runs) runs as written without data or Ray."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,3 +65,42 @@ def test_dermamnist_iois_names_a_method_it_does_not_have_before_any_run(tmp_path
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no method 'ldam-drw'" in done.stderr
     assert not (tmp_path / "calls").exists()  # not even ce, which comes first
+
+
+def _run(folder, split_id, paths, labels, predicted):
+    """A finished run as pair_by_path reads it: metrics.json and test_predictions.csv (paths optional)."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "split_ids": {"test": split_id}}))
+    header = ("path," if paths else "") + "label,predicted\n"
+    rows = [(f"{p}," if paths else "") + f"{y},{q}\n" for p, y, q in zip(paths or labels, labels, predicted)]
+    (folder / "test_predictions.csv").write_text(header + "".join(rows))
+    return str(folder)
+
+
+def _pair(*args):
+    done = subprocess.run([sys.executable, "benchmarks/pair_by_path.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_pair_by_path_matches_kept_runs_by_row_by_reference_or_not_at_all(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = [f"{c}/img_{i}.jpg" for i, c in enumerate(rng.choice(list("abc"), 60))]
+    labels = [p[0] for p in paths]
+    guess_a, guess_b = ([p if rng.random() < q else rng.choice(list("abc")) for p in labels] for q in (0.8, 0.5))
+    with_paths = [_run(tmp_path / f"full_{m}", "s1", paths, labels, g) for m, g in (("a", guess_a), ("b", guess_b))]
+    kept = [_run(tmp_path / f"kept_{m}", "s1", None, labels, g) for m, g in (("a", guess_a), ("b", guess_b))]
+    rc, by_path = _pair("--a", with_paths[0], "--b", with_paths[1])
+    assert rc == 0 and "matched by path" in by_path and "balanced_accuracy: +" in by_path
+    # Kept runs (no paths) of one split pair row by row, to the same numbers.
+    rc, by_row = _pair("--a", kept[0], "--b", kept[1])
+    assert rc == 0 and "matched row by row" in by_row
+    deltas = [line.split("[")[0] for line in by_path.splitlines()[1:]]  # the intervals' resamples differ in order
+    assert deltas == [line.split("[")[0] for line in by_row.splitlines()[1:]] and len(deltas) == 2
+    # Against a run of another split (one image fewer), a kept run takes its paths from the reference of
+    # its own split among several.
+    other = _run(tmp_path / "other_split", "s2", paths[1:], labels[1:], guess_b[1:])
+    rc, out = _pair("--a", kept[0], "--b", other, "--paths-from", other, with_paths[0])
+    assert rc == 0 and "59 images" in out and "matched by path" in out
+    rc, out = _pair("--a", kept[0], "--b", other, "--paths-from", other)
+    assert rc != 0 and "kept_a: no --paths-from run lists its split" in out
