@@ -3,7 +3,7 @@ by image path: runs made before and after repeated rows were merged (2,003 again
 lesion-grouped HAM10000), which `ioisray benchmark` refuses to pair row by row. The protocol is the
 benchmark's (ioisray.metrics.paired_bootstrap: the mean over seed pairs, 2,000 resamples of the images).
 
-    python benchmarks/pair_by_path.py --a RUN_S0 RUN_S1 --b OTHER_S0 OTHER_S1 [--paths-from RUN]
+    python benchmarks/pair_by_path.py --a RUN_S0 RUN_S1 --b OTHER_S0 OTHER_S1 [--paths-from RUN ...]
 
 Runs pair in the order given. A run whose test_predictions.csv has no `path` column (kept runs: see
 benchmarks/keep_results.py) takes its paths from the first --paths-from run of the same split, one whose
@@ -20,30 +20,40 @@ import numpy as np
 from ioisray.metrics import PAIRED_KEYS, paired_bootstrap
 
 
-def rows_of(run: Path) -> list[dict[str, str]]:
+def load(run: Path) -> tuple[list[dict[str, str]], dict]:
+    """A finished run's test_predictions.csv rows and its metrics.json."""
     with open(run / "test_predictions.csv", newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    return rows, json.loads((run / "metrics.json").read_text())
 
 
-def test_split_id(run: Path) -> str | None:
-    return json.loads((run / "metrics.json").read_text()).get("split_ids", {}).get("test")
+def in_split_order(run: Path, metrics: dict) -> None:
+    """Row order stands for the image only in runs that wrote their predictions in the split's order, as
+    `ioisray benchmark` requires to pair them."""
+    if not metrics.get("test_predictions_in_split_order"):
+        raise SystemExit(f"{run}: its test predictions were not written in the split's order, so its rows "
+                         f"name no image: it pairs only by a path column")
 
 
-def predictions(run: Path, paths_from: list[Path], by_row: bool) -> dict[str, tuple[str, str]]:
-    """{image path, or row number when by_row: (label, predicted)}; an image listed twice keeps its first row."""
-    rows = rows_of(run)
+def predictions(run: Path, rows: list[dict[str, str]], metrics: dict, references: list, by_row: bool
+                ) -> dict[str, tuple[str, str]]:
+    """{image path, or row number when by_row: (label, predicted)}; an image listed twice keeps its first row.
+    references: (run, rows, metrics) of each --paths-from run."""
     if by_row:
+        in_split_order(run, metrics)
         for i, row in enumerate(rows):
             row["path"] = f"row {i}"
     elif rows and "path" not in rows[0]:
-        if not paths_from:
+        if not references:
             raise SystemExit(f"{run}/test_predictions.csv has no path column: give --paths-from")
+        in_split_order(run, metrics)
         labels = [r["label"] for r in rows]
-        reference = next((ref for ref in map(rows_of, paths_from) if [r["label"] for r in ref] == labels), None)
+        reference = next((ref for ref in references if [r["label"] for r in ref[1]] == labels), None)
         if reference is None:
             raise SystemExit(f"{run}: no --paths-from run lists its split in the same order "
-                             f"({', '.join(map(str, paths_from))})")
-        for row, ref in zip(rows, reference):
+                             f"({', '.join(str(ref[0]) for ref in references)})")
+        in_split_order(reference[0], reference[2])
+        for row, ref in zip(rows, reference[1]):
             row["path"] = ref["path"]
     out: dict[str, tuple[str, str]] = {}
     for row in rows:
@@ -60,13 +70,15 @@ def main() -> None:
     args = ap.parse_args()
     if len(args.a) != len(args.b):
         raise SystemExit(f"{len(args.a)} runs of A against {len(args.b)} of B: they pair one to one")
-    everyone = args.a + args.b
-    by_row = (not any("path" in (rows_of(r)[:1] or [{}])[0] for r in everyone)
-              and len({test_split_id(r) for r in everyone}) == 1 and test_split_id(everyone[0]) is not None)
-    runs_a = [predictions(r, args.paths_from, by_row) for r in args.a]
-    runs_b = [predictions(r, args.paths_from, by_row) for r in args.b]
+    loaded = {run: load(run) for run in args.a + args.b}
+    references = [(run, *load(run)) for run in args.paths_from]
+    test_splits = {metrics.get("split_ids", {}).get("test") for _, metrics in loaded.values()}
+    by_row = (not any(rows and "path" in rows[0] for rows, _ in loaded.values())
+              and len(test_splits) == 1 and None not in test_splits)
+    runs_a = [predictions(run, *loaded[run], references, by_row) for run in args.a]
+    runs_b = [predictions(run, *loaded[run], references, by_row) for run in args.b]
     common = sorted(set.intersection(*(set(r) for r in runs_a + runs_b)))
-    names = json.loads((args.a[0] / "metrics.json").read_text())["class_names"]
+    names = loaded[args.a[0]][1]["class_names"]
     index = {n: i for i, n in enumerate(names)}
     y = np.array([index[runs_a[0][p][0]] for p in common])
     for run in runs_a + runs_b:

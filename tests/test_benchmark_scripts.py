@@ -67,10 +67,11 @@ def test_dermamnist_iois_names_a_method_it_does_not_have_before_any_run(tmp_path
     assert not (tmp_path / "calls").exists()  # not even ce, which comes first
 
 
-def _run(folder, split_id, paths, labels, predicted):
+def _run(folder, split_id, paths, labels, predicted, in_split_order=True):
     """A finished run as pair_by_path reads it: metrics.json and test_predictions.csv (paths optional)."""
     folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "split_ids": {"test": split_id}}))
+    (folder / "metrics.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "split_ids": {"test": split_id},
+                                                     "test_predictions_in_split_order": in_split_order}))
     header = ("path," if paths else "") + "label,predicted\n"
     rows = [(f"{p}," if paths else "") + f"{y},{q}\n" for p, y, q in zip(paths or labels, labels, predicted)]
     (folder / "test_predictions.csv").write_text(header + "".join(rows))
@@ -104,3 +105,8 @@ def test_pair_by_path_matches_kept_runs_by_row_by_reference_or_not_at_all(tmp_pa
     assert rc == 0 and "59 images" in out and "matched by path" in out
     rc, out = _pair("--a", kept[0], "--b", other, "--paths-from", other)
     assert rc != 0 and "kept_a: no --paths-from run lists its split" in out
+    # Rows name images only in runs written in the split's order (as `ioisray benchmark` requires).
+    unordered = _run(tmp_path / "unordered", "s1", None, labels, guess_b, in_split_order=False)
+    for extra in ([], ["--paths-from", with_paths[0]]):
+        rc, out = _pair("--a", kept[0], "--b", unordered, *extra)
+        assert rc != 0 and "unordered: its test predictions were not written in the split's order" in out
