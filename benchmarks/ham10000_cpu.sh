@@ -50,7 +50,7 @@ for step in "$@"; do
         name="ham10000_cpu_${kind}_s${s}"
         [ -f "$out/$name/metrics.json" ] && continue
         ioisray train configs/ham10000_cpu.yaml data.root="$root" diffusion.model_dir="$(generator)" \
-          output_dir="$out" seed="$s" name="$name" "${extra[@]}" ${common[@]+"${common[@]}"}
+          output_dir="$out" seed="$s" name="$name" "${extra[@]}" "${common[@]}"
       done ;;
   esac
 done

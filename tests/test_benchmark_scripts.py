@@ -1,6 +1,7 @@
-"""benchmarks/ham10000_cpu.sh builds each run's command from configs/ham10000_cpu_benchmark.yaml; an
-`ioisray` earlier on PATH that writes its arguments down stands in for training, so the queue's logic
-(names, overrides, skipping finished runs) runs as written without data or Ray."""
+"""The benchmark scripts without data or Ray. benchmarks/ham10000_cpu.sh and dermamnist_iois.sh build each
+run's command; an `ioisray` earlier on PATH that writes its arguments down stands in for training, so their
+logic (names, overrides, skipping finished runs, unknown methods) runs as written. pair_by_path.py runs on
+small made-up runs."""
 import json
 import os
 import subprocess
@@ -12,15 +13,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _queue(tmp_path, *steps, extra=None):
+def _recording_ioisray(tmp_path) -> dict:
+    """The environment of a script whose `ioisray` writes its arguments to tmp_path/calls, one per line,
+    each call ended by ----."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     recorder = bin_dir / "ioisray"
     recorder.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" >> {tmp_path}/calls\necho ---- >> {tmp_path}/calls\n")
     recorder.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "UNET": "/models/cfg/unet"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("EXTRA", None)
+    return env
+
+
+def _queue(tmp_path, *steps, extra=None):
+    env = {**_recording_ioisray(tmp_path), "UNET": "/models/cfg/unet"}
     if extra is not None:
         env["EXTRA"] = extra
     done = subprocess.run(["bash", "benchmarks/ham10000_cpu.sh", "/data/ham", str(tmp_path / "out"), *steps],
@@ -56,11 +63,7 @@ def test_without_overrides_a_run_gets_its_methods_only_and_an_unknown_method_is_
 
 
 def test_dermamnist_iois_names_a_method_it_does_not_have_before_any_run(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "ioisray").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\n")
-    (bin_dir / "ioisray").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "METHODS": "ce ldam-drw", "SEEDS": "0"}
+    env = {**_recording_ioisray(tmp_path), "METHODS": "ce ldam-drw", "SEEDS": "0"}
     done = subprocess.run(["bash", "benchmarks/dermamnist_iois.sh", "/data", "/unet", str(tmp_path / "out")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no method 'ldam-drw'" in done.stderr
