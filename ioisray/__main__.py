@@ -1,6 +1,4 @@
 """`python -m ioisray ...` is `ioisray ...`."""
-import sys
+from ioisray.cli import command
 
-from ioisray.cli import main
-
-sys.exit(main())
+command()

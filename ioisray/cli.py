@@ -7,7 +7,7 @@ import argparse
 import errno
 import sys
 
-from ioisray import sigterm
+from ioisray import sigterm, supervisor
 from ioisray.config import ConfigError, RunFinishedError, load_config
 
 COMMANDS = {
@@ -119,11 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         return _config_command(args, cfg)
     except KeyboardInterrupt:
         print(f"ioisray: {_stopped_by()}interrupted; rerun the same command to resume", file=sys.stderr)
+        supervisor.report(said=True)
         return _interrupted_code()
     except Exception as e:  # noqa: BLE001 - sorted into one line where the cause is known, re-raised otherwise
         return _one_line(e)
     finally:
         sigterm.uninstall(before)
+
+
+def command() -> None:
+    """The `ioisray` command (and `python -m ioisray`): main() in a child process that this one waits for
+    (ioisray/supervisor.py), then exit with its code."""
+    supervisor.run(main)
 
 
 def _stopped_by() -> str:
@@ -196,13 +203,15 @@ def _one_line(e: Exception) -> int:
     """Print what went wrong in one line and return the exit code; an error of unknown cause (a bug)
     is raised again, with its traceback."""
     from ioisray.recipes.launch import RayDidNotStart
-    from ioisray.run import RunInterrupted, RunLockedError
+    from ioisray.lock import RunLockedError
+    from ioisray.run import RunInterrupted
 
     if isinstance(e, RayDidNotStart):  # a busy machine: says why and what to do
         print(f"ioisray: error: {e}", file=sys.stderr)
         return 1
     if isinstance(e, RunInterrupted):
         print(f"ioisray: {_stopped_by()}{e}", file=sys.stderr)
+        supervisor.report(said=True)
         return _interrupted_code()
     if isinstance(e, (ConfigError, ValueError, FileNotFoundError, RunFinishedError, RunLockedError)):
         # Bad input: one clear line naming the file, key or option, no traceback.

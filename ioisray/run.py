@@ -11,7 +11,7 @@ lock that gives it to one process at a time, and what it keeps (config, checkpoi
 Every recipe opens its run the same way: `with Run(cfg) as run:` checks, before anything is written,
 that it has not finished (its test split was used once already) and that a run with checkpoints
 resumes only under the config it started with (only `ray.*` may change); once the recipe has checked
-its inputs, `run.start()` makes the folder, takes the lock (a run held by a live process is refused,
+its inputs, `run.start(epochs)` makes the folder, takes the lock (a run held by a live process is refused,
 a lock left by a dead one taken over), removes checkpoint folders an interruption left half-written
 and saves the config.
 """
@@ -19,23 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Optional
 
-from ioisray import storage
+from ioisray import storage, supervisor
 from ioisray.checkpoint import CheckpointStore
 from ioisray.config import Config, ConfigError, RunFinishedError, load_config, save_config
-
-LOCK_FILE = ".lock"
-HEARTBEAT_SECONDS = 20.0
-STALE_AFTER_SECONDS = 90.0  # a lock not renewed for this long belongs to a process that is gone
-
-
-class RunLockedError(RuntimeError):
-    """Another live process runs this run; the message names it."""
+from ioisray.lock import RunLock
 
 
 class RunInterrupted(RuntimeError):
@@ -63,138 +53,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-class RunLock:
-    """The run's name, held by one process: `.lock` in the run's folder holds its host, pid and a
-    heartbeat renewed every HEARTBEAT_SECONDS by a daemon thread. A lock of a dead process on this host,
-    or one not renewed for STALE_AFTER_SECONDS (its holder's machine is gone), is taken over with a
-    message; any other is refused, or waited for up to `wait` seconds. On a URI this is a lease, good
-    enough for the processes of one cluster, not a distributed lock."""
-
-    def __init__(self, location: str, name: str):
-        self.path, self.name = storage.join(location, LOCK_FILE), name
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def _holder(self) -> Optional[dict]:
-        try:
-            return json.loads(storage.read_bytes(self.path))
-        except FileNotFoundError:
-            return None
-        except ValueError:  # half-written (by a process killed mid-write, or a lease write on a URI)
-            return {}
-
-    def _why_taken(self, holder: dict) -> Optional[str]:
-        """Why `holder`'s lock may be taken over (None: it may not)."""
-        if not holder:
-            return "its lock file was written only in part"
-        age = time.time() - float(holder.get("renewed_at", 0))
-        if holder.get("host") == self.me["host"]:
-            if holder.get("pid") == self.me["pid"]:
-                return "it is this process's own"
-            if not _alive(int(holder.get("pid", -1))):
-                return f"its holder, pid {holder.get('pid')}, is no longer running"
-            return None
-        if age > STALE_AFTER_SECONDS:
-            return f"its holder on host {holder.get('host')} has not renewed it for {age:.0f} s"
-        return None
-
-    def acquire(self, wait: float = 0.0) -> None:
-        deadline = time.monotonic() + wait
-        while True:
-            holder = self._holder()
-            why = None if holder is None else self._why_taken(holder)
-            if holder is None or why is not None:
-                if self._claim(holder):
-                    break
-                continue  # another process took it first: look again at who holds it now
-            if time.monotonic() >= deadline:
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started_at", 0))))
-                raise RunLockedError(
-                    f"run {self.name} is in use by pid {holder.get('pid')} on host {holder.get('host')} (since "
-                    f"{since}): wait for it to finish or stop it, or choose another name=...")
-            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
-        if holder is not None and why != "it is this process's own":
-            print(f"[ioisray] taking over the lock of run {self.name}: {why}", flush=True)
-        self._thread = threading.Thread(target=self._renew, name="ioisray-run-lock", daemon=True)
-        self._thread.start()
-
-    def _claim(self, stale: Optional[dict]) -> bool:
-        """Write this process's lock where there was none (`stale` None) or `stale`'s, which may be taken
-        over; False if another process claimed it first. In a local folder the claim is one exclusive
-        step (a complete file linked into place, which fails if one is there), so of two runs started
-        at the same instant one gets the lock; on a URI it is a write (a lease, see the class)."""
-        self.me["started_at"] = time.time()
-        if storage.is_uri(self.path):
-            self._write()
-            return True
-        if stale is not None and not self._set_aside(stale):
-            return False
-        tmp = f"{self.path}.{self.me['pid']}.{threading.get_ident()}.tmp"
-        storage.write_bytes(tmp, self._content())
-        try:
-            os.link(tmp, self.path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-
-    def _set_aside(self, stale: dict) -> bool:
-        """Move `stale`'s lock file out of the way, if it is still that one (another process taking it
-        over at the same time gets there first, or already put its own in place)."""
-        aside = f"{self.path}.{self.me['pid']}.{threading.get_ident()}.stale"
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True  # gone already: claim it by the exclusive step
-        try:
-            with open(aside) as f:
-                moved = json.loads(f.read())
-        except ValueError:
-            moved = {}
-        if moved == stale or not stale:
-            os.unlink(aside)
-            return True
-        try:  # we moved a newer holder's lock: put it back unless yet another is in place
-            os.link(aside, self.path)
-        except FileExistsError:
-            pass
-        os.unlink(aside)
-        return False
-
-    def _content(self) -> bytes:
-        return json.dumps({**self.me, "renewed_at": time.time()}).encode()
-
-    def _write(self) -> None:
-        storage.write_bytes(self.path, self._content())
-
-    def _renew(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                self._write()
-            except OSError:  # a full disk or a lost mount: the lease lapses, the run goes on
-                pass
-
-    def release(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        holder = self._holder()
-        if holder and (holder.get("host"), holder.get("pid")) == (self.me["host"], self.me["pid"]):
-            storage.delete(self.path)
-
-
 class Run:
     """One run of a recipe. `done_file`: what exists once the run has finished (metrics.json for a
     training run, the model folder for a pretraining run)."""
@@ -205,6 +63,7 @@ class Run:
         self.dir, self.location = run_dir(cfg), run_location(cfg)
         self.checkpoints = CheckpointStore(storage.join(self.location, storage.CHECKPOINTS))
         self.lock = RunLock(self.location, cfg.name)
+        self._reported_before: Optional[dict] = None
 
     # -- the questions every recipe asks first --------------------------------------------------
 
@@ -253,11 +112,15 @@ class Run:
         self.check_resumable()
         return self
 
-    def start(self) -> "Run":
+    def start(self, epochs: int) -> "Run":
         """Once the run's inputs are known to be good: its folder, its lock, its config. Checkpoint folders
-        an interruption left half-written are removed (the lock makes sure no live run is writing them)."""
+        an interruption left half-written are removed (the lock makes sure no live run is writing them).
+        The command's waiting parent is told of the run (of `epochs` epochs), to say where it stopped if
+        Ray ends this process first (ioisray/supervisor.py)."""
         self._make_folder()
         self.lock.acquire(wait=self.lock_wait)
+        self._reported_before = supervisor.report(run={"name": self.cfg.name, "location": self.location,
+                                                       "epochs": epochs, "checkpoints": self.checkpoints.location})
         self.checkpoints.remove_partial()
         save_config(self.cfg, self.dir / "config.yaml")
         self.push()
@@ -274,6 +137,9 @@ class Run:
 
     def close(self) -> None:
         self.lock.release()
+        if self._reported_before and self._reported_before["run"]:  # the run holding this one runs again
+            supervisor.report(**self._reported_before)
+        self._reported_before = None
 
     def __enter__(self) -> "Run":
         return self.open()
@@ -307,9 +173,7 @@ class Run:
         return int(names[-1].split("_")[1]) if names else 0
 
     def interrupted(self, epochs: int) -> RunInterrupted:
-        done = self.latest_epoch()
-        return RunInterrupted(f"run {self.cfg.name} interrupted at epoch {min(done + 1, epochs)} of {epochs} ({done} "
-                              f"saved); rerun the same command to resume")
+        return RunInterrupted(supervisor.interrupted_message(self.cfg.name, self.latest_epoch(), epochs))
 
     def uri(self, relative: str) -> str:
         return storage.join(self.location, relative)

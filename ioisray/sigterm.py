@@ -5,16 +5,28 @@ command then exits 143 (128 + SIGTERM).
 `ioisray` (cli.main) installs the handler for the whole command. Ray replaces it when it starts in the
 driver (ray.init sets a handler that exits at once, and its core worker a C++ one that prints a stack
 dump and aborts), so the Ray session puts it back once Ray is up (recipes/launch.ray_session).
+
+A SIGTERM sent to every process of a job (systemd, Slurm) also ends the local Ray the command started,
+and Ray's client then ends the command itself, exit code 1 and nothing said, at its first touch of the
+gone raylet's object store, which its own threads can make within a tenth of a second. So after a
+SIGTERM the command does not shut that Ray down: it says where the run stopped, releases the run, and
+leaves at once, ending the Ray's processes on the way out (`end_with_the_command`, `exit`); and where
+Ray's client ends the process first, the command's first process, which only waits for it, reports the
+stop (ioisray/supervisor.py).
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+from typing import Callable, NoReturn
 
 EXIT_CODE = 128 + signal.SIGTERM
 
 _installed = False
 _received = threading.Event()
+_on_exit: list[Callable[[], None]] = []
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -65,3 +77,24 @@ def received() -> bool:
 def mark_received() -> None:
     """SIGTERM reached a handler other than ours (Ray's, while Ray starts): the stop is one all the same."""
     _received.set()
+
+
+def end_with_the_command(ending: Callable[[], None]) -> None:
+    """Call `ending` (what ends something the command started, without waiting on it) as the command
+    exits, instead of a graceful stop now; see the module's docstring."""
+    _on_exit.append(ending)
+
+
+def exit(code: int) -> NoReturn:  # noqa: A001 - the command's exit
+    """Exit the command with `code`: as usual, or, once something was left to end with the command, at
+    once after ending it, without Python's exit handlers (Ray's would wait on the Ray that is gone)."""
+    if not _on_exit:
+        sys.exit(code)
+    for ending in _on_exit:
+        try:
+            ending()
+        except Exception:  # noqa: BLE001 - the exit goes on; what was not ended ends with its parent gone
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -9,10 +9,11 @@ import time
 import pytest
 from cli_utils import ENV, ROOT
 
-from ioisray import run as run_module
+from ioisray import lock as lock_module
 from ioisray.cli import main
 from ioisray.config import load_config
-from ioisray.run import LOCK_FILE, Run, RunLock, RunLockedError, run_dir
+from ioisray.lock import LOCK_FILE, RunLock, RunLockedError
+from ioisray.run import Run, run_dir
 
 CE = ["train", str(ROOT / "configs/digits_ce.yaml"), "train.epochs=1", "model.name=resnet10t", "data.image_size=16"]
 
@@ -61,8 +62,8 @@ def test_a_lock_of_another_host_holds_until_its_heartbeat_lapses(tmp_path, capsy
     other_host(renewed_ago=5)
     with pytest.raises(RunLockedError, match="in use by pid 1 on host node-7"):
         RunLock(str(tmp_path), "r").acquire(wait=0.3)  # waited, then refused
-    monkeypatch.setattr(run_module, "HEARTBEAT_SECONDS", 0.2)
-    other_host(renewed_ago=run_module.STALE_AFTER_SECONDS + 30)
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.2)
+    other_host(renewed_ago=lock_module.STALE_AFTER_SECONDS + 30)
     lock = RunLock(str(tmp_path), "r")
     lock.acquire()
     assert "has not renewed it for" in capsys.readouterr().out
@@ -83,7 +84,7 @@ def test_a_run_folder_is_only_made_once_its_inputs_are_checked(tmp_path):
     cfg = load_config(ROOT / "configs/digits_ce.yaml", [f"output_dir={tmp_path}"])
     run = Run(cfg).open()
     assert not run.dir.exists()  # the checks write nothing
-    run.start()
+    run.start(epochs=cfg.train.epochs)
     assert (run.dir / "config.yaml").is_file() and (run.dir / LOCK_FILE).is_file()
     run.close()
     assert not (run.dir / LOCK_FILE).exists()
@@ -128,3 +129,4 @@ def test_a_half_written_lock_is_taken_over(tmp_path, capsys):
     assert "written only in part" in capsys.readouterr().out
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == lock.me["pid"]
     lock.release()
+

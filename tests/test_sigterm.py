@@ -2,11 +2,15 @@
 test_job.py (`train`: IOIS on 2 Ray Train workers, SIGTERM to every process of the job after its first
 epoch, then resumed) and test_tune_cli.py (`tune`: a search stopped and resumed); here, the handler
 itself, the entry every command shares, and `pretrain-diffusion` and `benchmark` stopped."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from cli_utils import ENV, ROOT, ctrl_c_as_usual, interrupt_after, latest_epoch
@@ -103,3 +107,57 @@ def test_sigterm_stops_a_benchmark_during_its_first_run_as_ctrl_c_would(tmp_path
         in printed, printed[-3000:]
     for not_ours in ("Traceback", "SIGTERM received", "Stop signal received"):  # Tune's own stop notice included
         assert not_ours not in printed, printed[-3000:]
+
+
+_STOPPED_IN_A_RAY_SESSION = """
+import atexit, json, os, signal, sys, time
+import ray
+from ioisray import sigterm
+from ioisray.config import load_config
+from ioisray.recipes.launch import ray_session
+
+sigterm.install()
+atexit.register(lambda: print("python's exit handlers ran", flush=True))
+try:
+    with ray_session(load_config("configs/digits.yaml")):
+        node = ray._private.worker._global_node
+        print(json.dumps([i.process.pid for infos in node.all_processes.values() for i in infos]), flush=True)
+        os.kill(os.getpid(), int(sys.argv[1]))
+        time.sleep(30)
+except KeyboardInterrupt:
+    print(f"stopped; Ray still up: {ray.is_initialized()}", flush=True)
+sigterm.exit(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_after_sigterm_the_local_ray_ends_with_the_command_and_nothing_waits_on_it(sig, code):
+    # After SIGTERM the session leaves its local Ray alone (a SIGTERM to the whole job ends that Ray too, and
+    # Ray's client ends this process at its first touch of it, before it can say anything); the command then
+    # exits at once, ending the Ray's processes and removing their multiprocessing folders. Ctrl-C still
+    # shuts Ray down in order and exits as usual.
+    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")  # short: Ray's socket paths live under $TMPDIR
+    try:
+        proc = subprocess.run([sys.executable, "-c", _STOPPED_IN_A_RAY_SESSION, str(int(sig)), str(code)], cwd=ROOT,
+                              env={**ENV, "TMPDIR": tmp}, capture_output=True, text=True, timeout=180,
+                              preexec_fn=ctrl_c_as_usual)
+        printed = proc.stdout + proc.stderr
+        assert proc.returncode == code, printed[-3000:]
+        ray_pids = json.loads(proc.stdout.splitlines()[0])
+        assert ray_pids and f"stopped; Ray still up: {sig == signal.SIGTERM}" in printed, printed[-3000:]
+        assert ("python's exit handlers ran" in printed) == (sig == signal.SIGINT), printed[-3000:]
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in ray_pids if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, alive
+        assert not list(Path(tmp).glob("pymp-*"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

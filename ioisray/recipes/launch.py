@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from typing import Callable, Optional
 
-from ioisray import storage
+from ioisray import pymp, sigterm, storage, supervisor
 from ioisray.config import Config
 from ioisray.recipes.console import (RAY_DATA_LOGGING, drop_raylet_notices, quiet_data_context, quiet_ray_data,
                                      quiet_auth_notice, quiet_tune, verbose as verbose_asked)
@@ -252,8 +252,6 @@ def _sigterm_as_ctrl_c():
     """ray.init, with SIGTERM still a Ctrl-C (ioisray/sigterm.py): ray.init replaces the handler with one
     that exits at once (SystemExit), and its core worker with one that dumps a stack and aborts; ours is
     put back once Ray is up, and a SIGTERM that came while Ray started stops the command as Ctrl-C does."""
-    from ioisray import sigterm
-
     try:
         yield
     except SystemExit as e:
@@ -278,7 +276,9 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
     dashboard and autoscaler monitor, which would answer anyone on the network without Ray's token,
     listen on loopback only, and its per-process metrics exporters are off. Logs below WARNING from
     Ray's processes are dropped unless `verbose` (default: `ioisray --verbose`, which sets
-    IOISRAY_VERBOSE=1)."""
+    IOISRAY_VERBOSE=1). After a SIGTERM, a local Ray is not shut down but left to end with the command
+    (local_ray_ends_with_the_command)."""
+    global _OWN_LOCAL_RAY
     import ray
 
     if ray.is_initialized():  # also in a Tune trial, whose Ray Data settings start from the defaults
@@ -293,7 +293,7 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
     from ray._private import ray_constants
 
     cluster_before = ray_constants.ENABLE_RAY_CLUSTER
-    mp_before = _multiprocessing_folders()
+    mp_before = pymp.folders()
     if not verbose:
         quiet_ray_data()
         quiet_auth_notice()
@@ -314,6 +314,7 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
                     object_store_memory=local_object_store_bytes(cfg, data_bytes), dashboard_host="127.0.0.1",
                     logging_level=level, logging_config=ray.LoggingConfig(log_level=level),
                     _system_config=dict(LOCAL_RAY_SYSTEM)))
+        _OWN_LOCAL_RAY = not cfg.ray.address
         if not verbose:
             drop_raylet_notices()
         _start_autoscaling_coordinator()
@@ -324,69 +325,47 @@ def ray_session(cfg: Config, verbose: Optional[bool] = None, data_bytes: int = 0
         # what happened. A run inside this session (a job's baseline) turns the stop into RunInterrupted.
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        _stop_data_executors()
+        if not local_ray_ends_with_the_command():
+            _stop_data_executors()
         raise
     finally:
-        ours = {os.path.dirname(p) for p in _listening_in_multiprocessing_folders(children_only=True)}
-        ray.shutdown()
-        if not cfg.ray.address:
-            _remove_multiprocessing_folders(ours, _multiprocessing_folders() - mp_before)
+        if local_ray_ends_with_the_command():
+            sigterm.end_with_the_command(functools.partial(_end_local_ray, mp_before))
+        else:
+            ours = {os.path.dirname(p) for p in pymp.listening(children_only=True)}
+            ray.shutdown()
+            if not cfg.ray.address:
+                pymp.remove(ours, pymp.folders() - mp_before)
+        _OWN_LOCAL_RAY = False
         ray_constants.ENABLE_RAY_CLUSTER = cluster_before
         _restore_env(env_before)
 
 
-def _multiprocessing_folders() -> set[str]:
-    """Python multiprocessing's temporary folders (pymp-*) in the temporary folder this process and the
-    Ray it starts use."""
-    base = tempfile.gettempdir()
-    try:
-        return {os.path.join(base, n) for n in os.listdir(base) if n.startswith("pymp-")}
-    except OSError:
-        return set()
+# Whether a ray_session of this process holds a local Ray it started.
+_OWN_LOCAL_RAY = False
 
 
-def _listening_in_multiprocessing_folders(children_only: bool) -> set[str]:
-    """The Unix sockets in pymp-* folders that the processes this one started (`children_only`), or any
-    process, listen on. Ray's dashboard starts its modules from a forkserver listening in one; Python
-    removes the folder when the dashboard exits, but Ray ends the dashboard without letting it (an
-    empty pymp-* folder left in $TMPDIR per run)."""
-    try:
-        import psutil  # Ray's dependency
-    except ImportError:
-        return set()
-    try:
-        if not children_only:
-            connections = psutil.net_connections(kind="unix")
-        else:
-            connections = []
-            for child in psutil.Process().children(recursive=True):
-                try:
-                    connections += child.net_connections(kind="unix")
-                except psutil.Error:
-                    continue
-    except psutil.Error:
-        return set()
-    return {c.laddr for c in connections
-            if isinstance(c.laddr, str) and os.path.basename(os.path.dirname(c.laddr)).startswith("pymp-")}
+def local_ray_ends_with_the_command() -> bool:
+    """Whether the local Ray this process started is left to end with the command rather than shut down:
+    a SIGTERM stopped the command, and Ray's client would end it, silently, at its first touch of a Ray
+    that the same SIGTERM ended (ioisray/sigterm.py). Nothing then waits on that Ray: not the synthesis
+    pool, not Ray Data's executors, not ray.shutdown."""
+    return _OWN_LOCAL_RAY and sigterm.installed() and sigterm.received()
 
 
-def _remove_multiprocessing_folders(ours: set[str], new: set[str]) -> None:
-    """Remove the pymp-* folders of this Ray: `ours`, where its processes listened before it was shut
-    down, and `new`, those made while it ran, where no process listens any longer (its processes may
-    have been ended first, by a SIGTERM to the whole process group); each only if nothing but its
-    listening sockets is in it."""
-    live = _listening_in_multiprocessing_folders(children_only=False) if new - ours else set()
-    for folder in ours | new:
-        try:
-            names = os.listdir(folder)
-            if any(not n.startswith("listener-") or (folder not in ours and os.path.join(folder, n) in live)
-                   for n in names):
-                continue
-            for name in names:
-                os.unlink(os.path.join(folder, name))
-            os.rmdir(folder)
-        except OSError:  # gone already, or no longer only sockets
-            pass
+def _end_local_ray(mp_before: set[str]) -> None:
+    """End the processes of the local Ray this process started, without waiting for them (what they
+    started ends with them: Ray's workers exit when their raylet is gone), and remove the multiprocessing
+    folders they listened in."""
+    import ray._private.worker as ray_worker
+
+    ours = {os.path.dirname(p) for p in pymp.listening(children_only=True)}
+    node = ray_worker._global_node
+    for infos in (node.all_processes.values() if node is not None else ()):
+        for info in infos:
+            with contextlib.suppress(OSError):
+                info.process.kill()
+    pymp.remove(ours, pymp.folders() - mp_before)
 
 
 def fit(cfg: Config, train_loop: Callable[[dict], None], loop_config: dict,
@@ -606,9 +585,12 @@ def run_trials(cfg: Config, trainable, param_space: dict, per_trial: dict[str, f
                                             metric=metric, mode="max" if metric else None, **tune_config),
                 run_config=tune.RunConfig(name=name, storage_path=run_location(cfg), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=max_failures)))
+        stop = f"{name}: the search was interrupted; rerun the same command to resume it"
+        before = supervisor.report(run=None, stop=stop)  # what the command's parent says if Ray ends this process
         grid, stopped = _fit_tuner(tuner)
         if stopped:
-            raise RunInterrupted(f"{name}: the search was interrupted; rerun the same command to resume it")
+            raise RunInterrupted(stop)
+        supervisor.report(**before)
         return grid
 
 

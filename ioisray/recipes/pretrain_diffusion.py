@@ -273,7 +273,7 @@ def pretrain_diffusion(cfg: Config) -> Path:
             raise
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"diffusion.image_size / diffusion.preset / diffusion.model_dir: {e}") from None
-        run.start()
+        run.start(epochs=cfg.pretrain.epochs)
         train_ds = ds.subset(splits["train"])  # the training split only: no leakage into the generator
         with tempfile.TemporaryDirectory() as tmp:  # the record of training images each model folder carries
             record_training_images(cfg, ds, splits["train"], Path(tmp))

@@ -35,7 +35,7 @@ from ioisray.models.trained import BEST_MODEL_FILE
 from ioisray.precision import grad_scaler, resolve_precision
 from ioisray.recipes import prerequisites
 from ioisray.recipes.console import method_words, say
-from ioisray.recipes.launch import fit, local_ray_gone, ray_session
+from ioisray.recipes.launch import fit, local_ray_ends_with_the_command, local_ray_gone, ray_session
 from ioisray.recipes.worker import Worker, locations
 from ioisray.run import Run
 from ioisray.training import COUNT_BASED_LOSSES, build_loss, build_optimizer, prior_counts
@@ -215,7 +215,7 @@ def train(cfg: Config, *, evaluate_test: bool = True, callbacks: tuple = (), loc
         # the counts); the run's own config.yaml keeps what was asked for.
         run_cfg, fixed_quotas = resolve_budget(cfg, counts)
         split_ids = _check_inputs(cfg, ds, splits)
-        run.start()
+        run.start(epochs=cfg.train.epochs)
         cfg = run_cfg
         with ray_session(cfg, data_bytes=ds.images.nbytes):  # one Ray for the run and what it needs made first
             model_dir, baseline = _prerequisites(cfg, ds, splits, split_ids)
@@ -321,9 +321,9 @@ def _services(cfg: Config, model_dir, num_classes: int):
                 handles["synthesis_pool"] = SynthesisPool.for_run(cfg, model_dir, num_classes)
             yield handles
         finally:
-            # Not when the run's own Ray is gone (a SIGTERM sent to every process of the job): nothing is
-            # left to stop, and a call to its GCS would wait until Ray's client ends this process.
-            if "synthesis_pool" in handles and not local_ray_gone():
+            # Not when the run's own Ray is gone or ends with the command (after a SIGTERM): its actors
+            # end with it, and a call to it could end this process before it says where the run stopped.
+            if "synthesis_pool" in handles and not (local_ray_gone() or local_ray_ends_with_the_command()):
                 handles["synthesis_pool"].shutdown()
 
 

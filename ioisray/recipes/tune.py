@@ -54,7 +54,7 @@ def tune_trial(params: dict, *, base: dict, trials_dir: str) -> None:
 
     from ioisray.config import RunFinishedError
     from ioisray.recipes.train import train
-    from ioisray.run import STALE_AFTER_SECONDS
+    from ioisray.lock import STALE_AFTER_SECONDS
 
     cfg = trial_config(Config.model_validate(base), params, output_dir=trials_dir,
                        name=f"trial_{ray.tune.get_context().get_trial_id()}")
