@@ -25,7 +25,7 @@ from typing import Optional
 from ioisray import storage, supervisor
 from ioisray.checkpoint import CheckpointStore
 from ioisray.config import Config, ConfigError, RunFinishedError, load_config, save_config
-from ioisray.lock import RunLock
+from ioisray.lock import LOCK_FILE, RunLock
 
 
 class RunInterrupted(RuntimeError):
@@ -72,7 +72,9 @@ class Run:
         has finished); a URI pyarrow cannot open is an error naming output_dir."""
         if storage.is_uri(self.cfg.output_dir):
             try:
-                storage.pull(self.dir, self.location)
+                # Not the lock: a copy of a lock left by a process that is gone, pushed back with the run's
+                # files, would replace the lock this process takes over and outlive the run.
+                storage.pull(self.dir, self.location, leave_out=(LOCK_FILE,))
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         return self

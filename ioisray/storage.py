@@ -134,12 +134,16 @@ def download(uri: str, local_dir: str | os.PathLike, skip: tuple[str, ...] = LAR
         tmp.replace(target)  # a half-downloaded file never takes a real file's name
 
 
-def pull(run_dir: Path, location: str) -> None:
+def pull(run_dir: Path, location: str, leave_out: tuple[str, ...] = ()) -> None:
     """Before a run starts or resumes: the staging folder made a copy of the run's small files at its
-    URI. The URI is the truth: a staging file it does not have (left by an earlier run of the same
-    name whose outputs were since removed) is removed, so it cannot make the run look finished."""
+    URI, but for the top-level names in `leave_out` (files that only the URI's copy may hold: the run's
+    lock), which are removed from the staging folder. The URI is the truth: a staging file it does not
+    have (left by an earlier run of the same name whose outputs were since removed) is removed, so it
+    cannot make the run look finished."""
     if is_uri(location):
-        download(location, run_dir, mirror=True)
+        for name in leave_out:
+            (Path(run_dir) / name).unlink(missing_ok=True)
+        download(location, run_dir, skip=(*LARGE, *leave_out), mirror=True)
 
 
 def push(run_dir: Path, location: str) -> None:

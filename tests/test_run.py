@@ -1,6 +1,7 @@
 """A run's lifecycle without Ray: one process at a time holds a run, stale holds are taken over,
 an unwritable output folder is one line, and nothing is written for a run refused before it starts."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -130,3 +131,20 @@ def test_a_half_written_lock_is_taken_over(tmp_path, capsys):
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == lock.me["pid"]
     lock.release()
 
+
+def test_a_lock_taken_over_on_a_uri_is_not_put_back_by_the_staging_copy(tmp_path, monkeypatch):
+    # A run stopped without releasing its lock (killed, or ended by Ray's client) leaves it at the URI; the
+    # rerun takes it over. The staging copy must not bring the dead process's lock back when it is uploaded.
+    monkeypatch.setenv("IOISRAY_STAGING", str(tmp_path / "staging"))
+    store = tmp_path / "store" / "r"
+    store.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"host": socket.gethostname(), "pid": int(gone.stdout), "renewed_at": time.time()}
+    (store / LOCK_FILE).write_text(json.dumps(stale))
+    cfg = load_config(ROOT / "configs/digits_ce.yaml", [f"output_dir=file://{tmp_path / 'store'}", "name=r"])
+    run = Run(cfg).open()
+    run.start(epochs=cfg.train.epochs)
+    run.push()  # as a run does after each of its steps
+    assert json.loads((store / LOCK_FILE).read_text())["pid"] == os.getpid()
+    run.close()
+    assert not (store / LOCK_FILE).exists()
