@@ -84,7 +84,8 @@ def run(work: Callable[[], int]) -> NoReturn:
             if not what.get("said"):
                 print(f"ioisray: stopped by SIGTERM: {_where_it_stopped(what)}", file=sys.stderr, flush=True)
             _release(what.get("run"), child)
-            _remove_left_folders(pymp.folders() - folders_before)
+        # Also after the child's own stop: a folder whose listener was still ending when the child left.
+        _remove_left_folders(pymp.folders() - folders_before)
         code = sigterm.EXIT_CODE
     sys.exit(code)
 
@@ -122,7 +123,7 @@ def _release(run: dict | None, child: int) -> None:
     RunLock(run["location"], run["name"]).release_for(child)
 
 
-def _remove_left_folders(new: set[str], wait: float = 10.0) -> None:
+def _remove_left_folders(new: set[str], wait: float = 5.0) -> None:
     """Those of `new` (made while the child ran) where nothing listens any more, once the processes of the
     Ray that the SIGTERM ended are gone."""
     deadline = time.monotonic() + wait

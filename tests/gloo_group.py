@@ -23,6 +23,10 @@ def _entry(rank: int, fn, port: int, tmp_path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         fn(rank, tmp_path)
+        # Neither rank tears the group down while the other still uses it: a rank whose peer closed the
+        # connection mid-collective aborts ("terminate called without an active exception", seen once on a
+        # loaded 2-core machine).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
