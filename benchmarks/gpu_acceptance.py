@@ -510,8 +510,7 @@ class IOISRun:
     def epochs_saved(self) -> int:
         from ioisray.checkpoint import CheckpointStore
 
-        names = CheckpointStore(str(self.dir / "checkpoints")).names()
-        return int(names[-1].split("_")[1]) if names else 0
+        return CheckpointStore(str(self.dir / "checkpoints")).latest_epoch()
 
     def history(self) -> list[dict]:
         """The epochs of the newest checkpoint's history (train.py keeps one entry per epoch)."""

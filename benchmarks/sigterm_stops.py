@@ -26,11 +26,6 @@ TINY_IOIS = ["model.name=resnet10t", "data.image_size=16", "train.batch_size=16"
              "synthesis.num_cpus=0.5", "sampler.steps=8", "baseline=null", "name=iois"]
 
 
-def latest_epoch(run: Path) -> int:
-    names = CheckpointStore(run / "checkpoints").names()
-    return int(names[-1].split("_")[1]) if names else 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", help="a diffusion model folder for the digits (16 px)")
@@ -48,7 +43,7 @@ def main() -> None:
                                      f"diffusion.model_dir={args.model_dir}", f"output_dir={store}"], cwd=ROOT,
                                     env={**env, "TMPDIR": tmp}, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-            while latest_epoch(store / "iois") < 1 and proc.poll() is None:
+            while CheckpointStore(store / "iois" / "checkpoints").latest_epoch() < 1 and proc.poll() is None:
                 time.sleep(0.2)
             t0 = time.monotonic()
             os.killpg(proc.pid, signal.SIGTERM)

@@ -121,6 +121,11 @@ class CheckpointStore:
                 found.append((int(m.group(1)), n))
         return [n for _, n in sorted(found)]
 
+    def latest_epoch(self) -> int:
+        """Epochs the newest complete epoch checkpoint holds (0: none)."""
+        names = self.names()
+        return int(_EPOCH_NAME.match(names[-1]).group(1)) if names else 0
+
     def complete(self, name: str) -> bool:
         """Whether checkpoint `name` was written to the end (its manifest is there)."""
         return self._complete(name)

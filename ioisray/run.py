@@ -171,8 +171,7 @@ class Run:
 
     def latest_epoch(self) -> int:
         """Epochs the run's newest checkpoint holds (0: none)."""
-        names = self.checkpoints.names()
-        return int(names[-1].split("_")[1]) if names else 0
+        return self.checkpoints.latest_epoch()
 
     def interrupted(self, epochs: int) -> RunInterrupted:
         return RunInterrupted(supervisor.interrupted_message(self.cfg.name, self.latest_epoch(), epochs))

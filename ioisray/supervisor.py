@@ -108,9 +108,7 @@ def _where_it_stopped(what: dict) -> str:
     if run := what.get("run"):
         from ioisray.checkpoint import CheckpointStore
 
-        names = CheckpointStore(run["checkpoints"]).names()
-        done = int(names[-1].split("_")[1]) if names else 0
-        return interrupted_message(run["name"], done, run["epochs"])
+        return interrupted_message(run["name"], CheckpointStore(run["checkpoints"]).latest_epoch(), run["epochs"])
     return what.get("stop", "interrupted; rerun the same command to resume")
 
 

@@ -19,8 +19,7 @@ def latest_epoch(run: Path) -> int:
     """Epochs completed in the run's newest complete checkpoint (0: none yet)."""
     from ioisray.checkpoint import CheckpointStore
 
-    names = CheckpointStore(run / "checkpoints").names()
-    return int(names[-1].split("_")[1]) if names else 0
+    return CheckpointStore(run / "checkpoints").latest_epoch()
 
 
 def ctrl_c_as_usual() -> None:
